@@ -1,0 +1,134 @@
+//! Compute kernels: the ternary W1.58-A8 GEMM (packing, activation quantization, one runtime
+//! dispatch over scalar / AVX2 / AVX-512 VNNI / NEON implementations) and the f32 operations the
+//! model needs (norms, activations, RoPE, attention, full-precision linear layers).
+//!
+//! The math contract (see `shared/spec/kernels.md` §3.1 and `bitvla-model.md` §2.2):
+//!
+//! ```text
+//! y[m, n] = ((Σ_k q[m,k]·t[n,k]) as f32) · (γ[n] · d[m]) + b[n]
+//! ```
+//!
+//! with ternary codes `t ∈ {-1, 0, 1}`, per-tensor weight scale `γ`, int8 activation codes `q` and the
+//! per-row dequantization factor `d[m] = 1 / s[m]`, `s[m] = 127 / max(max_k |x[m,k]|, 1e-5)`. The
+//! integer sum is exact (int32); every implementation evaluates the f32 epilogue with the same
+//! operations in the same order, so all kernels produce bit-identical outputs for any thread count.
+
+pub mod attention;
+pub mod dispatch;
+pub mod f32_linear;
+pub mod ops;
+pub mod pack;
+pub mod quant;
+pub mod reference;
+mod tile;
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use dispatch::{KernelKind, ternary_matmul, ternary_matmul_i32, ternary_matmul_with};
+pub use pack::TernaryMatrix;
+pub use quant::{QuantizedActivations, quantize_activations};
+
+/// Errors of the kernel layer: always about the caller's data, never a panic.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum KernelError {
+    #[error("{what}: dimension must be non-zero (got {rows}x{cols})")]
+    ZeroDimension {
+        what: &'static str,
+        rows: usize,
+        cols: usize,
+    },
+    #[error("{what}: expected {expected} elements, got {got}")]
+    LengthMismatch {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("{what}: inner dimensions differ ({left} vs {right})")]
+    ShapeMismatch {
+        what: &'static str,
+        left: usize,
+        right: usize,
+    },
+    #[error("{what}: non-finite value {value} at row {row}, column {col}")]
+    NonFinite {
+        what: &'static str,
+        row: usize,
+        col: usize,
+        value: f32,
+    },
+    #[error("kernel {0} is not supported by this CPU")]
+    Unsupported(KernelKind),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, KernelError>;
+
+/// Checks `len == rows * cols` and both non-zero.
+pub(crate) fn check_matrix(what: &'static str, len: usize, rows: usize, cols: usize) -> Result<()> {
+    if rows == 0 || cols == 0 {
+        return Err(KernelError::ZeroDimension { what, rows, cols });
+    }
+    let expected = rows
+        .checked_mul(cols)
+        .ok_or_else(|| KernelError::Invalid(format!("{what}: {rows}x{cols} overflows usize")))?;
+    if len != expected {
+        return Err(KernelError::LengthMismatch {
+            what,
+            expected,
+            got: len,
+        });
+    }
+    Ok(())
+}
+
+/// A heap buffer of bytes aligned to 64 (one cache line / one zmm register), length a multiple of 64.
+#[derive(Clone)]
+pub struct AlignedBytes {
+    blocks: Vec<Align64>,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Align64([u8; 64]);
+
+impl AlignedBytes {
+    /// `len` is rounded up to a multiple of 64; contents are filled with `fill`.
+    pub fn new(len: usize, fill: u8) -> Self {
+        Self {
+            blocks: vec![Align64([fill; 64]); len.div_ceil(64)],
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.blocks.len() * 64
+    }
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `Align64` is `repr(C)` around `[u8; 64]` (size 64, no padding), so the vector's
+        // storage is `len()` initialised, contiguous bytes.
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast::<u8>(), self.len()) }
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`; the borrow is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast::<u8>(), self.len()) }
+    }
+    /// Grows (never shrinks) the buffer to at least `len` bytes, then fills it with `fill`.
+    pub fn reset(&mut self, len: usize, fill: u8) {
+        let blocks = len.div_ceil(64);
+        if self.blocks.len() < blocks {
+            self.blocks.resize(blocks, Align64([fill; 64]));
+        }
+        self.as_mut_slice().fill(fill);
+    }
+}
+
+impl std::fmt::Debug for AlignedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBytes({} bytes)", self.len())
+    }
+}

@@ -1,0 +1,341 @@
+//! Ternary weight quantization and the packed panel layout the GEMM kernels read.
+//!
+//! # Quantization (as the reference `weight_quant`)
+//! γ = max(mean |W|, 1e-5) over the whole tensor; t = clamp(round_half_even(W · (1/γ)), -1, 1).
+//! The mean is accumulated in f64 and rounded once to f32 (PyTorch's fp32 reduction order is not
+//! reproducible; this is the exactly rounded value it approximates).
+//!
+//! # Packed layout
+//! Weights are stored as codes `c = t + 1 ∈ {0, 1, 2}`, 2 bits each. The matrix (N outputs × K
+//! inputs) is padded to `N_p` = multiple of [`PANEL_COLS`] (padding code 1, i.e. t = 0, scale 0) and
+//! `K_p` = multiple of [`K_BLOCK`] (padding code 1; padded activations are 0, so it contributes 0).
+//!
+//! The buffer is a sequence of panels of 32 output columns; panel `p` is contiguous
+//! (`K_p/16 · 128` bytes). Within a panel, each block of 16 consecutive k is 128 bytes: two 64-byte
+//! vectors, one per half `h ∈ {0, 1}` of 16 columns. In the vector of half `h` of k-block `kb`,
+//!
+//! ```text
+//! byte 4·j + e, bits 2i+1..2i  =  c[32p + 16h + j, 16·kb + 4i + e]      j < 16, e < 4, i < 4
+//! ```
+//!
+//! so shifting the 64-byte vector right by `2i` bits and masking every byte with `0b11` yields, for
+//! the 4-k group `i`, the operand `vpdpbusd` wants: lane `j` holds the 4 codes of column `16h + j`.
+
+use super::{AlignedBytes, KernelError, Result, check_matrix};
+use half::bf16;
+
+/// Output columns per packed panel (the GEMM's register block width).
+pub const PANEL_COLS: usize = 32;
+/// Inputs (k) per packed block; K is padded to a multiple of this.
+pub const K_BLOCK: usize = 16;
+/// Bytes of one 32-column × 16-k block.
+pub const BLOCK_BYTES: usize = PANEL_COLS * K_BLOCK / 4;
+
+/// A ternary weight matrix `W ≈ γ · t` with `N` outputs (rows) and `K` inputs (columns), packed for
+/// the GEMM. Several tensors may be fused along N (q/k/v, gate/up), each keeping its own γ.
+#[derive(Clone, Debug)]
+pub struct TernaryMatrix {
+    n: usize,
+    k: usize,
+    packed: AlignedBytes,
+    /// γ of the tensor each column belongs to; 0 for padding columns. Length `n_padded()`.
+    column_scales: Vec<f32>,
+    /// (first column, γ) of each fused tensor, in order.
+    segments: Vec<(usize, f32)>,
+}
+
+/// The reference's per-tensor scale: max(mean |W|, 1e-5), mean accumulated in f64.
+pub fn absmean_scale(values: impl Iterator<Item = f32>, count: usize) -> f32 {
+    let sum: f64 = values.map(|v| f64::from(v.abs())).sum();
+    ((sum / count as f64) as f32).max(1e-5)
+}
+
+/// Ternary code of one weight given `inv_scale = 1/γ`: clamp(round_half_even(w · inv_scale), -1, 1).
+#[inline]
+pub fn ternary_code(w: f32, inv_scale: f32) -> i8 {
+    (w * inv_scale).round_ties_even().clamp(-1.0, 1.0) as i8
+}
+
+impl TernaryMatrix {
+    /// Quantizes f32 master weights (row-major, `n` rows of `k`). Rejects NaN/∞.
+    pub fn from_f32(weights: &[f32], n: usize, k: usize) -> Result<Self> {
+        Self::quantize(weights.len(), n, k, |i| weights[i])
+    }
+
+    /// Quantizes bf16 master weights (row-major, `n` rows of `k`), as stored in the checkpoints.
+    pub fn from_bf16(weights: &[bf16], n: usize, k: usize) -> Result<Self> {
+        Self::quantize(weights.len(), n, k, |i| weights[i].to_f32())
+    }
+
+    fn quantize(len: usize, n: usize, k: usize, at: impl Fn(usize) -> f32) -> Result<Self> {
+        check_matrix("ternary weight", len, n, k)?;
+        if let Some(i) = (0..len).find(|&i| !at(i).is_finite()) {
+            return Err(KernelError::NonFinite {
+                what: "ternary weight",
+                row: i / k,
+                col: i % k,
+                value: at(i),
+            });
+        }
+        let gamma = absmean_scale((0..len).map(&at), len);
+        let inv = 1.0 / gamma;
+        Self::pack(n, k, gamma, |row, col| ternary_code(at(row * k + col), inv))
+    }
+
+    /// Packs already-ternary codes `t ∈ {-1, 0, 1}` (row-major `n × k`) with scale `gamma`.
+    pub fn from_codes(codes: &[i8], n: usize, k: usize, gamma: f32) -> Result<Self> {
+        check_matrix("ternary codes", codes.len(), n, k)?;
+        if let Some(i) = codes.iter().position(|c| !(-1..=1).contains(c)) {
+            return Err(KernelError::Invalid(format!(
+                "ternary codes: value {} at row {}, column {} is not in {{-1, 0, 1}}",
+                codes[i],
+                i / k,
+                i % k
+            )));
+        }
+        if !gamma.is_finite() {
+            return Err(KernelError::Invalid(format!("ternary scale {gamma} is not finite")));
+        }
+        Self::pack(n, k, gamma, |row, col| codes[row * k + col])
+    }
+
+    fn pack(n: usize, k: usize, gamma: f32, code: impl Fn(usize, usize) -> i8) -> Result<Self> {
+        let n_padded = n.div_ceil(PANEL_COLS) * PANEL_COLS;
+        let k_padded = k.div_ceil(K_BLOCK) * K_BLOCK;
+        let k_blocks = k_padded / K_BLOCK;
+        let mut packed = AlignedBytes::new(n_padded / PANEL_COLS * k_blocks * BLOCK_BYTES, 0);
+        let bytes = packed.as_mut_slice();
+        for panel in 0..n_padded / PANEL_COLS {
+            for kb in 0..k_blocks {
+                for half in 0..2 {
+                    let base = ((panel * k_blocks + kb) * 2 + half) * 64;
+                    for j in 0..16 {
+                        let col = panel * PANEL_COLS + half * 16 + j;
+                        for e in 0..4 {
+                            let mut byte = 0u8;
+                            for i in 0..4 {
+                                let kk = kb * K_BLOCK + 4 * i + e;
+                                let c = if col < n && kk < k { code(col, kk) + 1 } else { 1 };
+                                byte |= (c as u8) << (2 * i);
+                            }
+                            bytes[base + 4 * j + e] = byte;
+                        }
+                    }
+                }
+            }
+        }
+        let mut column_scales = vec![gamma; n];
+        column_scales.resize(n_padded, 0.0);
+        Ok(Self {
+            n,
+            k,
+            packed,
+            column_scales,
+            segments: vec![(0, gamma)],
+        })
+    }
+
+    /// Fuses matrices with the same K along N (e.g. q, k, v into one operand). Every part but the
+    /// last must have N a multiple of [`PANEL_COLS`] so the parts stay panel-aligned; each keeps its γ.
+    pub fn concat(parts: &[&TernaryMatrix]) -> Result<Self> {
+        let first = parts
+            .first()
+            .ok_or_else(|| KernelError::Invalid("concat of zero ternary matrices".into()))?;
+        let k = first.k;
+        let mut n = 0;
+        let mut packed_len = 0;
+        for (i, part) in parts.iter().enumerate() {
+            if part.k != k {
+                return Err(KernelError::ShapeMismatch {
+                    what: "ternary concat (K)",
+                    left: k,
+                    right: part.k,
+                });
+            }
+            if i + 1 < parts.len() && part.n % PANEL_COLS != 0 {
+                return Err(KernelError::Invalid(format!(
+                    "ternary concat: part {i} has N = {} (not a multiple of {PANEL_COLS})",
+                    part.n
+                )));
+            }
+            n += part.n;
+            packed_len += part.packed.len();
+        }
+        let mut packed = AlignedBytes::new(packed_len, 0);
+        let mut column_scales = Vec::with_capacity(n.div_ceil(PANEL_COLS) * PANEL_COLS);
+        let mut segments = Vec::new();
+        let mut offset = 0;
+        for part in parts {
+            let len = part.packed.len();
+            packed.as_mut_slice()[offset..offset + len].copy_from_slice(part.packed.as_slice());
+            offset += len;
+            let start = column_scales.len();
+            segments.extend(part.segments.iter().map(|&(c, g)| (start + c, g)));
+            column_scales.extend_from_slice(&part.column_scales);
+        }
+        Ok(Self {
+            n,
+            k,
+            packed,
+            column_scales,
+            segments,
+        })
+    }
+
+    /// Output features N.
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+    /// Input features K.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+    pub fn n_padded(&self) -> usize {
+        self.column_scales.len()
+    }
+    pub fn k_padded(&self) -> usize {
+        self.k.div_ceil(K_BLOCK) * K_BLOCK
+    }
+    pub fn panels(&self) -> usize {
+        self.n_padded() / PANEL_COLS
+    }
+    /// Bytes of one packed panel.
+    pub fn panel_bytes(&self) -> usize {
+        self.k_padded() / K_BLOCK * BLOCK_BYTES
+    }
+    pub fn packed(&self) -> &[u8] {
+        self.packed.as_slice()
+    }
+    pub fn column_scales(&self) -> &[f32] {
+        &self.column_scales
+    }
+    /// (first output column, γ) of each fused tensor.
+    pub fn segments(&self) -> &[(usize, f32)] {
+        &self.segments
+    }
+    /// Bytes held by this matrix (packed codes + scales).
+    pub fn memory_bytes(&self) -> usize {
+        self.packed.len() + self.column_scales.len() * 4
+    }
+
+    /// The ternary code t[row, col] ∈ {-1, 0, 1} read back from the packed layout.
+    pub fn code(&self, row: usize, col: usize) -> Option<i8> {
+        if row >= self.n || col >= self.k {
+            return None;
+        }
+        let (panel, within) = (row / PANEL_COLS, row % PANEL_COLS);
+        let (half, j) = (within / 16, within % 16);
+        let (kb, within_k) = (col / K_BLOCK, col % K_BLOCK);
+        let (i, e) = (within_k / 4, within_k % 4);
+        let k_blocks = self.k_padded() / K_BLOCK;
+        let byte = self.packed.as_slice()[((panel * k_blocks + kb) * 2 + half) * 64 + 4 * j + e];
+        Some(((byte >> (2 * i)) & 3) as i8 - 1)
+    }
+
+    /// All codes as a row-major `n × k` matrix (for references and tests).
+    pub fn unpack_codes(&self) -> Vec<i8> {
+        let mut out = Vec::with_capacity(self.n * self.k);
+        for row in 0..self.n {
+            for col in 0..self.k {
+                out.push(self.code(row, col).unwrap_or(0));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantization_matches_hand_computed_codes_with_ties() {
+        // mean |W| = (0.5 + 1.5 + 0.25 + 0.0 + 2.0 + 1.75 + 1.0 + 1.0) / 8 = 1.0, so codes are round(W).
+        let w = [0.5f32, -1.5, 0.25, 0.0, 2.0, -1.75, 1.0, -1.0];
+        let m = TernaryMatrix::from_f32(&w, 2, 4).unwrap();
+        assert_eq!(m.segments(), &[(0, 1.0)]);
+        // 0.5 -> 0 (tie to even), -1.5 -> -2 -> clamp -1, 0.25 -> 0, 2.0 -> clamp 1, -1.75 -> -1.
+        assert_eq!(m.unpack_codes(), vec![0, -1, 0, 0, 1, -1, 1, -1]);
+    }
+
+    #[test]
+    fn ties_round_to_even_at_the_half_scale() {
+        // mean |W| = 2 -> w/γ: 1.0 -> 0.5 (tie -> 0), 3.0 -> 1.5 (tie -> 2 -> clamp 1)
+        let w = [1.0f32, 3.0, -1.0, -3.0];
+        let m = TernaryMatrix::from_f32(&w, 1, 4).unwrap();
+        assert_eq!(m.unpack_codes(), vec![0, 1, 0, -1]);
+    }
+
+    #[test]
+    fn all_zero_weights_use_the_floor_scale() {
+        let m = TernaryMatrix::from_f32(&[0.0; 6], 2, 3).unwrap();
+        assert_eq!(m.segments()[0].1, 1e-5);
+        assert!(m.unpack_codes().iter().all(|&c| c == 0));
+    }
+
+    #[test]
+    fn pack_round_trips_on_odd_shapes() {
+        let mut state = 12345u32;
+        for &(n, k) in &[(1, 1), (31, 15), (33, 17), (64, 48), (70, 4304 % 100 + 3)] {
+            let codes: Vec<i8> = (0..n * k)
+                .map(|_| {
+                    state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                    ((state >> 24) % 3) as i8 - 1
+                })
+                .collect();
+            let m = TernaryMatrix::from_codes(&codes, n, k, 0.5).unwrap();
+            assert_eq!(m.unpack_codes(), codes, "n={n} k={k}");
+            assert_eq!(m.n_padded() % PANEL_COLS, 0);
+            assert_eq!(m.k_padded() % K_BLOCK, 0);
+            assert_eq!(m.packed().len(), m.panels() * m.panel_bytes());
+            // padding is code 1 (t = 0) everywhere outside the matrix
+            let padded_cols = m.n_padded() - n;
+            assert_eq!(m.column_scales()[n..], vec![0.0; padded_cols][..]);
+        }
+    }
+
+    #[test]
+    fn bf16_and_f32_agree() {
+        let w: Vec<f32> = (0..96).map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.125).collect();
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let a = TernaryMatrix::from_f32(&w, 3, 32).unwrap();
+        let b = TernaryMatrix::from_bf16(&wb, 3, 32).unwrap();
+        assert_eq!(a.unpack_codes(), b.unpack_codes());
+        assert_eq!(a.segments(), b.segments());
+    }
+
+    #[test]
+    fn concat_keeps_each_scale() {
+        let a = TernaryMatrix::from_codes(&[1; 32 * 16], 32, 16, 0.5).unwrap();
+        let b = TernaryMatrix::from_codes(&[-1; 8 * 16], 8, 16, 2.0).unwrap();
+        let c = TernaryMatrix::concat(&[&a, &b]).unwrap();
+        assert_eq!(c.rows(), 40);
+        assert_eq!(c.segments(), &[(0, 0.5), (32, 2.0)]);
+        assert_eq!(c.column_scales()[31], 0.5);
+        assert_eq!(c.column_scales()[32], 2.0);
+        assert_eq!(c.column_scales()[40], 0.0);
+        assert_eq!(c.code(33, 3), Some(-1));
+        assert_eq!(c.code(3, 3), Some(1));
+        // a part that is not panel-aligned cannot be followed by another
+        assert!(TernaryMatrix::concat(&[&b, &a]).is_err());
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        assert!(matches!(
+            TernaryMatrix::from_f32(&[], 0, 4),
+            Err(KernelError::ZeroDimension { .. })
+        ));
+        assert!(matches!(
+            TernaryMatrix::from_f32(&[1.0; 5], 2, 3),
+            Err(KernelError::LengthMismatch { .. })
+        ));
+        let err = TernaryMatrix::from_f32(&[1.0, f32::NAN, 0.0, 1.0], 2, 2).unwrap_err();
+        assert!(
+            matches!(err, KernelError::NonFinite { row: 0, col: 1, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("row 0, column 1"));
+        assert!(TernaryMatrix::from_codes(&[2], 1, 1, 1.0).is_err());
+    }
+}

@@ -1,0 +1,330 @@
+//! Per-token int8 activation quantization (the reference `activation_quant`) into the blocked
+//! layout the GEMM kernels read.
+//!
+//! Per row m: `s = 127 / max(max_k |x|, 1e-5)`, `q = clamp(round_half_even(x · s), -128, 127)`,
+//! plus `Σ_k q` (the kernels multiply unsigned codes `c = t + 1`, so they subtract it) and the
+//! dequantization factor `d = 1 / s` used by the epilogue.
+//!
+//! # Blocked layout
+//! Rows are grouped in blocks of [`ROWS_PER_BLOCK`] (M padded with zero rows), K is padded with
+//! zeros to the weight's `K_p`. Within a block, the 4-byte groups of all rows are interleaved:
+//!
+//! ```text
+//! byte (mb · 8 · K_p) + (g · 32) + (r · 4) + e  =  q[8·mb + r, 4·g + e]
+//! ```
+//!
+//! so one 32-byte line holds the next 4 k of all 8 rows of the register block.
+
+use super::{AlignedBytes, KernelError, Result, check_matrix};
+
+/// Rows per register block of every GEMM kernel (the M of the microkernel).
+pub const ROWS_PER_BLOCK: usize = 8;
+
+/// Quantized activations of an `m × k` matrix, ready for [`super::ternary_matmul`].
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedActivations {
+    m: usize,
+    k: usize,
+    k_padded: usize,
+    data: Option<AlignedBytes>,
+    row_sums: Vec<i32>,
+    row_dequant: Vec<f32>,
+}
+
+impl QuantizedActivations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+    pub fn k_padded(&self) -> usize {
+        self.k_padded
+    }
+    pub fn blocks(&self) -> usize {
+        self.m.div_ceil(ROWS_PER_BLOCK)
+    }
+    /// Interleaved int8 codes (see the module docs), `blocks() · 8 · k_padded()` bytes.
+    pub fn data(&self) -> &[u8] {
+        match &self.data {
+            Some(d) => &d.as_slice()[..self.blocks() * ROWS_PER_BLOCK * self.k_padded],
+            None => &[],
+        }
+    }
+    /// Σ_k q[m, k] per row, padded with zeros to `blocks() · 8`.
+    pub fn row_sums(&self) -> &[i32] {
+        &self.row_sums
+    }
+    /// 1 / s[m] per row, padded with zeros to `blocks() · 8`.
+    pub fn row_dequant(&self) -> &[f32] {
+        &self.row_dequant
+    }
+    /// The code q[row, col] read back from the blocked layout.
+    pub fn code(&self, row: usize, col: usize) -> Option<i8> {
+        if row >= self.m || col >= self.k {
+            return None;
+        }
+        let offset = (row / ROWS_PER_BLOCK) * ROWS_PER_BLOCK * self.k_padded
+            + (col / 4) * 4 * ROWS_PER_BLOCK
+            + (row % ROWS_PER_BLOCK) * 4
+            + col % 4;
+        Some(self.data()[offset] as i8)
+    }
+}
+
+/// Quantizes `x` (row-major `m × k`) for a weight with `k_padded` inputs (a multiple of 16,
+/// `TernaryMatrix::k_padded`). Reuses `out`'s buffers. Non-finite inputs are an error naming the
+/// first offending element.
+pub fn quantize_activations(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    k_padded: usize,
+    out: &mut QuantizedActivations,
+) -> Result<()> {
+    check_matrix("activations", x.len(), m, k)?;
+    if k_padded < k || k_padded % 16 != 0 {
+        return Err(KernelError::Invalid(format!(
+            "activations: padded K {k_padded} must be a multiple of 16 and >= K = {k}"
+        )));
+    }
+    let blocks = m.div_ceil(ROWS_PER_BLOCK);
+    let padded_rows = blocks * ROWS_PER_BLOCK;
+    out.m = m;
+    out.k = k;
+    out.k_padded = k_padded;
+    let data = out.data.get_or_insert_with(|| AlignedBytes::new(0, 0));
+    data.reset(padded_rows * k_padded, 0);
+    out.row_sums.clear();
+    out.row_sums.resize(padded_rows, 0);
+    out.row_dequant.clear();
+    out.row_dequant.resize(padded_rows, 0.0);
+
+    let mut row_codes = vec![0i8; k_padded];
+    let bytes = data.as_mut_slice();
+    for row in 0..m {
+        let xs = &x[row * k..(row + 1) * k];
+        let absmax_bits = absmax_bits(xs);
+        if absmax_bits >= 0x7f80_0000 {
+            let col = xs.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            return Err(KernelError::NonFinite {
+                what: "activations",
+                row,
+                col,
+                value: xs[col],
+            });
+        }
+        let scale = 127.0 / f32::from_bits(absmax_bits).max(1e-5);
+        out.row_sums[row] = quantize_row(xs, scale, &mut row_codes[..k]);
+        out.row_dequant[row] = 1.0 / scale;
+        // Interleave the row's 4-byte groups into its block (padding groups stay zero).
+        let block_base = (row / ROWS_PER_BLOCK) * ROWS_PER_BLOCK * k_padded;
+        let lane = (row % ROWS_PER_BLOCK) * 4;
+        for (g, group) in row_codes[..k.div_ceil(4) * 4].chunks_exact(4).enumerate() {
+            let dst = block_base + g * 4 * ROWS_PER_BLOCK + lane;
+            for (d, &c) in bytes[dst..dst + 4].iter_mut().zip(group) {
+                *d = c as u8;
+            }
+        }
+        row_codes[..k.div_ceil(4) * 4].fill(0);
+    }
+    Ok(())
+}
+
+/// Bits of max_k |x_k|. For non-negative floats the integer order of the bit patterns is the
+/// numeric order, and every NaN or ∞ compares above every finite value (>= 0x7f80_0000).
+fn absmax_bits(xs: &[f32]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports the features `wide::absmax_bits` is compiled for.
+        return unsafe { wide::absmax_bits(xs) };
+    }
+    absmax_bits_generic(xs)
+}
+
+fn quantize_row(xs: &[f32], scale: f32, codes: &mut [i8]) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: as above.
+        return unsafe { wide::quantize_row(xs, scale, codes) };
+    }
+    quantize_row_generic(xs, scale, codes)
+}
+
+/// The same functions compiled for AVX-512: identical operations in identical order, only wider
+/// registers, so the results equal the generic build bit for bit.
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) fn absmax_bits(xs: &[f32]) -> u32 {
+        super::absmax_bits_generic(xs)
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) fn quantize_row(xs: &[f32], scale: f32, codes: &mut [i8]) -> i32 {
+        super::quantize_row_generic(xs, scale, codes)
+    }
+}
+
+#[inline(always)]
+fn absmax_bits_generic(xs: &[f32]) -> u32 {
+    let mut lanes = [0u32; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (l, v) in lanes.iter_mut().zip(chunk) {
+            *l = (*l).max(v.to_bits() & 0x7fff_ffff);
+        }
+    }
+    let mut max = lanes.into_iter().max().unwrap_or(0);
+    for v in tail {
+        max = max.max(v.to_bits() & 0x7fff_ffff);
+    }
+    max
+}
+
+/// q = clamp(round_half_even(x · s), -128, 127); returns Σ q.
+///
+/// Rounding uses the exact "magic number" identity: for |v| < 2^22, `(v + 1.5·2^23) − 1.5·2^23` is
+/// v rounded to the nearest integer, ties to even, in IEEE f32 arithmetic with the default rounding
+/// mode. Here |v| <= 127 (|x| <= max |x|), so it equals `round_ties_even` and vectorizes everywhere.
+#[inline(always)]
+fn quantize_row_generic(xs: &[f32], scale: f32, codes: &mut [i8]) -> i32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    let mut sums = [0i32; 16];
+    let mut chunks = xs.chunks_exact(16).zip(codes.chunks_exact_mut(16));
+    for (x, q) in &mut chunks {
+        for ((q, &x), s) in q.iter_mut().zip(x).zip(sums.iter_mut()) {
+            let v = ((x * scale + MAGIC) - MAGIC).clamp(-128.0, 127.0) as i32;
+            *q = v as i8;
+            *s += v;
+        }
+    }
+    let done = xs.len() / 16 * 16;
+    let mut sum: i32 = sums.iter().sum();
+    for (q, &x) in codes[done..].iter_mut().zip(&xs[done..]) {
+        let v = ((x * scale + MAGIC) - MAGIC).clamp(-128.0, 127.0) as i32;
+        *q = v as i8;
+        sum += v;
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quantize(x: &[f32], m: usize, k: usize) -> QuantizedActivations {
+        let mut q = QuantizedActivations::new();
+        quantize_activations(x, m, k, k.div_ceil(16) * 16, &mut q).unwrap();
+        q
+    }
+
+    #[test]
+    fn hand_computed_codes_with_ties() {
+        // max |x| = 127 -> s = 1: codes are round_half_even(x)
+        let x = [0.5f32, 1.5, 2.5, -0.5, -1.5, -127.0, 126.5, 3.49];
+        let q = quantize(&x, 1, 8);
+        let codes: Vec<i8> = (0..8).map(|c| q.code(0, c).unwrap()).collect();
+        assert_eq!(codes, vec![0, 2, 2, 0, -2, -127, 126, 3]);
+        assert_eq!(q.row_sums()[0], 2 + 2 - 2 - 127 + 126 + 3);
+        assert_eq!(q.row_dequant()[0], 1.0);
+    }
+
+    #[test]
+    fn scale_follows_the_reference() {
+        let x = [0.25f32, -0.5, 0.1];
+        let q = quantize(&x, 1, 3);
+        let s = 127.0f32 / 0.5;
+        let expect: Vec<i8> = x.iter().map(|&v| (v * s).round_ties_even() as i8).collect();
+        let codes: Vec<i8> = (0..3).map(|c| q.code(0, c).unwrap()).collect();
+        assert_eq!(codes, expect);
+        assert_eq!(q.row_dequant()[0], 1.0 / s);
+    }
+
+    #[test]
+    fn all_zero_rows_give_zero_codes_and_finite_scales() {
+        let x = vec![0.0f32; 2 * 20];
+        let q = quantize(&x, 2, 20);
+        assert!(q.data().iter().all(|&b| b == 0));
+        assert_eq!(q.row_sums(), &[0; 8]);
+        for &d in &q.row_dequant()[..2] {
+            assert!(d.is_finite() && d > 0.0);
+            assert_eq!(d, 1.0 / (127.0f32 / 1e-5));
+        }
+    }
+
+    #[test]
+    fn tiny_rows_use_the_floor() {
+        // max |x| below 1e-5: s = 127 / 1e-5, codes stay within range.
+        let x = [5e-6f32, -1e-6];
+        let q = quantize(&x, 1, 2);
+        let s = 127.0f32 / 1e-5;
+        for (c, v) in x.iter().enumerate() {
+            let expect = (v * s).round_ties_even() as i8;
+            assert_eq!(q.code(0, c), Some(expect));
+        }
+        // 5e-6 · (127 / 1e-5) ≈ 63.5 and -1e-6 · (127 / 1e-5) = -12.7
+        assert!(matches!(q.code(0, 0), Some(63 | 64)) && q.code(0, 1) == Some(-13));
+    }
+
+    #[test]
+    fn blocked_layout_round_trips_with_tails() {
+        let (m, k) = (19, 37);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 255) as f32 - 127.0).collect();
+        let q = quantize(&x, m, k);
+        assert_eq!(q.k_padded(), 48);
+        assert_eq!(q.data().len(), 3 * 8 * 48);
+        for r in 0..m {
+            let s = 127.0 / x[r * k..(r + 1) * k].iter().fold(0f32, |a, v| a.max(v.abs()));
+            let mut sum = 0;
+            for c in 0..k {
+                let expect = (x[r * k + c] * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+                assert_eq!(q.code(r, c), Some(expect), "row {r} col {c}");
+                sum += expect as i32;
+            }
+            assert_eq!(q.row_sums()[r], sum);
+        }
+        assert_eq!(q.row_sums()[m..], [0; 5]);
+        // padding rows and columns are zero
+        let count_nonzero = q.data().iter().filter(|&&b| b != 0).count();
+        let expected_nonzero = (0..m * k)
+            .filter(|&i| q.code(i / k, i % k) != Some(0))
+            .count();
+        assert_eq!(count_nonzero, expected_nonzero);
+    }
+
+    #[test]
+    fn generic_and_wide_paths_agree_bit_for_bit() {
+        let mut state = 7u64;
+        let x: Vec<f32> = (0..1000)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
+            })
+            .collect();
+        let s = 127.0 / f32::from_bits(absmax_bits_generic(&x));
+        let mut a = vec![0i8; x.len()];
+        let mut b = vec![0i8; x.len()];
+        assert_eq!(absmax_bits(&x), absmax_bits_generic(&x));
+        assert_eq!(quantize_row(&x, s, &mut a), quantize_row_generic(&x, s, &mut b));
+        assert_eq!(a, b);
+        for (q, v) in a.iter().zip(&x) {
+            assert_eq!(*q, (v * s).round_ties_even().clamp(-128.0, 127.0) as i8);
+        }
+    }
+
+    #[test]
+    fn non_finite_and_bad_shapes_are_errors() {
+        let mut q = QuantizedActivations::new();
+        let err = quantize_activations(&[1.0, 2.0, f32::INFINITY, 0.0], 2, 2, 16, &mut q).unwrap_err();
+        assert!(matches!(err, KernelError::NonFinite { row: 1, col: 0, .. }), "{err}");
+        let err = quantize_activations(&[f32::NAN], 1, 1, 16, &mut q).unwrap_err();
+        assert!(matches!(err, KernelError::NonFinite { row: 0, col: 0, .. }));
+        assert!(quantize_activations(&[1.0; 3], 1, 4, 16, &mut q).is_err());
+        assert!(quantize_activations(&[], 0, 4, 16, &mut q).is_err());
+        assert!(quantize_activations(&[1.0; 4], 1, 4, 12, &mut q).is_err());
+    }
+}

@@ -1,0 +1,9 @@
+//! bitvla_ros: ternary (1.58-bit) BitVLA vision-language-action policies on ROS 2 robots.
+//!
+//! Layers (each uses only the layers below it; ROS only at the edge):
+//! - [`kernels`]: ternary W1.58-A8 GEMM (packing, quantization, SIMD kernels, one dispatch) and
+//!   the f32 operations of the model.
+//! - [`bench`]: the benchmark harness behind `bitvla bench` (peak calibration, interleaving, JSON).
+
+pub mod bench;
+pub mod kernels;

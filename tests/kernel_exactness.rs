@@ -1,0 +1,171 @@
+//! Every GEMM kernel this CPU supports reproduces the scalar reference bit for bit: the exact int32
+//! sums and the f32 outputs, on shapes with K, N and M tails, for 1, 2 and 3 threads.
+
+use bitvla_ros::kernels::{
+    KernelKind, QuantizedActivations, TernaryMatrix, quantize_activations, reference,
+    ternary_matmul, ternary_matmul_i32, ternary_matmul_with,
+};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool")
+}
+
+fn case(rng: &mut Rng, m: usize, k: usize, n: usize) -> (QuantizedActivations, TernaryMatrix, Vec<f32>) {
+    // Activations with occasional extreme values and exact zeros, so codes hit ±127 and 0.
+    let x: Vec<f32> = (0..m * k)
+        .map(|_| match rng.below(16) {
+            0 => 0.0,
+            1 => rng.uniform() * 100.0,
+            _ => rng.uniform(),
+        })
+        .collect();
+    let w: Vec<f32> = (0..n * k).map(|_| rng.uniform()).collect();
+    let weights = TernaryMatrix::from_f32(&w, n, k).unwrap();
+    let mut q = QuantizedActivations::new();
+    quantize_activations(&x, m, k, weights.k_padded(), &mut q).unwrap();
+    let bias: Vec<f32> = (0..n).map(|_| rng.uniform()).collect();
+    (q, weights, bias)
+}
+
+#[test]
+fn all_kernels_match_the_reference_on_random_shapes_with_tails() {
+    let kernels = KernelKind::supported();
+    eprintln!("kernels under test: {kernels:?}");
+    let mut rng = Rng(2024);
+    let mut shapes = vec![
+        (1, 16, 32),
+        (8, 16, 32),
+        (9, 17, 33),
+        (7, 4, 1),
+        (1, 1, 1),
+        (13, 48, 64),
+        (25, 1152 + 16, 47),
+        (17, 4304, 40), // ViT fc2's K (16·269)
+        (3, 6912, 33),  // the LLM down_proj K
+    ];
+    for _ in 0..12 {
+        shapes.push((1 + rng.below(40), 1 + rng.below(300), 1 + rng.below(100)));
+    }
+    for &(m, k, n) in &shapes {
+        let (q, w, bias) = case(&mut rng, m, k, n);
+        let expect_i32 = reference::matmul_i32(&q, &w);
+        let expect_f32 = reference::matmul_f32(&q, &w, Some(&bias));
+        let expect_f32_nobias = reference::matmul_f32(&q, &w, None);
+        for &kind in &kernels {
+            for threads in [1, 2, 3] {
+                pool(threads).install(|| {
+                    let mut got = vec![0i32; m * n];
+                    ternary_matmul_i32(kind, &q, &w, &mut got).unwrap();
+                    assert_eq!(got, expect_i32, "{kind} i32, m={m} k={k} n={n} threads={threads}");
+                    let mut y = vec![f32::NAN; m * n];
+                    ternary_matmul_with(kind, &q, &w, Some(&bias), &mut y).unwrap();
+                    let same = y.iter().zip(&expect_f32).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{kind} f32+bias, m={m} k={k} n={n} threads={threads}");
+                    ternary_matmul_with(kind, &q, &w, None, &mut y).unwrap();
+                    let same = y
+                        .iter()
+                        .zip(&expect_f32_nobias)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{kind} f32, m={m} k={k} n={n} threads={threads}");
+                });
+            }
+        }
+    }
+}
+
+#[test]
+fn extreme_codes_do_not_overflow() {
+    // All weights +1 or -1 and all activations at ±127/-128 bounds: the largest sums the model can
+    // produce (K = 6912), where any int16 accumulation path would overflow.
+    let (m, k, n) = (9, 6912, 33);
+    for sign in [1i8, -1] {
+        let codes = vec![sign; n * k];
+        let w = TernaryMatrix::from_codes(&codes, n, k, 1.0).unwrap();
+        let x: Vec<f32> = (0..m * k).map(|i| if i % 2 == 0 { 1.0 } else { 1.0 - (i % 3) as f32 }).collect();
+        let mut q = QuantizedActivations::new();
+        quantize_activations(&x, m, k, w.k_padded(), &mut q).unwrap();
+        let expect = reference::matmul_i32(&q, &w);
+        assert!(expect.iter().any(|v| v.abs() > 100_000));
+        for kind in KernelKind::supported() {
+            let mut got = vec![0i32; m * n];
+            ternary_matmul_i32(kind, &q, &w, &mut got).unwrap();
+            assert_eq!(got, expect, "{kind} sign={sign}");
+        }
+    }
+}
+
+#[test]
+fn fused_matrices_keep_per_part_scales() {
+    let mut rng = Rng(7);
+    let (m, k) = (10, 64);
+    let parts: Vec<TernaryMatrix> = [64usize, 32, 20]
+        .iter()
+        .map(|&n| {
+            let w: Vec<f32> = (0..n * k).map(|_| rng.uniform() * (1.0 + n as f32)).collect();
+            TernaryMatrix::from_f32(&w, n, k).unwrap()
+        })
+        .collect();
+    let fused = TernaryMatrix::concat(&parts.iter().collect::<Vec<_>>()).unwrap();
+    let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
+    let mut q = QuantizedActivations::new();
+    quantize_activations(&x, m, k, fused.k_padded(), &mut q).unwrap();
+    let mut y = vec![0.0; m * fused.rows()];
+    ternary_matmul(&q, &fused, None, &mut y).unwrap();
+    let mut col = 0;
+    for part in &parts {
+        let mut yp = vec![0.0; m * part.rows()];
+        ternary_matmul(&q, part, None, &mut yp).unwrap();
+        for r in 0..m {
+            for c in 0..part.rows() {
+                assert_eq!(y[r * fused.rows() + col + c].to_bits(), yp[r * part.rows() + c].to_bits());
+            }
+        }
+        col += part.rows();
+    }
+}
+
+#[test]
+fn mismatched_shapes_are_errors() {
+    let mut rng = Rng(3);
+    let (q, w, _) = case(&mut rng, 4, 32, 16);
+    let mut out = vec![0.0; 4 * 15];
+    assert!(ternary_matmul(&q, &w, None, &mut out).is_err());
+    let mut out = vec![0.0; 4 * 16];
+    assert!(ternary_matmul(&q, &w, Some(&[0.0; 3]), &mut out).is_err());
+    let (_, w_other, _) = case(&mut rng, 4, 48, 16);
+    assert!(ternary_matmul(&q, &w_other, None, &mut out).is_err());
+    let empty = QuantizedActivations::new();
+    assert!(ternary_matmul(&empty, &w, None, &mut out).is_err());
+}
+
+#[test]
+fn the_best_kernel_is_selected_and_supported() {
+    let best = KernelKind::best();
+    assert!(best.is_supported());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw") {
+        assert_eq!(best, KernelKind::Avx512Vnni);
+    }
+    assert!(KernelKind::supported().contains(&KernelKind::Scalar));
+}
