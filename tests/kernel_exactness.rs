@@ -31,7 +31,12 @@ fn pool(threads: usize) -> rayon::ThreadPool {
         .expect("thread pool")
 }
 
-fn case(rng: &mut Rng, m: usize, k: usize, n: usize) -> (QuantizedActivations, TernaryMatrix, Vec<f32>) {
+fn case(
+    rng: &mut Rng,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> (QuantizedActivations, TernaryMatrix, Vec<f32>) {
     // Activations with occasional extreme values and exact zeros, so codes hit ±127 and 0.
     let x: Vec<f32> = (0..m * k)
         .map(|_| match rng.below(16) {
@@ -77,10 +82,16 @@ fn all_kernels_match_the_reference_on_random_shapes_with_tails() {
                 pool(threads).install(|| {
                     let mut got = vec![0i32; m * n];
                     ternary_matmul_i32(kind, &q, &w, &mut got).unwrap();
-                    assert_eq!(got, expect_i32, "{kind} i32, m={m} k={k} n={n} threads={threads}");
+                    assert_eq!(
+                        got, expect_i32,
+                        "{kind} i32, m={m} k={k} n={n} threads={threads}"
+                    );
                     let mut y = vec![f32::NAN; m * n];
                     ternary_matmul_with(kind, &q, &w, Some(&bias), &mut y).unwrap();
-                    let same = y.iter().zip(&expect_f32).all(|(a, b)| a.to_bits() == b.to_bits());
+                    let same = y
+                        .iter()
+                        .zip(&expect_f32)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{kind} f32+bias, m={m} k={k} n={n} threads={threads}");
                     ternary_matmul_with(kind, &q, &w, None, &mut y).unwrap();
                     let same = y
@@ -102,7 +113,15 @@ fn extreme_codes_do_not_overflow() {
     for sign in [1i8, -1] {
         let codes = vec![sign; n * k];
         let w = TernaryMatrix::from_codes(&codes, n, k, 1.0).unwrap();
-        let x: Vec<f32> = (0..m * k).map(|i| if i % 2 == 0 { 1.0 } else { 1.0 - (i % 3) as f32 }).collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| {
+                if i % 2 == 0 {
+                    1.0
+                } else {
+                    1.0 - (i % 3) as f32
+                }
+            })
+            .collect();
         let mut q = QuantizedActivations::new();
         quantize_activations(&x, m, k, w.k_padded(), &mut q).unwrap();
         let expect = reference::matmul_i32(&q, &w);
@@ -122,7 +141,9 @@ fn fused_matrices_keep_per_part_scales() {
     let parts: Vec<TernaryMatrix> = [64usize, 32, 20]
         .iter()
         .map(|&n| {
-            let w: Vec<f32> = (0..n * k).map(|_| rng.uniform() * (1.0 + n as f32)).collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|_| rng.uniform() * (1.0 + n as f32))
+                .collect();
             TernaryMatrix::from_f32(&w, n, k).unwrap()
         })
         .collect();
@@ -138,7 +159,10 @@ fn fused_matrices_keep_per_part_scales() {
         ternary_matmul(&q, part, None, &mut yp).unwrap();
         for r in 0..m {
             for c in 0..part.rows() {
-                assert_eq!(y[r * fused.rows() + col + c].to_bits(), yp[r * part.rows() + c].to_bits());
+                assert_eq!(
+                    y[r * fused.rows() + col + c].to_bits(),
+                    yp[r * part.rows() + c].to_bits()
+                );
             }
         }
         col += part.rows();
@@ -164,7 +188,9 @@ fn the_best_kernel_is_selected_and_supported() {
     let best = KernelKind::best();
     assert!(best.is_supported());
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw") {
+    if std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+    {
         assert_eq!(best, KernelKind::Avx512Vnni);
     }
     assert!(KernelKind::supported().contains(&KernelKind::Scalar));

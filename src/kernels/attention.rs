@@ -23,7 +23,12 @@ pub struct AttentionShape {
 impl AttentionShape {
     fn validate(&self) -> Result<()> {
         let s = self;
-        if s.tokens == 0 || s.heads == 0 || s.kv_heads == 0 || s.head_dim == 0 || s.heads % s.kv_heads != 0 {
+        if s.tokens == 0
+            || s.heads == 0
+            || s.kv_heads == 0
+            || s.head_dim == 0
+            || s.heads % s.kv_heads != 0
+        {
             return Err(KernelError::Invalid(format!(
                 "attention: invalid shape {s:?} (all non-zero, heads a multiple of kv_heads)"
             )));
@@ -62,7 +67,11 @@ pub fn attention(
         ("attention out", out.len(), l * q_width),
     ] {
         if len != expected {
-            return Err(KernelError::LengthMismatch { what, expected, got: len });
+            return Err(KernelError::LengthMismatch {
+                what,
+                expected,
+                got: len,
+            });
         }
     }
     let group = heads / kv_heads;
@@ -82,8 +91,16 @@ pub fn attention(
                 d,
                 scores.as_mut_ptr(),
                 l,
-                View { ptr: q.as_ptr().add(h * d), row_stride: q_width as isize, col_stride: 1 },
-                View { ptr: k.as_ptr().add(g * d), row_stride: 1, col_stride: kv_width as isize },
+                View {
+                    ptr: q.as_ptr().add(h * d),
+                    row_stride: q_width as isize,
+                    col_stride: 1,
+                },
+                View {
+                    ptr: k.as_ptr().add(g * d),
+                    row_stride: 1,
+                    col_stride: kv_width as isize,
+                },
                 scale,
                 false,
             );
@@ -98,8 +115,16 @@ pub fn attention(
                 l,
                 dst.0.add(h * d),
                 q_width,
-                View { ptr: scores.as_ptr(), row_stride: l as isize, col_stride: 1 },
-                View { ptr: v.as_ptr().add(g * d), row_stride: kv_width as isize, col_stride: 1 },
+                View {
+                    ptr: scores.as_ptr(),
+                    row_stride: l as isize,
+                    col_stride: 1,
+                },
+                View {
+                    ptr: v.as_ptr().add(g * d),
+                    row_stride: kv_width as isize,
+                    col_stride: 1,
+                },
                 1.0,
                 false,
             );
@@ -107,9 +132,15 @@ pub fn attention(
         Ok(())
     };
     if rayon::current_num_threads() == 1 {
-        scratch.chunks_exact_mut(l * l).enumerate().try_for_each(head)
+        scratch
+            .chunks_exact_mut(l * l)
+            .enumerate()
+            .try_for_each(head)
     } else {
-        scratch.par_chunks_exact_mut(l * l).enumerate().try_for_each(head)
+        scratch
+            .par_chunks_exact_mut(l * l)
+            .enumerate()
+            .try_for_each(head)
     }
 }
 
@@ -128,7 +159,12 @@ mod tests {
     }
 
     fn reference(shape: AttentionShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
-        let AttentionShape { tokens: l, heads, kv_heads, head_dim: d } = shape;
+        let AttentionShape {
+            tokens: l,
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = shape;
         let mut out = vec![0f64; l * heads * d];
         for h in 0..heads {
             let g = h / (heads / kv_heads);
@@ -136,7 +172,10 @@ mod tests {
                 let s: Vec<f64> = (0..l)
                     .map(|j| {
                         (0..d)
-                            .map(|t| f64::from(q[i * heads * d + h * d + t]) * f64::from(k[j * kv_heads * d + g * d + t]))
+                            .map(|t| {
+                                f64::from(q[i * heads * d + h * d + t])
+                                    * f64::from(k[j * kv_heads * d + g * d + t])
+                            })
                             .sum::<f64>()
                             / (d as f64).sqrt()
                     })
@@ -145,8 +184,9 @@ mod tests {
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for t in 0..d {
-                    out[i * heads * d + h * d + t] =
-                        (0..l).map(|j| e[j] / z * f64::from(v[j * kv_heads * d + g * d + t])).sum();
+                    out[i * heads * d + h * d + t] = (0..l)
+                        .map(|j| e[j] / z * f64::from(v[j * kv_heads * d + g * d + t]))
+                        .sum();
                 }
             }
         }
@@ -156,20 +196,48 @@ mod tests {
     #[test]
     fn matches_f64_reference_and_thread_counts_agree() {
         for shape in [
-            AttentionShape { tokens: 1, heads: 1, kv_heads: 1, head_dim: 1 },
-            AttentionShape { tokens: 37, heads: 4, kv_heads: 1, head_dim: 16 },
-            AttentionShape { tokens: 21, heads: 20, kv_heads: 5, head_dim: 128 },
-            AttentionShape { tokens: 50, heads: 16, kv_heads: 16, head_dim: 72 },
+            AttentionShape {
+                tokens: 1,
+                heads: 1,
+                kv_heads: 1,
+                head_dim: 1,
+            },
+            AttentionShape {
+                tokens: 37,
+                heads: 4,
+                kv_heads: 1,
+                head_dim: 16,
+            },
+            AttentionShape {
+                tokens: 21,
+                heads: 20,
+                kv_heads: 5,
+                head_dim: 128,
+            },
+            AttentionShape {
+                tokens: 50,
+                heads: 16,
+                kv_heads: 16,
+                head_dim: 72,
+            },
         ] {
-            let (l, hd, kvd) = (shape.tokens, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
+            let (l, hd, kvd) = (
+                shape.tokens,
+                shape.heads * shape.head_dim,
+                shape.kv_heads * shape.head_dim,
+            );
             let (q, k, v) = (data(l * hd, 1), data(l * kvd, 2), data(l * kvd, 3));
             let expect = reference(shape, &q, &k, &v);
             let mut first: Option<Vec<f32>> = None;
             for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
                 let mut out = vec![0.0; l * hd];
                 let mut scratch = Vec::new();
-                pool.install(|| attention(shape, &q, &k, &v, &mut out, &mut scratch)).unwrap();
+                pool.install(|| attention(shape, &q, &k, &v, &mut out, &mut scratch))
+                    .unwrap();
                 for (a, b) in out.iter().zip(&expect) {
                     assert!((f64::from(*a) - b).abs() < 2e-5, "{shape:?}: {a} vs {b}");
                 }
@@ -183,10 +251,40 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_errors() {
-        let shape = AttentionShape { tokens: 2, heads: 3, kv_heads: 2, head_dim: 4 };
+        let shape = AttentionShape {
+            tokens: 2,
+            heads: 3,
+            kv_heads: 2,
+            head_dim: 4,
+        };
         let mut s = Vec::new();
-        assert!(attention(shape, &[0.0; 24], &[0.0; 16], &[0.0; 16], &mut [0.0; 24], &mut s).is_err());
-        let shape = AttentionShape { tokens: 2, heads: 2, kv_heads: 1, head_dim: 4 };
-        assert!(attention(shape, &[0.0; 16], &[0.0; 7], &[0.0; 8], &mut [0.0; 16], &mut s).is_err());
+        assert!(
+            attention(
+                shape,
+                &[0.0; 24],
+                &[0.0; 16],
+                &[0.0; 16],
+                &mut [0.0; 24],
+                &mut s
+            )
+            .is_err()
+        );
+        let shape = AttentionShape {
+            tokens: 2,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+        };
+        assert!(
+            attention(
+                shape,
+                &[0.0; 16],
+                &[0.0; 7],
+                &[0.0; 8],
+                &mut [0.0; 16],
+                &mut s
+            )
+            .is_err()
+        );
     }
 }

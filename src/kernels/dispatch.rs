@@ -4,11 +4,15 @@
 //! Each output element is produced by exactly one tile with an exact integer sum and a per-element
 //! epilogue, so results are bit-identical for every thread count and every kernel.
 
+use super::AlignedBytes;
 use super::pack::PANEL_COLS;
 use super::quant::ROWS_PER_BLOCK;
-use super::tile::{Tile, TileFn, TileOutput, tile_scalar};
+use super::tile::{
+    Accumulators, Tile, TileFn, TileOutput, UNPACKED_BLOCK_BYTES, tile_scalar, unpack_panel,
+};
 use super::{KernelError, QuantizedActivations, Result, TernaryMatrix};
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 /// A ternary GEMM implementation.
@@ -96,13 +100,17 @@ impl KernelKind {
         match self {
             KernelKind::Scalar => Some(tile_scalar as TileFn),
             #[cfg(target_arch = "x86_64")]
-            KernelKind::Avx2 => super::x86::avx2_supported().then_some(super::x86::tile_avx2 as TileFn),
+            KernelKind::Avx2 => {
+                super::x86::avx2_supported().then_some(super::x86::tile_avx2 as TileFn)
+            }
             #[cfg(target_arch = "x86_64")]
-            KernelKind::Avx512Vnni => super::x86::avx512vnni_supported()
-                .then_some(super::x86::tile_avx512vnni as TileFn),
+            KernelKind::Avx512Vnni => {
+                super::x86::avx512vnni_supported().then_some(super::x86::tile_avx512vnni as TileFn)
+            }
             #[cfg(target_arch = "aarch64")]
-            KernelKind::NeonDot => super::aarch64::dotprod_supported()
-                .then_some(super::aarch64::tile_sdot as TileFn),
+            KernelKind::NeonDot => {
+                super::aarch64::dotprod_supported().then_some(super::aarch64::tile_sdot as TileFn)
+            }
             #[cfg(target_arch = "aarch64")]
             KernelKind::NeonMull => Some(super::aarch64::tile_smull as TileFn),
             #[allow(unreachable_patterns)]
@@ -220,6 +228,23 @@ fn split(len: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
     (i * len / parts)..((i + 1) * len / parts)
 }
 
+/// 16-k blocks per K chunk: 32 blocks = 512 k, i.e. 16 KB of unpacked weights plus 6 KB of
+/// activations per tile, resident in L1 while every row block of the task passes over them.
+const CHUNK_BLOCKS: usize = 64;
+
+/// Per-worker scratch, reused across calls.
+#[derive(Default)]
+struct Scratch {
+    /// One unpacked K chunk of a weight panel (`CHUNK_BLOCKS · 512` bytes).
+    unpacked: Option<AlignedBytes>,
+    /// Accumulators carried between K chunks, one per row block of the task.
+    carry: Vec<Accumulators>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
 fn run(
     kind: KernelKind,
     a: &QuantizedActivations,
@@ -238,44 +263,67 @@ fn run(
     let (row_sums, row_dequant, col_scales) = (a.row_sums(), a.row_dequant(), w.column_scales());
     debug_assert_eq!(act.len(), m_blocks * act_block_bytes);
     debug_assert_eq!(weights.len(), panels * panel_bytes);
+    let chunks = k_blocks.div_ceil(CHUNK_BLOCKS);
 
-    // Tasks: about 4 per thread for load balance. Split N first (a task keeps its weight panels
-    // hot in L1/L2 while it streams the activations), then M when N has too few panels.
+    // Tasks: about 4 per thread for load balance. Split N first (a task owns whole weight
+    // panels), then M when N has too few panels.
     let threads = rayon::current_num_threads().max(1);
     let target = if threads == 1 { 1 } else { threads * 4 };
     let panel_parts = panels.min(target);
     let m_parts = target.div_ceil(panel_parts).min(m_blocks);
     let task = |t: usize| {
         let (pp, mp) = (t / m_parts, t % m_parts);
-        for panel in split(panels, panel_parts, pp) {
-            let col0 = panel * PANEL_COLS;
-            for mb in split(m_blocks, m_parts, mp) {
-                let row0 = mb * ROWS_PER_BLOCK;
-                let offset = row0 * n + col0;
-                let tile = Tile {
-                    act: act[mb * act_block_bytes..].as_ptr(),
-                    weights: weights[panel * panel_bytes..].as_ptr(),
-                    k_blocks,
-                    row_sums: row_sums[row0..].as_ptr(),
-                    row_dequant: row_dequant[row0..].as_ptr(),
-                    col_scales: col_scales[col0..].as_ptr(),
-                    bias: bias.map_or(std::ptr::null(), |b| b[col0..].as_ptr()),
-                    // SAFETY (pointer arithmetic): offset < m·n, the output's length.
-                    out: match out {
-                        SendOut::F32(p) => TileOutput::F32(unsafe { p.add(offset) }),
-                        SendOut::I32(p) => TileOutput::I32(unsafe { p.add(offset) }),
-                    },
-                    ldo: n,
-                    rows: (m - row0).min(ROWS_PER_BLOCK),
-                    cols: (n - col0).min(PANEL_COLS),
-                };
-                // SAFETY: the slices above hold a full block / panel / 8 row values / 32 column
-                // values (all padded by construction); the output rect rows × cols lies inside the
-                // m × n output and belongs to this (panel, block) only; `tile_fn` was returned by
-                // `tile_fn()` only if the CPU supports it.
-                unsafe { tile_fn(&tile) };
+        let block_range = split(m_blocks, m_parts, mp);
+        SCRATCH.with_borrow_mut(|scratch| {
+            let unpacked = scratch
+                .unpacked
+                .get_or_insert_with(|| AlignedBytes::new(CHUNK_BLOCKS * UNPACKED_BLOCK_BYTES, 0))
+                .as_mut_slice();
+            scratch
+                .carry
+                .resize(block_range.len(), [[0; PANEL_COLS]; ROWS_PER_BLOCK]);
+            for panel in split(panels, panel_parts, pp) {
+                let col0 = panel * PANEL_COLS;
+                let panel_packed = &weights[panel * panel_bytes..(panel + 1) * panel_bytes];
+                for chunk in 0..chunks {
+                    let kb = split(k_blocks, chunks, chunk);
+                    let chunk_unpacked = &mut unpacked[..kb.len() * UNPACKED_BLOCK_BYTES];
+                    unpack_panel(&panel_packed[kb.start * 128..kb.end * 128], chunk_unpacked);
+                    for (mb, carry) in block_range.clone().zip(scratch.carry.iter_mut()) {
+                        let row0 = mb * ROWS_PER_BLOCK;
+                        let offset = row0 * n + col0;
+                        let act_offset = mb * act_block_bytes + kb.start * 16 * ROWS_PER_BLOCK;
+                        let tile = Tile {
+                            act: act[act_offset..].as_ptr(),
+                            weights: chunk_unpacked.as_ptr(),
+                            k_blocks: kb.len(),
+                            carry,
+                            first: chunk == 0,
+                            last: chunk + 1 == chunks,
+                            row_sums: row_sums[row0..].as_ptr(),
+                            row_dequant: row_dequant[row0..].as_ptr(),
+                            col_scales: col_scales[col0..].as_ptr(),
+                            bias: bias.map_or(std::ptr::null(), |b| b[col0..].as_ptr()),
+                            // SAFETY (pointer arithmetic): offset < m·n, the output's length.
+                            out: match out {
+                                SendOut::F32(p) => TileOutput::F32(unsafe { p.add(offset) }),
+                                SendOut::I32(p) => TileOutput::I32(unsafe { p.add(offset) }),
+                            },
+                            ldo: n,
+                            rows: (m - row0).min(ROWS_PER_BLOCK),
+                            cols: (n - col0).min(PANEL_COLS),
+                        };
+                        // SAFETY: the slices above hold the chunk of a full row block, the
+                        // unpacked chunk, 12 row values and 32 column values (all padded by
+                        // construction); `carry` is this row block's own; the output rect
+                        // rows × cols lies inside the m × n output and belongs to this
+                        // (panel, block) only; `tile_fn` was returned by `tile_fn()` only if the
+                        // CPU supports it.
+                        unsafe { tile_fn(&tile) };
+                    }
+                }
             }
-        }
+        });
     };
     if panel_parts * m_parts == 1 {
         task(0);

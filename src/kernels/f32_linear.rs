@@ -139,12 +139,23 @@ pub fn linear(
 
 /// The f32 baseline of the benchmark: the same product with `gemm`'s own rayon parallelism (how
 /// a user of the crate would call it), no bias.
-pub fn linear_gemm_parallel(x: &[f32], m: usize, k: usize, weight: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+pub fn linear_gemm_parallel(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    weight: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
     check_matrix("linear input", x.len(), m, k)?;
     check_matrix("linear weight", weight.len(), n, k)?;
     check_matrix("linear output", out.len(), m, n)?;
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
     // SAFETY: extents checked above; out does not alias the inputs.
     unsafe {
         gemm::gemm(
@@ -194,18 +205,31 @@ mod tests {
             let b = data(n, 3);
             let mut outs = Vec::new();
             for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
                 let mut y = vec![0.0; m * n];
-                pool.install(|| linear(&x, m, k, &w, n, Some(&b), &mut y)).unwrap();
+                pool.install(|| linear(&x, m, k, &w, n, Some(&b), &mut y))
+                    .unwrap();
                 outs.push(y);
             }
-            assert!(outs.iter().all(|o| o.iter().zip(&outs[0]).all(|(a, b)| a.to_bits() == b.to_bits())));
+            assert!(outs.iter().all(|o| {
+                o.iter()
+                    .zip(&outs[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            }));
             for i in 0..m {
                 for j in 0..n {
-                    let exact: f64 = (0..k).map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t])).sum::<f64>()
+                    let exact: f64 = (0..k)
+                        .map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t]))
+                        .sum::<f64>()
                         + f64::from(b[j]);
                     let got = f64::from(outs[0][i * n + j]);
-                    assert!((got - exact).abs() <= 1e-5 * (k as f64).sqrt(), "({i},{j}) {got} vs {exact}");
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * (k as f64).sqrt(),
+                        "({i},{j}) {got} vs {exact}"
+                    );
                 }
             }
             let mut y2 = vec![0.0; m * n];

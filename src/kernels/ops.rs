@@ -33,6 +33,7 @@ macro_rules! multiversion {
     };
 }
 
+pub(crate) use multiversion;
 
 const LANES: usize = 16;
 
@@ -66,7 +67,9 @@ fn lane_max(x: &[f32]) -> f32 {
     for (l, &v) in lanes.iter_mut().zip(tail) {
         *l = if v > *l { v } else { *l };
     }
-    lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    lanes
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 fn check_rows(what: &'static str, len: usize, width: usize, out_len: usize) -> Result<()> {
@@ -110,7 +113,13 @@ fn rms_norm_generic(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// LayerNorm over rows of `weight.len()`: `out = w · (x − μ) / sqrt(σ² + eps) + b` (biased σ²).
-pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
+pub fn layer_norm(
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    out: &mut [f32],
+) -> Result<()> {
     check_rows("layer_norm", x.len(), weight.len(), out.len())?;
     check_param("layer_norm bias", bias, weight.len())?;
     layer_norm_rows(x, weight, bias, eps, out);
@@ -461,9 +470,17 @@ mod tests {
         for i in 0..x.len() {
             let v = f64::from(x[i]);
             let ge = 0.5 * v * (1.0 + erf64(v / std::f64::consts::SQRT_2));
-            let gt = 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh());
-            assert!((f64::from(a[i]) - ge).abs() <= 1e-6 * v.abs().max(1.0), "gelu_erf({v})");
-            assert!((f64::from(b[i]) - gt).abs() <= 1e-6 * v.abs().max(1.0), "gelu_tanh({v})");
+            let gt = 0.5
+                * v
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh());
+            assert!(
+                (f64::from(a[i]) - ge).abs() <= 1e-6 * v.abs().max(1.0),
+                "gelu_erf({v})"
+            );
+            assert!(
+                (f64::from(b[i]) - gt).abs() <= 1e-6 * v.abs().max(1.0),
+                "gelu_tanh({v})"
+            );
             assert_eq!(c[i], if x[i] > 0.0 { x[i] * x[i] } else { 0.0 });
             assert_eq!(d[i], c[i] * up[i]);
         }
@@ -480,7 +497,10 @@ mod tests {
         let mut z = vec![0.0; x.len()];
         layer_norm(&x, &w, &b, 1e-6, &mut z).unwrap();
         for r in 0..3 {
-            let row: Vec<f64> = x[r * width..(r + 1) * width].iter().map(|&v| f64::from(v)).collect();
+            let row: Vec<f64> = x[r * width..(r + 1) * width]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
             let ms = row.iter().map(|v| v * v).sum::<f64>() / width as f64;
             let mean = row.iter().sum::<f64>() / width as f64;
             let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / width as f64;

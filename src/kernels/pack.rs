@@ -94,7 +94,9 @@ impl TernaryMatrix {
             )));
         }
         if !gamma.is_finite() {
-            return Err(KernelError::Invalid(format!("ternary scale {gamma} is not finite")));
+            return Err(KernelError::Invalid(format!(
+                "ternary scale {gamma} is not finite"
+            )));
         }
         Self::pack(n, k, gamma, |row, col| codes[row * k + col])
     }
@@ -115,7 +117,11 @@ impl TernaryMatrix {
                             let mut byte = 0u8;
                             for i in 0..4 {
                                 let kk = kb * K_BLOCK + 4 * i + e;
-                                let c = if col < n && kk < k { code(col, kk) + 1 } else { 1 };
+                                let c = if col < n && kk < k {
+                                    code(col, kk) + 1
+                                } else {
+                                    1
+                                };
                                 byte |= (c as u8) << (2 * i);
                             }
                             bytes[base + 4 * j + e] = byte;
@@ -296,7 +302,9 @@ mod tests {
 
     #[test]
     fn bf16_and_f32_agree() {
-        let w: Vec<f32> = (0..96).map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.125).collect();
+        let w: Vec<f32> = (0..96)
+            .map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.125)
+            .collect();
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let a = TernaryMatrix::from_f32(&w, 3, 32).unwrap();
         let b = TernaryMatrix::from_bf16(&wb, 3, 32).unwrap();

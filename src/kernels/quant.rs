@@ -10,15 +10,15 @@
 //! zeros to the weight's `K_p`. Within a block, the 4-byte groups of all rows are interleaved:
 //!
 //! ```text
-//! byte (mb · 8 · K_p) + (g · 32) + (r · 4) + e  =  q[8·mb + r, 4·g + e]
+//! byte (mb · 12 · K_p) + (g · 48) + (r · 4) + e  =  q[12·mb + r, 4·g + e]
 //! ```
 //!
-//! so one 32-byte line holds the next 4 k of all 8 rows of the register block.
+//! so 48 consecutive bytes hold the next 4 k of all 12 rows of the register block.
 
 use super::{AlignedBytes, KernelError, Result, check_matrix};
 
 /// Rows per register block of every GEMM kernel (the M of the microkernel).
-pub const ROWS_PER_BLOCK: usize = 8;
+pub const ROWS_PER_BLOCK: usize = 12;
 
 /// Quantized activations of an `m × k` matrix, ready for [`super::ternary_matmul`].
 #[derive(Debug, Clone, Default)]
@@ -47,18 +47,18 @@ impl QuantizedActivations {
     pub fn blocks(&self) -> usize {
         self.m.div_ceil(ROWS_PER_BLOCK)
     }
-    /// Interleaved int8 codes (see the module docs), `blocks() · 8 · k_padded()` bytes.
+    /// Interleaved int8 codes (see the module docs), `blocks() · 12 · k_padded()` bytes.
     pub fn data(&self) -> &[u8] {
         match &self.data {
             Some(d) => &d.as_slice()[..self.blocks() * ROWS_PER_BLOCK * self.k_padded],
             None => &[],
         }
     }
-    /// Σ_k q[m, k] per row, padded with zeros to `blocks() · 8`.
+    /// Σ_k q[m, k] per row, padded with zeros to `blocks() · 12`.
     pub fn row_sums(&self) -> &[i32] {
         &self.row_sums
     }
-    /// 1 / s[m] per row, padded with zeros to `blocks() · 8`.
+    /// 1 / s[m] per row, padded with zeros to `blocks() · 12`.
     pub fn row_dequant(&self) -> &[f32] {
         &self.row_dequant
     }
@@ -103,7 +103,6 @@ pub fn quantize_activations(
     out.row_dequant.clear();
     out.row_dequant.resize(padded_rows, 0.0);
 
-    let mut row_codes = vec![0i8; k_padded];
     let bytes = data.as_mut_slice();
     for row in 0..m {
         let xs = &x[row * k..(row + 1) * k];
@@ -118,18 +117,15 @@ pub fn quantize_activations(
             });
         }
         let scale = 127.0 / f32::from_bits(absmax_bits).max(1e-5);
-        out.row_sums[row] = quantize_row(xs, scale, &mut row_codes[..k]);
-        out.row_dequant[row] = 1.0 / scale;
-        // Interleave the row's 4-byte groups into its block (padding groups stay zero).
+        // The row's 4-byte groups go to its lane of its block; padding stays zero.
         let block_base = (row / ROWS_PER_BLOCK) * ROWS_PER_BLOCK * k_padded;
-        let lane = (row % ROWS_PER_BLOCK) * 4;
-        for (g, group) in row_codes[..k.div_ceil(4) * 4].chunks_exact(4).enumerate() {
-            let dst = block_base + g * 4 * ROWS_PER_BLOCK + lane;
-            for (d, &c) in bytes[dst..dst + 4].iter_mut().zip(group) {
-                *d = c as u8;
-            }
-        }
-        row_codes[..k.div_ceil(4) * 4].fill(0);
+        let lane = block_base + (row % ROWS_PER_BLOCK) * 4;
+        out.row_sums[row] = quantize_row(
+            xs,
+            scale,
+            &mut bytes[lane..block_base + ROWS_PER_BLOCK * k_padded],
+        );
+        out.row_dequant[row] = 1.0 / scale;
     }
     Ok(())
 }
@@ -138,33 +134,109 @@ pub fn quantize_activations(
 /// numeric order, and every NaN or ∞ compares above every finite value (>= 0x7f80_0000).
 fn absmax_bits(xs: &[f32]) -> u32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports the features `wide::absmax_bits` is compiled for.
-        return unsafe { wide::absmax_bits(xs) };
+    if avx512::supported() {
+        // SAFETY: the CPU supports AVX-512 F/BW.
+        return unsafe { avx512::absmax_bits(xs) };
     }
     absmax_bits_generic(xs)
 }
 
-fn quantize_row(xs: &[f32], scale: f32, codes: &mut [i8]) -> i32 {
+/// Quantizes one row; code k goes to `dst[(k / 4) · GROUP_STRIDE + k % 4]`. Returns Σ q.
+fn quantize_row(xs: &[f32], scale: f32, dst: &mut [u8]) -> i32 {
+    let groups = xs.len().div_ceil(16) * 4;
+    assert!(
+        dst.len() >= (groups - 1) * GROUP_STRIDE + 4,
+        "quantize_row: destination too short"
+    );
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: as above.
-        return unsafe { wide::quantize_row(xs, scale, codes) };
+    if avx512::supported() {
+        // SAFETY: the CPU supports AVX-512 F/BW; dst holds every group (checked above).
+        return unsafe { avx512::quantize_row(xs, scale, dst) };
     }
-    quantize_row_generic(xs, scale, codes)
+    quantize_row_generic(xs, scale, dst)
 }
 
-/// The same functions compiled for AVX-512: identical operations in identical order, only wider
-/// registers, so the results equal the generic build bit for bit.
+/// AVX-512 versions of the two row functions: the same arithmetic as the generic versions (no
+/// FMA; the same magic-number rounding), so the results are identical bit for bit.
 #[cfg(target_arch = "x86_64")]
-mod wide {
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub(super) fn absmax_bits(xs: &[f32]) -> u32 {
-        super::absmax_bits_generic(xs)
+mod avx512 {
+    use super::GROUP_STRIDE;
+    use std::arch::x86_64::*;
+
+    pub(super) fn supported() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
     }
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub(super) fn quantize_row(xs: &[f32], scale: f32, codes: &mut [i8]) -> i32 {
-        super::quantize_row_generic(xs, scale, codes)
+
+    /// Mask of the first `n` (< 16) lanes.
+    fn tail_mask(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn absmax_bits(xs: &[f32]) -> u32 {
+        let abs = _mm512_set1_epi32(0x7fff_ffff);
+        let mut max = _mm512_setzero_si512();
+        let chunks = xs.chunks_exact(16);
+        let tail = chunks.remainder();
+        for chunk in chunks {
+            // SAFETY: 16 readable f32.
+            let v = unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) };
+            max = _mm512_max_epu32(max, _mm512_and_si512(v, abs));
+        }
+        if !tail.is_empty() {
+            // SAFETY: only the first tail.len() lanes are read.
+            let v =
+                unsafe { _mm512_maskz_loadu_epi32(tail_mask(tail.len()), tail.as_ptr().cast()) };
+            max = _mm512_max_epu32(max, _mm512_and_si512(v, abs));
+        }
+        _mm512_reduce_max_epu32(max)
+    }
+
+    /// # Safety
+    /// AVX-512 F/BW, and `dst` holds `ceil(len/16)·4` groups at stride `GROUP_STRIDE`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize_row(xs: &[f32], scale: f32, dst: &mut [u8]) -> i32 {
+        let s = _mm512_set1_ps(scale);
+        let magic = _mm512_set1_ps(12_582_912.0);
+        let offset = _mm512_set1_epi32(0x4B40_0000);
+        let (lo, hi) = (_mm512_set1_epi32(-128), _mm512_set1_epi32(127));
+        let mut sum = _mm512_setzero_si512();
+        let out = dst.as_mut_ptr();
+        for (chunk_index, chunk) in xs.chunks(16).enumerate() {
+            // SAFETY: a full or masked load of the chunk's elements (masked lanes read as 0.0,
+            // which quantize to 0).
+            let x =
+                unsafe { _mm512_maskz_loadu_ps(tail_mask_or_full(chunk.len()), chunk.as_ptr()) };
+            let v = _mm512_add_ps(_mm512_mul_ps(x, s), magic);
+            let q = _mm512_max_epi32(
+                _mm512_min_epi32(_mm512_sub_epi32(_mm512_castps_si512(v), offset), hi),
+                lo,
+            );
+            sum = _mm512_add_epi32(sum, q);
+            let bytes = _mm512_cvtepi32_epi8(q);
+            let at = chunk_index * 4 * GROUP_STRIDE;
+            // SAFETY: groups 4·chunk_index .. +4 lie inside dst (the caller's contract).
+            unsafe {
+                _mm_storeu_si32(out.add(at).cast(), bytes);
+                _mm_storeu_si32(
+                    out.add(at + GROUP_STRIDE).cast(),
+                    _mm_srli_si128::<4>(bytes),
+                );
+                _mm_storeu_si32(
+                    out.add(at + 2 * GROUP_STRIDE).cast(),
+                    _mm_srli_si128::<8>(bytes),
+                );
+                _mm_storeu_si32(
+                    out.add(at + 3 * GROUP_STRIDE).cast(),
+                    _mm_srli_si128::<12>(bytes),
+                );
+            }
+        }
+        _mm512_reduce_add_epi32(sum)
+    }
+
+    fn tail_mask_or_full(n: usize) -> __mmask16 {
+        if n >= 16 { 0xffff } else { tail_mask(n) }
     }
 }
 
@@ -185,29 +257,44 @@ fn absmax_bits_generic(xs: &[f32]) -> u32 {
     max
 }
 
-/// q = clamp(round_half_even(x · s), -128, 127); returns Σ q.
+/// Bytes between consecutive 4-k groups of one row in the blocked layout.
+const GROUP_STRIDE: usize = 4 * ROWS_PER_BLOCK;
+
+/// q = clamp(round_half_even(x · s), -128, 127), 16 values at a time, each group of 4 stored at
+/// its place in the blocked layout; returns Σ q.
 ///
-/// Rounding uses the exact "magic number" identity: for |v| < 2^22, `(v + 1.5·2^23) − 1.5·2^23` is
-/// v rounded to the nearest integer, ties to even, in IEEE f32 arithmetic with the default rounding
-/// mode. Here |v| <= 127 (|x| <= max |x|), so it equals `round_ties_even` and vectorizes everywhere.
+/// Rounding uses the exact "magic number" identity: for |v| < 2^22, `v + 1.5·2^23` rounds v to the
+/// nearest integer n, ties to even (IEEE f32, default rounding), and its bit pattern is
+/// `0x4B40_0000 + n`. Here |v| <= 127 (|x| <= max |x|), so this equals `round_ties_even`, needs
+/// no float-to-int conversion, and vectorizes everywhere.
 #[inline(always)]
-fn quantize_row_generic(xs: &[f32], scale: f32, codes: &mut [i8]) -> i32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+fn quantize_row_generic(xs: &[f32], scale: f32, dst: &mut [u8]) -> i32 {
+    #[inline(always)]
+    fn code(v: f32, scale: f32) -> i32 {
+        const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+        ((v * scale + MAGIC).to_bits() as i32 - 0x4B40_0000).clamp(-128, 127)
+    }
     let mut sums = [0i32; 16];
-    let mut chunks = xs.chunks_exact(16).zip(codes.chunks_exact_mut(16));
-    for (x, q) in &mut chunks {
-        for ((q, &x), s) in q.iter_mut().zip(x).zip(sums.iter_mut()) {
-            let v = ((x * scale + MAGIC) - MAGIC).clamp(-128.0, 127.0) as i32;
-            *q = v as i8;
-            *s += v;
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks.remainder();
+    let mut at = 0;
+    for chunk in chunks {
+        let mut codes = [0u8; 16];
+        for ((q, &v), s) in codes.iter_mut().zip(chunk).zip(sums.iter_mut()) {
+            let r = code(v, scale);
+            *q = r as u8;
+            *s += r;
+        }
+        for group in codes.chunks_exact(4) {
+            dst[at..at + 4].copy_from_slice(group);
+            at += GROUP_STRIDE;
         }
     }
-    let done = xs.len() / 16 * 16;
     let mut sum: i32 = sums.iter().sum();
-    for (q, &x) in codes[done..].iter_mut().zip(&xs[done..]) {
-        let v = ((x * scale + MAGIC) - MAGIC).clamp(-128.0, 127.0) as i32;
-        *q = v as i8;
-        sum += v;
+    for (i, &v) in tail.iter().enumerate() {
+        let r = code(v, scale);
+        dst[at + (i / 4) * GROUP_STRIDE + i % 4] = r as u8;
+        sum += r;
     }
     sum
 }
@@ -249,7 +336,7 @@ mod tests {
         let x = vec![0.0f32; 2 * 20];
         let q = quantize(&x, 2, 20);
         assert!(q.data().iter().all(|&b| b == 0));
-        assert_eq!(q.row_sums(), &[0; 8]);
+        assert!(q.row_sums().iter().all(|&s| s == 0));
         for &d in &q.row_dequant()[..2] {
             assert!(d.is_finite() && d > 0.0);
             assert_eq!(d, 1.0 / (127.0f32 / 1e-5));
@@ -273,12 +360,20 @@ mod tests {
     #[test]
     fn blocked_layout_round_trips_with_tails() {
         let (m, k) = (19, 37);
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 255) as f32 - 127.0).collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 255) as f32 - 127.0)
+            .collect();
         let q = quantize(&x, m, k);
         assert_eq!(q.k_padded(), 48);
-        assert_eq!(q.data().len(), 3 * 8 * 48);
+        assert_eq!(
+            q.data().len(),
+            m.div_ceil(ROWS_PER_BLOCK) * ROWS_PER_BLOCK * 48
+        );
         for r in 0..m {
-            let s = 127.0 / x[r * k..(r + 1) * k].iter().fold(0f32, |a, v| a.max(v.abs()));
+            let s = 127.0
+                / x[r * k..(r + 1) * k]
+                    .iter()
+                    .fold(0f32, |a, v| a.max(v.abs()));
             let mut sum = 0;
             for c in 0..k {
                 let expect = (x[r * k + c] * s).round_ties_even().clamp(-128.0, 127.0) as i8;
@@ -287,7 +382,10 @@ mod tests {
             }
             assert_eq!(q.row_sums()[r], sum);
         }
-        assert_eq!(q.row_sums()[m..], [0; 5]);
+        assert_eq!(
+            q.row_sums()[m..],
+            vec![0; q.blocks() * ROWS_PER_BLOCK - m][..]
+        );
         // padding rows and columns are zero
         let count_nonzero = q.data().iter().filter(|&&b| b != 0).count();
         let expected_nonzero = (0..m * k)
@@ -299,28 +397,42 @@ mod tests {
     #[test]
     fn generic_and_wide_paths_agree_bit_for_bit() {
         let mut state = 7u64;
-        let x: Vec<f32> = (0..1000)
+        let x: Vec<f32> = (0..1003)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
             })
             .collect();
-        let s = 127.0 / f32::from_bits(absmax_bits_generic(&x));
-        let mut a = vec![0i8; x.len()];
-        let mut b = vec![0i8; x.len()];
-        assert_eq!(absmax_bits(&x), absmax_bits_generic(&x));
-        assert_eq!(quantize_row(&x, s, &mut a), quantize_row_generic(&x, s, &mut b));
-        assert_eq!(a, b);
-        for (q, v) in a.iter().zip(&x) {
-            assert_eq!(*q, (v * s).round_ties_even().clamp(-128.0, 127.0) as i8);
+        for len in [1000, 1003, 16, 7] {
+            let x = &x[..len];
+            let s = 127.0 / f32::from_bits(absmax_bits_generic(x));
+            let size = len.div_ceil(16) * 4 * GROUP_STRIDE;
+            let mut a = vec![0u8; size];
+            let mut b = vec![0u8; size];
+            assert_eq!(absmax_bits(x), absmax_bits_generic(x));
+            assert_eq!(
+                quantize_row(x, s, &mut a),
+                quantize_row_generic(x, s, &mut b)
+            );
+            assert_eq!(a, b);
+            for (k, v) in x.iter().enumerate() {
+                let q = a[(k / 4) * GROUP_STRIDE + k % 4] as i8;
+                assert_eq!(q, (v * s).round_ties_even().clamp(-128.0, 127.0) as i8);
+            }
         }
     }
 
     #[test]
     fn non_finite_and_bad_shapes_are_errors() {
         let mut q = QuantizedActivations::new();
-        let err = quantize_activations(&[1.0, 2.0, f32::INFINITY, 0.0], 2, 2, 16, &mut q).unwrap_err();
-        assert!(matches!(err, KernelError::NonFinite { row: 1, col: 0, .. }), "{err}");
+        let err =
+            quantize_activations(&[1.0, 2.0, f32::INFINITY, 0.0], 2, 2, 16, &mut q).unwrap_err();
+        assert!(
+            matches!(err, KernelError::NonFinite { row: 1, col: 0, .. }),
+            "{err}"
+        );
         let err = quantize_activations(&[f32::NAN], 1, 1, 16, &mut q).unwrap_err();
         assert!(matches!(err, KernelError::NonFinite { row: 0, col: 0, .. }));
         assert!(quantize_activations(&[1.0; 3], 1, 4, 16, &mut q).is_err());

@@ -1,11 +1,12 @@
 //! The unit of work every GEMM implementation computes: one register tile of
-//! [`ROWS_PER_BLOCK`] (8) activation rows × [`PANEL_COLS`] (32) output columns over the full K,
-//! followed by the shared epilogue. The driver in `dispatch` splits a GEMM into tiles.
+//! [`ROWS_PER_BLOCK`] (12) activation rows × [`PANEL_COLS`] (32) output columns over one chunk of
+//! K, plus the shared epilogue after the last chunk. The driver in `dispatch` splits a GEMM into
+//! tiles and K chunks so that a chunk of the weight panel stays in L1 for every row block.
 
 use super::pack::PANEL_COLS;
 use super::quant::ROWS_PER_BLOCK;
 
-/// Where a tile's results go.
+/// Where a tile's final results go.
 #[derive(Clone, Copy)]
 pub(crate) enum TileOutput {
     /// f32 outputs: `((Σ c·q − Σq) as f32) · (γ[n] · d[m]) (+ b[n])`.
@@ -14,15 +15,23 @@ pub(crate) enum TileOutput {
     I32(*mut i32),
 }
 
-/// One 8 × 32 tile. Pointers are valid for the stated extents for the duration of the call; the
-/// output rows `0..rows` and columns `0..cols` (at stride `ldo`) are written by this tile only.
+/// Raw accumulators of one tile between K chunks: row-major 12 × 32.
+pub(crate) type Accumulators = [[i32; PANEL_COLS]; ROWS_PER_BLOCK];
+
+/// One 12 × 32 tile over one K chunk. Pointers are valid for the stated extents for the duration
+/// of the call; the output rows `0..rows` and columns `0..cols` (at stride `ldo`) and `carry` are
+/// written by this tile only.
 pub(crate) struct Tile {
-    /// `ROWS_PER_BLOCK · k_blocks · 16` interleaved activation bytes (quant.rs layout).
+    /// `k_blocks · 16 · ROWS_PER_BLOCK` interleaved activation bytes (quant.rs layout) of the chunk.
     pub act: *const u8,
-    /// `k_blocks · 128` packed weight bytes of one panel (pack.rs layout), 64-byte aligned.
+    /// `k_blocks · 512` unpacked weight codes of the chunk ([`unpack_panel`] layout).
     pub weights: *const u8,
     pub k_blocks: usize,
-    /// 8 values each.
+    /// Accumulators carried between chunks: read unless `first`, written unless `last`.
+    pub carry: *mut Accumulators,
+    pub first: bool,
+    pub last: bool,
+    /// 12 values each.
     pub row_sums: *const i32,
     pub row_dequant: *const f32,
     /// 32 values each; `bias` may be null.
@@ -45,9 +54,9 @@ pub(crate) type TileFn = unsafe fn(&Tile);
 /// # Safety
 /// `tile`'s pointers must satisfy the invariants of [`Tile`].
 #[inline(always)]
-pub(crate) unsafe fn epilogue_scalar(acc: &[[i32; PANEL_COLS]; ROWS_PER_BLOCK], tile: &Tile) {
+pub(crate) unsafe fn epilogue_scalar(acc: &Accumulators, tile: &Tile) {
     for (r, acc_row) in acc.iter().enumerate().take(tile.rows) {
-        // SAFETY (all reads/writes below): r < rows <= 8, c < cols <= 32, per the Tile invariants.
+        // SAFETY (all reads/writes below): r < rows <= 12, c < cols <= 32, per the Tile invariants.
         let sum = unsafe { *tile.row_sums.add(r) };
         let dequant = unsafe { *tile.row_dequant.add(r) };
         for (c, &raw) in acc_row.iter().enumerate().take(tile.cols) {
@@ -67,30 +76,94 @@ pub(crate) unsafe fn epilogue_scalar(acc: &[[i32; PANEL_COLS]; ROWS_PER_BLOCK], 
     }
 }
 
-/// Portable scalar implementation over the packed layouts (the fallback on CPUs without a SIMD
-/// kernel). Correct for any layout-conforming input; slow.
+/// Ends a chunk for kernels that keep their accumulators in an [`Accumulators`] array: carry them
+/// to the next chunk, or run the epilogue after the last.
+///
+/// # Safety
+/// The invariants of [`Tile`].
+#[inline(always)]
+pub(crate) unsafe fn finish_chunk(acc: &Accumulators, tile: &Tile) {
+    if tile.last {
+        // SAFETY: forwarded.
+        unsafe { epilogue_scalar(acc, tile) }
+    } else {
+        // SAFETY: `carry` is valid for writes and owned by this tile.
+        unsafe { *tile.carry = *acc }
+    }
+}
+
+/// The accumulators a chunk starts from: zero for the first chunk, else the carried ones.
+///
+/// # Safety
+/// The invariants of [`Tile`].
+#[inline(always)]
+pub(crate) unsafe fn start_chunk(tile: &Tile) -> Accumulators {
+    if tile.first {
+        [[0; PANEL_COLS]; ROWS_PER_BLOCK]
+    } else {
+        // SAFETY: `carry` holds the previous chunk's accumulators.
+        unsafe { *tile.carry }
+    }
+}
+
+/// Bytes of one unpacked 16-k block of a panel: 4 groups × 2 halves × 64 bytes.
+pub(crate) const UNPACKED_BLOCK_BYTES: usize = 512;
+
+/// Expands packed blocks of one panel (2-bit codes, pack.rs layout) into the operand layout of the
+/// tile kernels, one byte per code:
+///
+/// ```text
+/// dst[(kb·4 + i)·128 + h·64 + 4j + e] = c[32p + 16h + j, 16kb + 4i + e] ∈ {0, 1, 2}
+/// ```
+///
+/// i.e. for each 4-k group, the two 64-byte registers `vpdpbusd` multiplies. A chunk is unpacked
+/// once and reused for every block of rows while it sits in L1, so the kernels' inner loops only
+/// load, broadcast and multiply.
+pub(crate) fn unpack_panel(src: &[u8], dst: &mut [u8]) {
+    debug_assert_eq!(dst.len(), src.len() * 4);
+    unpack_panel_mv(src, dst)
+}
+
+super::ops::multiversion!(fn unpack_panel_mv(src: &[u8], dst: &mut [u8]) => unpack_panel_generic);
+
+#[inline(always)]
+fn unpack_panel_generic(src: &[u8], dst: &mut [u8]) {
+    for (block, out) in src
+        .chunks_exact(128)
+        .zip(dst.chunks_exact_mut(UNPACKED_BLOCK_BYTES))
+    {
+        for (i, group) in out.chunks_exact_mut(128).enumerate() {
+            let shift = 2 * i as u32;
+            for (d, &b) in group.iter_mut().zip(block) {
+                *d = (b >> shift) & 3;
+            }
+        }
+    }
+}
+
+/// Portable scalar implementation over the unpacked layouts (the fallback on CPUs without a SIMD
+/// kernel).
 ///
 /// # Safety
 /// The invariants of [`Tile`].
 pub(crate) unsafe fn tile_scalar(tile: &Tile) {
-    let mut acc = [[0i32; PANEL_COLS]; ROWS_PER_BLOCK];
     // SAFETY: extents as documented on `Tile`.
+    let mut acc = unsafe { start_chunk(tile) };
     let act = unsafe { std::slice::from_raw_parts(tile.act, tile.k_blocks * 16 * ROWS_PER_BLOCK) };
-    let weights = unsafe { std::slice::from_raw_parts(tile.weights, tile.k_blocks * 128) };
-    for (a_block, w_block) in act.chunks_exact(128).zip(weights.chunks_exact(128)) {
-        for i in 0..4 {
-            for (r, acc_row) in acc.iter_mut().enumerate() {
-                let q = &a_block[i * 32 + r * 4..i * 32 + r * 4 + 4];
-                for (col, a) in acc_row.iter_mut().enumerate() {
-                    let lane = &w_block[(col / 16) * 64 + (col % 16) * 4..][..4];
-                    for e in 0..4 {
-                        let code = (lane[e] >> (2 * i)) & 3;
-                        *a += i32::from(code) * i32::from(q[e] as i8);
-                    }
+    let weights =
+        unsafe { std::slice::from_raw_parts(tile.weights, tile.k_blocks * UNPACKED_BLOCK_BYTES) };
+    // One 4-k group: 4 activation bytes per row and 128 weight bytes (32 columns × 4).
+    let group_bytes = 4 * ROWS_PER_BLOCK;
+    for (a_group, w_group) in act.chunks_exact(group_bytes).zip(weights.chunks_exact(128)) {
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            let q = &a_group[r * 4..r * 4 + 4];
+            for (a, codes) in acc_row.iter_mut().zip(w_group.chunks_exact(4)) {
+                for (&c, &qe) in codes.iter().zip(q) {
+                    *a += i32::from(c) * i32::from(qe as i8);
                 }
             }
         }
     }
     // SAFETY: forwarded invariants.
-    unsafe { epilogue_scalar(&acc, tile) };
+    unsafe { finish_chunk(&acc, tile) };
 }

@@ -5,7 +5,7 @@
 
 use super::pack::PANEL_COLS;
 use super::quant::ROWS_PER_BLOCK;
-use super::tile::{Tile, TileOutput, epilogue_scalar};
+use super::tile::{Accumulators, Tile, TileOutput, epilogue_scalar, finish_chunk, start_chunk};
 use std::arch::x86_64::*;
 
 pub(crate) fn avx512vnni_supported() -> bool {
@@ -18,62 +18,62 @@ pub(crate) fn avx2_supported() -> bool {
     is_x86_feature_detected!("avx2")
 }
 
-/// 8 rows × 32 columns: 16 zmm accumulators (row r, half h), 2 packed weight registers per 16 k
-/// unpacked in registers by shift + mask, one `vpbroadcastd` of 4 activation bytes per row and
-/// 4-k group.
+/// 12 rows × 32 columns: 24 zmm accumulators (row r, half h). Per 4-k group: two 64-byte weight
+/// loads from the unpacked chunk and one `vpbroadcastd` of 4 activation bytes per row, each used by
+/// two `vpdpbusd` — no shuffles or unpacking in the loop.
 ///
 /// # Safety
 /// The [`Tile`] invariants, and the CPU supports AVX-512 F/BW/VNNI (`avx512vnni_supported`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
-    let mask = _mm512_set1_epi8(3);
     let mut acc = [_mm512_setzero_si512(); 2 * ROWS_PER_BLOCK];
+    if !tile.first {
+        let carry = tile.carry as *const i32;
+        for (i, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `carry` holds 12 × 32 i32 = 24 zmm.
+            *a = unsafe { _mm512_loadu_si512(carry.add(16 * i).cast()) };
+        }
+    }
     let mut w = tile.weights;
     let mut a = tile.act as *const i32;
-
-    macro_rules! group {
-        ($shift:literal, $w0:ident, $w1:ident, $i:literal) => {{
-            let c0 = _mm512_and_si512(_mm512_srli_epi16::<$shift>($w0), mask);
-            let c1 = _mm512_and_si512(_mm512_srli_epi16::<$shift>($w1), mask);
+    for _ in 0..tile.k_blocks * 4 {
+        // SAFETY: w points at the 128 weight bytes of this 4-k group, a at its 4-byte activation
+        // words (one per row), both inside the tile's extents.
+        unsafe {
+            let c0 = _mm512_loadu_si512(w.cast());
+            let c1 = _mm512_loadu_si512(w.add(64).cast());
             for r in 0..ROWS_PER_BLOCK {
-                // SAFETY: a points at a 128-byte k-block of the activation block: 4 groups × 8 rows.
-                let q = _mm512_set1_epi32(unsafe { a.add($i * ROWS_PER_BLOCK + r).read_unaligned() });
+                let q = _mm512_set1_epi32(a.add(r).read_unaligned());
                 acc[2 * r] = _mm512_dpbusd_epi32(acc[2 * r], c0, q);
                 acc[2 * r + 1] = _mm512_dpbusd_epi32(acc[2 * r + 1], c1, q);
             }
-        }};
-    }
-
-    for _ in 0..tile.k_blocks {
-        // SAFETY: w points at a 128-byte k-block of the weight panel; a at the matching 128 bytes.
-        let (w0, w1) = unsafe {
-            (
-                _mm512_loadu_si512(w.cast()),
-                _mm512_loadu_si512(w.add(64).cast()),
-            )
-        };
-        group!(0, w0, w1, 0);
-        group!(2, w0, w1, 1);
-        group!(4, w0, w1, 2);
-        group!(6, w0, w1, 3);
-        // SAFETY: advancing within (or one past) the tile's blocks.
-        unsafe {
             w = w.add(128);
-            a = a.add(4 * ROWS_PER_BLOCK);
+            a = a.add(ROWS_PER_BLOCK);
         }
     }
 
     let full = tile.rows == ROWS_PER_BLOCK && tile.cols == PANEL_COLS;
     match tile.out {
+        _ if !tile.last => {
+            let carry = tile.carry as *mut i32;
+            for (i, a) in acc.iter().enumerate() {
+                // SAFETY: `carry` holds 24 zmm and belongs to this tile.
+                unsafe { _mm512_storeu_si512(carry.add(16 * i).cast(), *a) };
+            }
+        }
         TileOutput::F32(out) if full => {
-            // SAFETY: Tile invariants (8 row values, 32 column values, full 8 × 32 output rect).
+            // SAFETY: Tile invariants (12 row values, 32 column values, full 12 × 32 output rect).
             unsafe {
                 let scales = [
                     _mm512_loadu_ps(tile.col_scales),
                     _mm512_loadu_ps(tile.col_scales.add(16)),
                 ];
-                let bias = (!tile.bias.is_null())
-                    .then(|| [_mm512_loadu_ps(tile.bias), _mm512_loadu_ps(tile.bias.add(16))]);
+                let bias = (!tile.bias.is_null()).then(|| {
+                    [
+                        _mm512_loadu_ps(tile.bias),
+                        _mm512_loadu_ps(tile.bias.add(16)),
+                    ]
+                });
                 for r in 0..ROWS_PER_BLOCK {
                     let sum = _mm512_set1_epi32(*tile.row_sums.add(r));
                     let dequant = _mm512_set1_ps(*tile.row_dequant.add(r));
@@ -89,7 +89,7 @@ pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
             }
         }
         _ => {
-            let mut raw = [[0i32; PANEL_COLS]; ROWS_PER_BLOCK];
+            let mut raw: Accumulators = [[0; PANEL_COLS]; ROWS_PER_BLOCK];
             for (r, row) in raw.iter_mut().enumerate() {
                 // SAFETY: each row array holds 32 i32 = two zmm stores.
                 unsafe {
@@ -103,7 +103,7 @@ pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
     }
 }
 
-/// AVX2: four sub-tiles of 4 rows × 16 columns (8 ymm accumulators each, 16 registers in all).
+/// AVX2: sub-tiles of 4 rows × 16 columns (8 ymm accumulators each, 16 registers in all).
 /// `vpmaddubsw` forms int16 sums of two products (|c·q| ≤ 2·128, so a pair is at most 512: no
 /// saturation) and `vpmaddwd` with ones widens them to int32, added to the accumulators every
 /// step — never accumulated in int16.
@@ -112,46 +112,38 @@ pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
 /// The [`Tile`] invariants, and the CPU supports AVX2.
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn tile_avx2(tile: &Tile) {
-    let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);
-    let mut raw = [[0i32; PANEL_COLS]; ROWS_PER_BLOCK];
+    // SAFETY: Tile invariants.
+    let mut raw = unsafe { start_chunk(tile) };
     for half in 0..2 {
-        for quad in 0..2 {
+        for quad in 0..ROWS_PER_BLOCK / 4 {
             let mut acc = [_mm256_setzero_si256(); 8];
+            for r in 0..4 {
+                let row = &raw[4 * quad + r][16 * half..16 * half + 16];
+                // SAFETY: `row` holds 16 i32 = two ymm loads.
+                unsafe {
+                    acc[2 * r] = _mm256_loadu_si256(row.as_ptr().cast());
+                    acc[2 * r + 1] = _mm256_loadu_si256(row.as_ptr().add(8).cast());
+                }
+            }
             let mut w = tile.weights.wrapping_add(64 * half);
             let mut a = (tile.act as *const i32).wrapping_add(4 * quad);
-
-            macro_rules! group {
-                ($shift:literal, $lo:ident, $hi:ident, $i:literal) => {{
-                    let c_lo = _mm256_and_si256(_mm256_srli_epi16::<$shift>($lo), mask);
-                    let c_hi = _mm256_and_si256(_mm256_srli_epi16::<$shift>($hi), mask);
+            for _ in 0..tile.k_blocks * 4 {
+                // SAFETY: the 64 weight bytes of this half in this 4-k group, and the 4-byte
+                // activation words of rows 4·quad..4·quad+4, inside the tile's extents.
+                unsafe {
+                    let c_lo = _mm256_loadu_si256(w.cast());
+                    let c_hi = _mm256_loadu_si256(w.add(32).cast());
                     for r in 0..4 {
-                        // SAFETY: within the 128-byte activation k-block (group $i, row 4·quad + r).
-                        let q = _mm256_set1_epi32(unsafe {
-                            a.add($i * ROWS_PER_BLOCK + r).read_unaligned()
-                        });
+                        let q = _mm256_set1_epi32(a.add(r).read_unaligned());
                         let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(c_lo, q), ones);
                         let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(c_hi, q), ones);
                         acc[2 * r] = _mm256_add_epi32(acc[2 * r], p_lo);
                         acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], p_hi);
                     }
-                }};
-            }
-
-            for _ in 0..tile.k_blocks {
-                // SAFETY: the 64-byte vector of this half inside the 128-byte weight k-block.
-                let (lo, hi) = unsafe {
-                    (
-                        _mm256_loadu_si256(w.cast()),
-                        _mm256_loadu_si256(w.add(32).cast()),
-                    )
-                };
-                group!(0, lo, hi, 0);
-                group!(2, lo, hi, 1);
-                group!(4, lo, hi, 2);
-                group!(6, lo, hi, 3);
+                }
                 w = w.wrapping_add(128);
-                a = a.wrapping_add(4 * ROWS_PER_BLOCK);
+                a = a.wrapping_add(ROWS_PER_BLOCK);
             }
             for r in 0..4 {
                 let row = &mut raw[4 * quad + r][16 * half..16 * half + 16];
@@ -164,5 +156,5 @@ pub(crate) unsafe fn tile_avx2(tile: &Tile) {
         }
     }
     // SAFETY: forwarded Tile invariants.
-    unsafe { epilogue_scalar(&raw, tile) };
+    unsafe { finish_chunk(&raw, tile) };
 }

@@ -1,0 +1,339 @@
+//! `bitvla bench kernels`: the ternary GEMM on the real BitVLA shapes against the `gemm` crate's
+//! f32 GEMM on identical shapes, with the machine's int8 peak calibrated in the same run
+//! (`shared/spec/kernels.md` §5). Baseline and candidate alternate (ABAB…), medians are reported,
+//! and a run is marked noisy when the machine was busy.
+
+use super::machine::{OtherCpu, cpu_features, cpu_model, loadavg_1m};
+use super::peak::{PeakLoop, calibrate};
+use crate::kernels::f32_linear::linear_gemm_parallel;
+use crate::kernels::{
+    KernelKind, QuantizedActivations, TernaryMatrix, quantize_activations, ternary_matmul_with,
+};
+use serde::Serialize;
+use std::time::Instant;
+
+/// One GEMM shape of the model: M tokens, K inputs, N outputs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Shape {
+    pub layer: &'static str,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    /// Whether the layer has a bias (the vision tower's BitLinears do).
+    pub bias: bool,
+}
+
+impl Shape {
+    pub fn label(&self) -> String {
+        format!("{}x{}x{}", self.m, self.k, self.n)
+    }
+    pub fn ops(&self) -> f64 {
+        2.0 * self.m as f64 * self.k as f64 * self.n as f64
+    }
+}
+
+/// The distinct ternary GEMM shapes of one BitVLA forward (LLM at L = 625, ViT at 2 × 256 tokens).
+pub fn bitvla_shapes(llm_tokens: usize, vit_tokens: usize) -> Vec<Shape> {
+    let s = |layer, m, k, n, bias| Shape {
+        layer,
+        m,
+        k,
+        n,
+        bias,
+    };
+    vec![
+        s("llm q_proj/o_proj", llm_tokens, 2560, 2560, false),
+        s("llm k_proj/v_proj", llm_tokens, 2560, 640, false),
+        s("llm gate_proj/up_proj", llm_tokens, 2560, 6912, false),
+        s("llm down_proj", llm_tokens, 6912, 2560, false),
+        s("vit q/k/v/out_proj", vit_tokens, 1152, 1152, true),
+        s("vit fc1", vit_tokens, 1152, 4304, true),
+        s("vit fc2", vit_tokens, 4304, 1152, true),
+    ]
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub shapes: Vec<Shape>,
+    pub threads: Vec<usize>,
+    pub reps: usize,
+    pub kernel: KernelKind,
+    /// Seconds per calibration repetition.
+    pub calib_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Header {
+    pub kind: &'static str,
+    pub cpu: String,
+    pub features: Vec<&'static str>,
+    pub kernel: &'static str,
+    pub commit: &'static str,
+    pub threads_available: usize,
+    pub loadavg_1m: Option<f64>,
+}
+
+/// One line of results: one shape at one thread count.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub kind: &'static str,
+    pub shape: String,
+    pub layer: &'static str,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub threads: usize,
+    pub kernel: &'static str,
+    pub gops: f64,
+    pub peak_gops: Option<f64>,
+    pub efficiency: Option<f64>,
+    pub f32_gflops: f64,
+    pub speedup_vs_f32: f64,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub f32_median_ms: f64,
+    pub f32_min_ms: f64,
+    pub reps: usize,
+    pub noisy: bool,
+    pub noise_reasons: Vec<String>,
+    pub loadavg_1m: Option<f64>,
+    pub calib_spread: Option<f64>,
+    pub other_cpu: Option<f64>,
+}
+
+/// Per-thread-count summary, and thread scaling per shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub kind: &'static str,
+    pub threads: usize,
+    pub median_efficiency: Option<f64>,
+    pub min_efficiency: Option<f64>,
+    pub median_speedup_vs_f32: f64,
+    pub min_speedup_vs_f32: f64,
+    /// t(threads) / t(1 thread) per shape (only for threads > 1).
+    pub time_ratio_vs_1_thread: Vec<(String, f64)>,
+    pub any_noisy: bool,
+}
+
+pub fn header(kernel: KernelKind) -> Header {
+    Header {
+        kind: "header",
+        cpu: cpu_model(),
+        features: cpu_features(),
+        kernel: kernel.name(),
+        commit: env!("BITVLA_GIT_COMMIT"),
+        threads_available: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        loadavg_1m: loadavg_1m(),
+    }
+}
+
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        0.5 * (values[n / 2 - 1] + values[n / 2])
+    }
+}
+
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+        })
+        .collect()
+}
+
+/// Inputs of one shape: f32 activations and weights (for both sides), the packed ternary weight.
+struct Case {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    packed: TernaryMatrix,
+    bias: Option<Vec<f32>>,
+    q: QuantizedActivations,
+    y: Vec<f32>,
+}
+
+impl Case {
+    fn new(shape: &Shape) -> anyhow::Result<Self> {
+        let x = random(shape.m * shape.k, 1);
+        let w = random(shape.n * shape.k, 2);
+        let packed = TernaryMatrix::from_f32(&w, shape.n, shape.k)?;
+        Ok(Self {
+            x,
+            w,
+            packed,
+            bias: shape.bias.then(|| random(shape.n, 3)),
+            q: QuantizedActivations::new(),
+            y: vec![0.0; shape.m * shape.n],
+        })
+    }
+
+    /// The candidate: activation quantization + ternary GEMM with the f32 epilogue.
+    fn ternary(&mut self, shape: &Shape, kernel: KernelKind) -> anyhow::Result<f64> {
+        let t = Instant::now();
+        quantize_activations(
+            &self.x,
+            shape.m,
+            shape.k,
+            self.packed.k_padded(),
+            &mut self.q,
+        )?;
+        ternary_matmul_with(
+            kernel,
+            &self.q,
+            &self.packed,
+            self.bias.as_deref(),
+            &mut self.y,
+        )?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    /// The baseline: f32 in, f32 out through the `gemm` crate.
+    fn f32(&mut self, shape: &Shape) -> anyhow::Result<f64> {
+        let t = Instant::now();
+        linear_gemm_parallel(&self.x, shape.m, shape.k, &self.w, shape.n, &mut self.y)?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+}
+
+/// Runs the benchmark; calls `emit` with each JSON-serializable line as it is produced.
+pub fn run(
+    opts: &Options,
+    mut emit: impl FnMut(&serde_json::Value),
+) -> anyhow::Result<Vec<Record>> {
+    anyhow::ensure!(
+        opts.kernel.is_supported(),
+        "kernel {} is not supported by this CPU",
+        opts.kernel
+    );
+    anyhow::ensure!(opts.reps >= 1, "--reps must be at least 1");
+    emit(&serde_json::to_value(header(opts.kernel))?);
+    let peak_loop = PeakLoop::for_kernel(opts.kernel);
+    let mut records = Vec::new();
+    for &threads in &opts.threads {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
+        let mut calibrations: Vec<f64> = Vec::new();
+        let calib = |calibrations: &mut Vec<f64>| {
+            if let Some(p) = peak_loop.and_then(|l| calibrate(l, &pool, opts.calib_seconds)) {
+                calibrations.push(p);
+            }
+        };
+        calib(&mut calibrations);
+        for shape in &opts.shapes {
+            let mut case = Case::new(shape)?;
+            let load = loadavg_1m();
+            let (mut tern, mut base) = (Vec::new(), Vec::new());
+            let window = OtherCpu::start();
+            pool.install(|| -> anyhow::Result<()> {
+                case.f32(shape)?; // warm-up: page faults, pool start, frequency ramp
+                case.ternary(shape, opts.kernel)?;
+                for _ in 0..opts.reps {
+                    base.push(case.f32(shape)?);
+                    tern.push(case.ternary(shape, opts.kernel)?);
+                }
+                Ok(())
+            })?;
+            let other_cpu = window.finish();
+            calib(&mut calibrations);
+
+            let (t_med, f_med) = (median(&mut tern), median(&mut base));
+            let (t_min, f_min) = (tern[0], base[0]);
+            let peak = (!calibrations.is_empty()).then(|| median(&mut calibrations.clone()));
+            let spread = peak.map(|p| {
+                calibrations
+                    .iter()
+                    .map(|c| (c - p).abs() / p)
+                    .fold(0.0, f64::max)
+            });
+            let mut reasons = Vec::new();
+            if let Some(l) = load.filter(|&l| l > 0.5) {
+                reasons.push(format!("load average {l:.2} > 0.5 at start"));
+            }
+            if let Some(o) = other_cpu.filter(|&o| o > 0.2) {
+                reasons.push(format!("other processes used {o:.2} cores"));
+            }
+            if let Some(s) = spread.filter(|&s| s > 0.10) {
+                reasons.push(format!("calibration spread {:.0}% > 10%", s * 100.0));
+            }
+            let gops = shape.ops() / t_med / 1e9;
+            let record = Record {
+                kind: "result",
+                shape: shape.label(),
+                layer: shape.layer,
+                m: shape.m,
+                k: shape.k,
+                n: shape.n,
+                threads,
+                kernel: opts.kernel.name(),
+                gops,
+                peak_gops: peak,
+                efficiency: peak.map(|p| gops / p),
+                f32_gflops: shape.ops() / f_med / 1e9,
+                speedup_vs_f32: f_med / t_med,
+                median_ms: t_med * 1e3,
+                min_ms: t_min * 1e3,
+                f32_median_ms: f_med * 1e3,
+                f32_min_ms: f_min * 1e3,
+                reps: opts.reps,
+                noisy: !reasons.is_empty(),
+                noise_reasons: reasons,
+                loadavg_1m: load,
+                calib_spread: spread,
+                other_cpu,
+            };
+            emit(&serde_json::to_value(&record)?);
+            records.push(record);
+        }
+    }
+    for summary in summarize(&records) {
+        emit(&serde_json::to_value(summary)?);
+    }
+    Ok(records)
+}
+
+pub fn summarize(records: &[Record]) -> Vec<Summary> {
+    let mut threads: Vec<usize> = records.iter().map(|r| r.threads).collect();
+    threads.sort_unstable();
+    threads.dedup();
+    threads
+        .into_iter()
+        .map(|t| {
+            let rs: Vec<&Record> = records.iter().filter(|r| r.threads == t).collect();
+            let mut eff: Vec<f64> = rs.iter().filter_map(|r| r.efficiency).collect();
+            let mut speed: Vec<f64> = rs.iter().map(|r| r.speedup_vs_f32).collect();
+            let ratios = if t > 1 {
+                rs.iter()
+                    .filter_map(|r| {
+                        records
+                            .iter()
+                            .find(|o| o.threads == 1 && o.shape == r.shape)
+                            .map(|o| (r.shape.clone(), r.median_ms / o.median_ms))
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Summary {
+                kind: "summary",
+                threads: t,
+                median_efficiency: (!eff.is_empty()).then(|| median(&mut eff)),
+                min_efficiency: eff.iter().cloned().reduce(f64::min),
+                median_speedup_vs_f32: median(&mut speed),
+                min_speedup_vs_f32: speed.iter().cloned().fold(f64::INFINITY, f64::min),
+                time_ratio_vs_1_thread: ratios,
+                any_noisy: rs.iter().any(|r| r.noisy),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,173 @@
+//! Register-only peak calibration loops (`shared/spec/kernels.md` §5.2): the int8 dot-product
+//! instruction the selected GEMM kernel is built on, and f32 FMA, with 12 independent accumulators
+//! and no memory operands. Rates are wall clock over all threads of the pool running at once.
+
+use crate::kernels::KernelKind;
+use std::hint::black_box;
+use std::time::Instant;
+
+/// Which instruction sequence a calibration measures, and its ops per iteration per accumulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeakLoop {
+    /// `vpdpbusd zmm`: 64 int8 MACs = 128 ops.
+    Avx512Vnni,
+    /// `vpmaddubsw` + `vpmaddwd` + `vpaddd` on ymm: 32 MACs = 64 ops.
+    Avx2,
+    /// `sdot v.4s`: 16 MACs = 32 ops.
+    NeonDot,
+    /// `vfmadd zmm` (f32): 32 flops; `ymm` on AVX2-only machines: 16.
+    F32Fma,
+}
+
+impl PeakLoop {
+    /// The int8 loop matching a GEMM kernel (None for the scalar kernel).
+    pub fn for_kernel(kind: KernelKind) -> Option<Self> {
+        match kind {
+            KernelKind::Avx512Vnni => Some(PeakLoop::Avx512Vnni),
+            KernelKind::Avx2 => Some(PeakLoop::Avx2),
+            KernelKind::NeonDot | KernelKind::NeonMull => {
+                cfg!(target_arch = "aarch64").then_some(PeakLoop::NeonDot)
+            }
+            KernelKind::Scalar => None,
+        }
+    }
+}
+
+const ACCUMULATORS: usize = 12;
+
+/// Runs `iters` iterations of the loop on the current thread; returns the ops performed.
+fn run_loop(which: PeakLoop, iters: u64) -> f64 {
+    match which {
+        #[cfg(target_arch = "x86_64")]
+        PeakLoop::Avx512Vnni if KernelKind::Avx512Vnni.is_supported() => {
+            // SAFETY: feature checked on the line above.
+            unsafe { x86::vnni(iters) };
+            iters as f64 * ACCUMULATORS as f64 * 128.0
+        }
+        #[cfg(target_arch = "x86_64")]
+        PeakLoop::Avx2 if std::arch::is_x86_feature_detected!("avx2") => {
+            // SAFETY: feature checked.
+            unsafe { x86::avx2(iters) };
+            iters as f64 * ACCUMULATORS as f64 * 64.0
+        }
+        #[cfg(target_arch = "x86_64")]
+        PeakLoop::F32Fma if std::arch::is_x86_feature_detected!("avx512f") => {
+            // SAFETY: feature checked.
+            unsafe { x86::fma512(iters) };
+            iters as f64 * ACCUMULATORS as f64 * 32.0
+        }
+        #[cfg(target_arch = "x86_64")]
+        PeakLoop::F32Fma if std::arch::is_x86_feature_detected!("fma") => {
+            // SAFETY: feature checked.
+            unsafe { x86::fma256(iters) };
+            iters as f64 * ACCUMULATORS as f64 * 16.0
+        }
+        #[cfg(target_arch = "aarch64")]
+        PeakLoop::NeonDot if std::arch::is_aarch64_feature_detected!("dotprod") => {
+            // SAFETY: feature checked.
+            unsafe { arm::sdot(iters) };
+            iters as f64 * ACCUMULATORS as f64 * 32.0
+        }
+        _ => 0.0,
+    }
+}
+
+/// Peak rate in GOP/s of `which` with every thread of `pool` running the loop simultaneously,
+/// over roughly `seconds`. None when the loop cannot run on this CPU.
+pub fn calibrate(which: PeakLoop, pool: &rayon::ThreadPool, seconds: f64) -> Option<f64> {
+    // Size the iteration count on one thread first.
+    let probe = 200_000;
+    let t = Instant::now();
+    let ops = run_loop(which, probe);
+    if ops == 0.0 {
+        return None;
+    }
+    let per_iter = t.elapsed().as_secs_f64() / probe as f64;
+    let iters = ((seconds / per_iter) as u64).max(probe);
+    let start = Instant::now();
+    let total: f64 = pool.broadcast(|_| run_loop(which, iters)).into_iter().sum();
+    Some(total / start.elapsed().as_secs_f64() / 1e9)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{ACCUMULATORS, black_box};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn vnni(iters: u64) {
+        let a = black_box(_mm512_set1_epi8(1));
+        let b = black_box(_mm512_set1_epi8(-1));
+        let mut acc = [_mm512_setzero_si512(); ACCUMULATORS];
+        for _ in 0..iters {
+            for r in acc.iter_mut() {
+                *r = _mm512_dpbusd_epi32(*r, a, b);
+            }
+        }
+        black_box(acc);
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn avx2(iters: u64) {
+        let a = black_box(_mm256_set1_epi8(1));
+        let b = black_box(_mm256_set1_epi8(-1));
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_si256(); ACCUMULATORS];
+        for _ in 0..iters {
+            for r in acc.iter_mut() {
+                *r = _mm256_add_epi32(*r, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+            }
+        }
+        black_box(acc);
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fma512(iters: u64) {
+        let a = black_box(_mm512_set1_ps(0.999));
+        let b = black_box(_mm512_set1_ps(1e-3));
+        let mut acc = [_mm512_setzero_ps(); ACCUMULATORS];
+        for _ in 0..iters {
+            for r in acc.iter_mut() {
+                *r = _mm512_fmadd_ps(*r, a, b);
+            }
+        }
+        black_box(acc);
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn fma256(iters: u64) {
+        let a = black_box(_mm256_set1_ps(0.999));
+        let b = black_box(_mm256_set1_ps(1e-3));
+        let mut acc = [_mm256_setzero_ps(); ACCUMULATORS];
+        for _ in 0..iters {
+            for r in acc.iter_mut() {
+                *r = _mm256_fmadd_ps(*r, a, b);
+            }
+        }
+        black_box(acc);
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::{ACCUMULATORS, black_box};
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    #[target_feature(enable = "neon,dotprod")]
+    pub(super) unsafe fn sdot(iters: u64) {
+        let a = black_box(vdupq_n_s8(1));
+        let b = black_box(vdupq_n_s8(-1));
+        let mut acc = [vdupq_n_s32(0); ACCUMULATORS];
+        for _ in 0..iters {
+            for r in acc.iter_mut() {
+                // SAFETY: register-only instruction; dotprod is enabled for this function.
+                unsafe {
+                    asm!("sdot {0:v}.4s, {1:v}.16b, {2:v}.16b", inout(vreg) *r, in(vreg) a, in(vreg) b,
+                         options(pure, nomem, nostack));
+                }
+            }
+        }
+        black_box(acc);
+    }
+}
