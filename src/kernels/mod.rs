@@ -117,6 +117,14 @@ impl AlignedBytes {
         // SAFETY: as in `as_slice`; the borrow is unique.
         unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast::<u8>(), self.len()) }
     }
+    /// Grows (never shrinks) the buffer to at least `len` bytes; new bytes are zero, existing
+    /// bytes keep their values.
+    pub fn ensure_len(&mut self, len: usize) {
+        let blocks = len.div_ceil(64);
+        if self.blocks.len() < blocks {
+            self.blocks.resize(blocks, Align64([0; 64]));
+        }
+    }
     /// Grows (never shrinks) the buffer to at least `len` bytes, then fills it with `fill`.
     pub fn reset(&mut self, len: usize, fill: u8) {
         let blocks = len.div_ceil(64);

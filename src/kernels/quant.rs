@@ -16,6 +16,7 @@
 //! so 48 consecutive bytes hold the next 4 k of all 12 rows of the register block.
 
 use super::{AlignedBytes, KernelError, Result, check_matrix};
+use rayon::prelude::*;
 
 /// Rows per register block of every GEMM kernel (the M of the microkernel).
 pub const ROWS_PER_BLOCK: usize = 12;
@@ -97,37 +98,72 @@ pub fn quantize_activations(
     out.k = k;
     out.k_padded = k_padded;
     let data = out.data.get_or_insert_with(|| AlignedBytes::new(0, 0));
-    data.reset(padded_rows * k_padded, 0);
-    out.row_sums.clear();
+    // Every byte of the used region is written below (padding rows and columns with zeros), so
+    // the buffer only has to be large enough.
+    data.ensure_len(padded_rows * k_padded);
     out.row_sums.resize(padded_rows, 0);
-    out.row_dequant.clear();
     out.row_dequant.resize(padded_rows, 0.0);
 
-    let bytes = data.as_mut_slice();
-    for row in 0..m {
-        let xs = &x[row * k..(row + 1) * k];
-        let absmax_bits = absmax_bits(xs);
-        if absmax_bits >= 0x7f80_0000 {
-            let col = xs.iter().position(|v| !v.is_finite()).unwrap_or(0);
-            return Err(KernelError::NonFinite {
-                what: "activations",
-                row,
-                col,
-                value: xs[col],
-            });
+    let block_bytes = ROWS_PER_BLOCK * k_padded;
+    let quantize_block = |(block, ((bytes, sums), dequant)): (
+        usize,
+        ((&mut [u8], &mut [i32]), &mut [f32]),
+    )|
+     -> Result<()> {
+        for r in 0..ROWS_PER_BLOCK {
+            let row = block * ROWS_PER_BLOCK + r;
+            let lane = &mut bytes[r * 4..];
+            if row >= m {
+                for group in lane.chunks_mut(GROUP_STRIDE) {
+                    group[..4].fill(0);
+                }
+                sums[r] = 0;
+                dequant[r] = 0.0;
+                continue;
+            }
+            let xs = &x[row * k..(row + 1) * k];
+            let absmax_bits = absmax_bits(xs);
+            if absmax_bits >= 0x7f80_0000 {
+                let col = xs.iter().position(|v| !v.is_finite()).unwrap_or(0);
+                return Err(KernelError::NonFinite {
+                    what: "activations",
+                    row,
+                    col,
+                    value: xs[col],
+                });
+            }
+            let scale = 127.0 / f32::from_bits(absmax_bits).max(1e-5);
+            sums[r] = quantize_row(xs, scale, lane);
+            dequant[r] = 1.0 / scale;
         }
-        let scale = 127.0 / f32::from_bits(absmax_bits).max(1e-5);
-        // The row's 4-byte groups go to its lane of its block; padding stays zero.
-        let block_base = (row / ROWS_PER_BLOCK) * ROWS_PER_BLOCK * k_padded;
-        let lane = block_base + (row % ROWS_PER_BLOCK) * 4;
-        out.row_sums[row] = quantize_row(
-            xs,
-            scale,
-            &mut bytes[lane..block_base + ROWS_PER_BLOCK * k_padded],
-        );
-        out.row_dequant[row] = 1.0 / scale;
+        Ok(())
+    };
+    let blocks_iter = data.as_mut_slice()[..padded_rows * k_padded]
+        .par_chunks_mut(block_bytes)
+        .zip(out.row_sums.par_chunks_mut(ROWS_PER_BLOCK))
+        .zip(out.row_dequant.par_chunks_mut(ROWS_PER_BLOCK))
+        .enumerate();
+    let result = if rayon::current_num_threads() == 1 || blocks == 1 {
+        blocks_iter
+            .with_max_len(usize::MAX)
+            .try_for_each(quantize_block)
+    } else {
+        blocks_iter.try_for_each(quantize_block)
+    };
+    if result.is_err() {
+        // Report the first offending element, whatever thread found one.
+        for (row, xs) in x.chunks_exact(k).enumerate() {
+            if let Some(col) = xs.iter().position(|v| !v.is_finite()) {
+                return Err(KernelError::NonFinite {
+                    what: "activations",
+                    row,
+                    col,
+                    value: xs[col],
+                });
+            }
+        }
     }
-    Ok(())
+    result
 }
 
 /// Bits of max_k |x_k|. For non-negative floats the integer order of the bit patterns is the
@@ -291,10 +327,13 @@ fn quantize_row_generic(xs: &[f32], scale: f32, dst: &mut [u8]) -> i32 {
         }
     }
     let mut sum: i32 = sums.iter().sum();
-    for (i, &v) in tail.iter().enumerate() {
-        let r = code(v, scale);
-        dst[at + (i / 4) * GROUP_STRIDE + i % 4] = r as u8;
-        sum += r;
+    if !tail.is_empty() {
+        // The last chunk of 16: its padding codes are 0.
+        for i in 0..16 {
+            let r = tail.get(i).map_or(0, |&v| code(v, scale));
+            dst[at + (i / 4) * GROUP_STRIDE + i % 4] = r as u8;
+            sum += r;
+        }
     }
     sum
 }
@@ -392,6 +431,20 @@ mod tests {
             .filter(|&i| q.code(i / k, i % k) != Some(0))
             .count();
         assert_eq!(count_nonzero, expected_nonzero);
+    }
+
+    #[test]
+    fn reused_buffers_hold_no_stale_codes() {
+        let mut q = QuantizedActivations::new();
+        let big: Vec<f32> = (0..30 * 64).map(|i| (i % 7) as f32 - 3.0).collect();
+        quantize_activations(&big, 30, 64, 64, &mut q).unwrap();
+        let small: Vec<f32> = (0..5 * 20).map(|i| (i % 5) as f32 - 2.0).collect();
+        quantize_activations(&small, 5, 20, 32, &mut q).unwrap();
+        let mut fresh = QuantizedActivations::new();
+        quantize_activations(&small, 5, 20, 32, &mut fresh).unwrap();
+        assert_eq!(q.data(), fresh.data());
+        assert_eq!(q.row_sums(), fresh.row_sums());
+        assert_eq!(q.row_dequant(), fresh.row_dequant());
     }
 
     #[test]
