@@ -90,6 +90,8 @@ pub struct Record {
     pub f32_gflops: f64,
     pub speedup_vs_f32: f64,
     pub median_ms: f64,
+    /// The activation-quantization part of `median_ms` (its own median).
+    pub quantize_median_ms: f64,
     pub min_ms: f64,
     pub f32_median_ms: f64,
     pub f32_min_ms: f64,
@@ -177,24 +179,16 @@ impl Case {
         })
     }
 
-    /// The candidate: activation quantization + ternary GEMM with the f32 epilogue.
-    fn ternary(&mut self, shape: &Shape, kernel: KernelKind) -> anyhow::Result<f64> {
+    /// The candidate: activation quantization + ternary GEMM with the f32 epilogue. Returns the
+    /// total time and its quantization part.
+    fn ternary(&mut self, shape: &Shape, kernel: KernelKind) -> anyhow::Result<(f64, f64)> {
         let t = Instant::now();
-        quantize_activations(
-            &self.x,
-            shape.m,
-            shape.k,
-            self.packed.k_padded(),
-            &mut self.q,
-        )?;
-        ternary_matmul_with(
-            kernel,
-            &self.q,
-            &self.packed,
-            self.bias.as_deref(),
-            &mut self.y,
-        )?;
-        Ok(t.elapsed().as_secs_f64())
+        let k_padded = self.packed.k_padded();
+        quantize_activations(&self.x, shape.m, shape.k, k_padded, &mut self.q)?;
+        let quantized = t.elapsed().as_secs_f64();
+        let bias = self.bias.as_deref();
+        ternary_matmul_with(kernel, &self.q, &self.packed, bias, &mut self.y)?;
+        Ok((t.elapsed().as_secs_f64(), quantized))
     }
 
     /// The baseline: f32 in, f32 out through the `gemm` crate.
@@ -236,14 +230,16 @@ pub fn run(
         calib(&mut calibrations);
         for shape in &opts.shapes {
             let mut case = Case::new(shape)?;
-            let (mut tern, mut base) = (Vec::new(), Vec::new());
+            let (mut tern, mut base, mut quant) = (Vec::new(), Vec::new(), Vec::new());
             let window = OtherCpu::start();
             pool.install(|| -> anyhow::Result<()> {
                 case.f32(shape)?; // warm-up: page faults, pool start, frequency ramp
                 case.ternary(shape, opts.kernel)?;
                 for _ in 0..opts.reps {
                     base.push(case.f32(shape)?);
-                    tern.push(case.ternary(shape, opts.kernel)?);
+                    let (total, quantization) = case.ternary(shape, opts.kernel)?;
+                    tern.push(total);
+                    quant.push(quantization);
                 }
                 Ok(())
             })?;
@@ -288,6 +284,7 @@ pub fn run(
                 f32_gflops: shape.ops() / f_med / 1e9,
                 speedup_vs_f32: f_med / t_med,
                 median_ms: t_med * 1e3,
+                quantize_median_ms: median(&mut quant) * 1e3,
                 min_ms: t_min * 1e3,
                 f32_median_ms: f_med * 1e3,
                 f32_min_ms: f_min * 1e3,

@@ -27,7 +27,7 @@ impl AttentionShape {
             || s.heads == 0
             || s.kv_heads == 0
             || s.head_dim == 0
-            || s.heads % s.kv_heads != 0
+            || !s.heads.is_multiple_of(s.kv_heads)
         {
             return Err(KernelError::Invalid(format!(
                 "attention: invalid shape {s:?} (all non-zero, heads a multiple of kv_heads)"

@@ -73,7 +73,7 @@ fn lane_max(x: &[f32]) -> f32 {
 }
 
 fn check_rows(what: &'static str, len: usize, width: usize, out_len: usize) -> Result<()> {
-    if width == 0 || len == 0 || len % width != 0 {
+    if width == 0 || len == 0 || !len.is_multiple_of(width) {
         return Err(KernelError::Invalid(format!(
             "{what}: input of {len} values is not a non-empty multiple of the width {width}"
         )));
@@ -227,6 +227,7 @@ fn round_small(v: f32) -> f32 {
 /// e^x in f32, |relative error| ≲ 2 ulp on [-87, 88]; 0 below, +∞ above, NaN propagates.
 /// Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, then a degree-6 polynomial (Cephes `expf`).
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // published Cephes coefficients, kept verbatim
 pub fn exp(x: f32) -> f32 {
     let xc = x.clamp(-87.336_55, 88.722_83);
     let n = round_small(xc * std::f32::consts::LOG2_E);
@@ -279,12 +280,13 @@ pub fn tanh(x: f32) -> f32 {
 /// here a minimax fit of erf(x)/x in x²), else `1 − t·e^{−x²+P(t)}` with t = 1/(1 + 0.5|x|)
 /// (the Numerical Recipes erfc, relative error < 1.2e-7).
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // published Numerical Recipes coefficients, kept verbatim
 pub fn erf(x: f32) -> f32 {
     let a = x.abs();
     let z = x * x;
     // erf(x) = x · (2/√π)(1 − z/3 + z²/10 − z³/42 + z⁴/216 − z⁵/1320 + z⁶/9360) (Taylor, |x| < 0.84375:
     // truncation z⁷/75600 · 1.13 · 0.84 ≲ 1.2e-7·…)
-    let mut p = 1.0f32 / 75600.0 * -1.0;
+    let mut p = -(1.0f32 / 75600.0);
     p = p * z + 1.0 / 9360.0;
     p = p * z - 1.0 / 1320.0;
     p = p * z + 1.0 / 216.0;
@@ -322,7 +324,7 @@ pub struct RopeTable {
 
 impl RopeTable {
     pub fn new(head_dim: usize, positions: usize, theta: f32) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 || positions == 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || positions == 0 {
             return Err(KernelError::Invalid(format!(
                 "RoPE: head_dim {head_dim} must be even and non-zero, positions {positions} non-zero"
             )));

@@ -76,6 +76,9 @@ impl QuantizedActivations {
     }
 }
 
+/// One row block as the parallel quantizer sees it: (index, ((codes, Σq), dequantization)).
+type BlockItem<'a> = (usize, ((&'a mut [u8], &'a mut [i32]), &'a mut [f32]));
+
 /// Quantizes `x` (row-major `m × k`) for a weight with `k_padded` inputs (a multiple of 16,
 /// `TernaryMatrix::k_padded`). Reuses `out`'s buffers. Non-finite inputs are an error naming the
 /// first offending element.
@@ -87,7 +90,7 @@ pub fn quantize_activations(
     out: &mut QuantizedActivations,
 ) -> Result<()> {
     check_matrix("activations", x.len(), m, k)?;
-    if k_padded < k || k_padded % 16 != 0 {
+    if k_padded < k || !k_padded.is_multiple_of(16) {
         return Err(KernelError::Invalid(format!(
             "activations: padded K {k_padded} must be a multiple of 16 and >= K = {k}"
         )));
@@ -105,11 +108,7 @@ pub fn quantize_activations(
     out.row_dequant.resize(padded_rows, 0.0);
 
     let block_bytes = ROWS_PER_BLOCK * k_padded;
-    let quantize_block = |(block, ((bytes, sums), dequant)): (
-        usize,
-        ((&mut [u8], &mut [i32]), &mut [f32]),
-    )|
-     -> Result<()> {
+    let quantize_block = |(block, ((bytes, sums), dequant)): BlockItem<'_>| -> Result<()> {
         for r in 0..ROWS_PER_BLOCK {
             let row = block * ROWS_PER_BLOCK + r;
             let lane = &mut bytes[r * 4..];
