@@ -10,6 +10,15 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Every cargo test run is logged so the totals can be printed as one closing line.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+run_tests() { cargo test --quiet --all-targets "$@" 2>&1 | tee -a "$log"; }
+summary() {
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+       END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
+}
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -17,7 +26,7 @@ step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --all-targets --quiet -- -D warnings
 
 step "cargo test (native: $(uname -m))"
-cargo test --quiet
+run_tests
 
 step "aarch64 kernels under qemu-user"
 if ! scripts/setup_cross.sh; then
@@ -26,6 +35,8 @@ if ! scripts/setup_cross.sh; then
     exit 1
   fi
   echo "WARNING: aarch64 kernels NOT tested: cross toolchain unavailable (see above)." >&2
+  summary
   exit 0
 fi
-cargo test --quiet --target aarch64-unknown-linux-gnu
+run_tests --target aarch64-unknown-linux-gnu
+summary
