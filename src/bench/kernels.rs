@@ -7,7 +7,8 @@ use super::machine::{OtherCpu, cpu_features, cpu_model, loadavg_1m};
 use super::peak::{PeakLoop, calibrate};
 use crate::kernels::f32_linear::linear_gemm_parallel;
 use crate::kernels::{
-    KernelKind, QuantizedActivations, TernaryMatrix, quantize_activations, ternary_matmul_with,
+    KernelKind, QuantizedActivations, TernaryMatrix, pseudo_random, quantize_activations,
+    ternary_matmul_with,
 };
 use serde::Serialize;
 use std::time::Instant;
@@ -143,15 +144,7 @@ pub fn median(values: &mut [f64]) -> f64 {
 }
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
-        })
-        .collect()
+    pseudo_random(len, seed, 1.0)
 }
 
 /// Inputs of one shape: f32 activations and weights (for both sides), the packed ternary weight.

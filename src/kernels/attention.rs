@@ -148,14 +148,8 @@ pub fn attention(
 mod tests {
     use super::*;
 
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                ((s >> 8) as f32 / (1 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect()
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        crate::kernels::pseudo_random(len, seed, 2.0)
     }
 
     fn reference(shape: AttentionShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {

@@ -187,14 +187,8 @@ pub fn linear_gemm_parallel(
 mod tests {
     use super::*;
 
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1 << 24) as f32 - 0.5
-            })
-            .collect()
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        crate::kernels::pseudo_random(len, seed, 0.5)
     }
 
     #[test]

@@ -67,6 +67,20 @@ pub enum KernelError {
 
 pub type Result<T> = std::result::Result<T, KernelError>;
 
+/// Deterministic pseudo-random values uniform in [-amplitude, amplitude) (an LCG): test and
+/// benchmark inputs that are the same on every machine.
+pub fn pseudo_random(len: usize, seed: u64, amplitude: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amplitude
+        })
+        .collect()
+}
+
 /// Checks `len == rows * cols` and both non-zero.
 pub(crate) fn check_matrix(what: &'static str, len: usize, rows: usize, cols: usize) -> Result<()> {
     if rows == 0 || cols == 0 {

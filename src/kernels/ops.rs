@@ -401,14 +401,8 @@ fn add_generic(x: &mut [f32], y: &[f32]) {
 mod tests {
     use super::*;
 
-    fn data(len: usize, seed: u32, amp: f32) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                ((s >> 8) as f32 / (1 << 24) as f32 - 0.5) * 2.0 * amp
-            })
-            .collect()
+    fn data(len: usize, seed: u64, amp: f32) -> Vec<f32> {
+        crate::kernels::pseudo_random(len, seed, amp)
     }
 
     fn erf64(x: f64) -> f64 {
@@ -433,6 +427,29 @@ mod tests {
             let erfc = (-a * a).exp() / std::f64::consts::PI.sqrt() / (a + f);
             (1.0 - erfc).copysign(x)
         }
+    }
+
+    #[test]
+    fn dispatched_and_generic_builds_agree_bit_for_bit() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let x = data(4099, 21, 6.0);
+        let (mut a, mut b) = (x.clone(), x.clone());
+        gelu_tanh(&mut a);
+        gelu_tanh_generic(&mut b);
+        assert_eq!(bits(&a), bits(&b));
+        let (mut a, mut b) = (x.clone(), x.clone());
+        gelu_erf(&mut a);
+        gelu_erf_generic(&mut b);
+        assert_eq!(bits(&a), bits(&b));
+        let (mut a, mut b) = (x[..4096].to_vec(), x[..4096].to_vec());
+        softmax_rows(&mut a, 512).unwrap();
+        softmax_generic(&mut b, 512);
+        assert_eq!(bits(&a), bits(&b));
+        let w = data(1024, 22, 1.0);
+        let (mut a, mut b) = (vec![0.0; 4096], vec![0.0; 4096]);
+        rms_norm(&x[..4096], &w, 1e-5, &mut a).unwrap();
+        rms_norm_generic(&x[..4096], &w, 1e-5, &mut b);
+        assert_eq!(bits(&a), bits(&b));
     }
 
     #[test]
