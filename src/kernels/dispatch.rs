@@ -1,5 +1,5 @@
 //! The one runtime dispatch point of the ternary GEMM, and the parallel driver that splits a GEMM
-//! into 8 × 32 tiles over the current rayon pool.
+//! into 12 × 32 tiles over the current rayon pool.
 //!
 //! Each output element is produced by exactly one tile with an exact integer sum and a per-element
 //! epilogue, so results are bit-identical for every thread count and every kernel.
@@ -22,7 +22,7 @@ pub enum KernelKind {
     Scalar,
     /// x86-64 AVX2 `vpmaddubsw` + `vpmaddwd`, int32 accumulation every step.
     Avx2,
-    /// x86-64 AVX-512 VNNI `vpdpbusd` (8 × 32 register tile, 16 zmm accumulators).
+    /// x86-64 AVX-512 VNNI `vpdpbusd` (12 × 32 register tile, 24 zmm accumulators).
     Avx512Vnni,
     /// aarch64 NEON `sdot` (dotprod), via `asm!`.
     NeonDot,
