@@ -5,7 +5,7 @@
 //! the `gemm` crate and its softmax rows in a fixed order, so results are identical for any
 //! thread count.
 
-use super::f32_linear::{View, matmul_strided};
+use super::f32_linear::{SendPtr, View, matmul_strided};
 use super::ops::softmax_rows;
 use super::{KernelError, Result};
 use rayon::prelude::*;
@@ -36,11 +36,6 @@ impl AttentionShape {
         Ok(())
     }
 }
-
-struct SendPtr(*mut f32);
-// SAFETY: each head writes only its own columns of the output.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// `q`: tokens × (heads·d), `k`, `v`: tokens × (kv_heads·d), `out`: tokens × (heads·d), all
 /// row-major (the layout of the projections). `scratch` is resized to hold the score matrices.

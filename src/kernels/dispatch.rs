@@ -165,7 +165,7 @@ pub fn ternary_matmul_with(
         a,
         w,
         padded_bias.as_deref(),
-        SendOut::F32(out.as_mut_ptr()),
+        TileOutput::F32(out.as_mut_ptr()),
     )
 }
 
@@ -178,7 +178,7 @@ pub fn ternary_matmul_i32(
     out: &mut [i32],
 ) -> Result<()> {
     check_shapes(a, w, out.len())?;
-    run(kind, a, w, None, SendOut::I32(out.as_mut_ptr()))
+    run(kind, a, w, None, TileOutput::I32(out.as_mut_ptr()))
 }
 
 fn check_shapes(a: &QuantizedActivations, w: &TernaryMatrix, out_len: usize) -> Result<()> {
@@ -214,15 +214,6 @@ fn check_shapes(a: &QuantizedActivations, w: &TernaryMatrix, out_len: usize) -> 
     Ok(())
 }
 
-#[derive(Clone, Copy)]
-enum SendOut {
-    F32(*mut f32),
-    I32(*mut i32),
-}
-// SAFETY: the pointer is only used to write disjoint tiles, one task per tile (see `run`).
-unsafe impl Send for SendOut {}
-unsafe impl Sync for SendOut {}
-
 /// Balanced split of `len` items into `parts` ranges; range `i`.
 fn split(len: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
     (i * len / parts)..((i + 1) * len / parts)
@@ -250,7 +241,7 @@ fn run(
     a: &QuantizedActivations,
     w: &TernaryMatrix,
     bias: Option<&[f32]>,
-    out: SendOut,
+    out: TileOutput,
 ) -> Result<()> {
     let tile_fn = kind.tile_fn().ok_or(KernelError::Unsupported(kind))?;
     let (m, n) = (a.rows(), w.rows());
@@ -305,10 +296,7 @@ fn run(
                             col_scales: col_scales[col0..].as_ptr(),
                             bias: bias.map_or(std::ptr::null(), |b| b[col0..].as_ptr()),
                             // SAFETY (pointer arithmetic): offset < m·n, the output's length.
-                            out: match out {
-                                SendOut::F32(p) => TileOutput::F32(unsafe { p.add(offset) }),
-                                SendOut::I32(p) => TileOutput::I32(unsafe { p.add(offset) }),
-                            },
+                            out: unsafe { out.offset(offset) },
                             ldo: n,
                             rows: (m - row0).min(ROWS_PER_BLOCK),
                             cols: (n - col0).min(PANEL_COLS),

@@ -65,8 +65,10 @@ pub unsafe fn matmul_strided(
     }
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint column ranges, one task each.
+/// An output pointer shared by parallel tasks that each write a disjoint part of it.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: users write disjoint regions only, one task each (column ranges here, heads in
+// attention).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 

@@ -139,14 +139,6 @@ impl AlignedBytes {
             self.blocks.resize(blocks, Align64([0; 64]));
         }
     }
-    /// Grows (never shrinks) the buffer to at least `len` bytes, then fills it with `fill`.
-    pub fn reset(&mut self, len: usize, fill: u8) {
-        let blocks = len.div_ceil(64);
-        if self.blocks.len() < blocks {
-            self.blocks.resize(blocks, Align64([fill; 64]));
-        }
-        self.as_mut_slice().fill(fill);
-    }
 }
 
 impl std::fmt::Debug for AlignedBytes {

@@ -15,6 +15,26 @@ pub(crate) enum TileOutput {
     I32(*mut i32),
 }
 
+// SAFETY: the driver gives each tile a disjoint rectangle of the output (see `dispatch::run`).
+unsafe impl Send for TileOutput {}
+unsafe impl Sync for TileOutput {}
+
+impl TileOutput {
+    /// The same output advanced by `elements`.
+    ///
+    /// # Safety
+    /// `elements` must stay within the output buffer.
+    pub(crate) unsafe fn offset(self, elements: usize) -> Self {
+        // SAFETY: forwarded.
+        unsafe {
+            match self {
+                TileOutput::F32(p) => TileOutput::F32(p.add(elements)),
+                TileOutput::I32(p) => TileOutput::I32(p.add(elements)),
+            }
+        }
+    }
+}
+
 /// Raw accumulators of one tile between K chunks: row-major 12 × 32.
 pub(crate) type Accumulators = [[i32; PANEL_COLS]; ROWS_PER_BLOCK];
 
