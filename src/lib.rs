@@ -7,3 +7,5 @@
 
 pub mod bench;
 pub mod kernels;
+pub mod model;
+pub mod obs;

@@ -3,8 +3,12 @@
 use anyhow::Context;
 use bitvla_ros::bench::kernels as kbench;
 use bitvla_ros::kernels::KernelKind;
+use bitvla_ros::model::tiny::{TinyShape, make_tiny};
+use bitvla_ros::model::{GripperMapping, Observation, Policy, PolicyOptions};
+use bitvla_ros::obs::ImageOptions;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +26,54 @@ enum Command {
     /// Performance benchmarks (JSON lines with --json).
     #[command(subcommand)]
     Bench(Bench),
+    /// Run the policy once on image files and print the action chunk.
+    Run(RunArgs),
+    /// Write a small random checkpoint in the published BitVLA layout (tests, demos).
+    MakeTiny(MakeTinyArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Checkpoint directory (as published on the hub, or from `bitvla make-tiny`).
+    #[arg(long)]
+    model: PathBuf,
+    /// Third-person camera image (PNG or JPEG).
+    #[arg(long)]
+    image: PathBuf,
+    /// Wrist camera image.
+    #[arg(long)]
+    wrist_image: Option<PathBuf>,
+    #[arg(long)]
+    instruction: String,
+    /// Raw proprioception, comma-separated (8 values for the LIBERO checkpoints).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    proprio: Option<Vec<f32>>,
+    /// dataset_statistics.json key (required when the file has several).
+    #[arg(long)]
+    unnorm_key: Option<String>,
+    /// Gripper output: raw (network value, 1 = open) or libero (-1 = open, +1 = close).
+    #[arg(long, default_value = "raw")]
+    gripper: GripperMapping,
+    /// Rotate the images by 180 degrees first (LIBERO's simulator cameras).
+    #[arg(long)]
+    rotate_180: bool,
+    /// Skip the 90%-area center crop.
+    #[arg(long)]
+    no_center_crop: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct MakeTinyArgs {
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -63,7 +115,83 @@ fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
         Command::Bench(Bench::Kernels(args)) => bench_kernels(args),
+        Command::Run(args) => run(args),
+        Command::MakeTiny(args) => {
+            make_tiny(&args.out, args.seed, TinyShape::default())
+                .with_context(|| format!("writing the tiny model to {}", args.out.display()))?;
+            println!("wrote a tiny BitVLA checkpoint to {}", args.out.display());
+            Ok(())
+        }
     }
+}
+
+fn load_image(path: &std::path::Path) -> anyhow::Result<image::RgbImage> {
+    Ok(image::ImageReader::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("reading {}", path.display()))?
+        .decode()
+        .with_context(|| format!("decoding {} (PNG or JPEG expected)", path.display()))?
+        .to_rgb8())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let image_options = ImageOptions {
+        rotate_180: args.rotate_180,
+        center_crop: !args.no_center_crop,
+    };
+    let options = PolicyOptions {
+        unnorm_key: args.unnorm_key.clone(),
+        gripper: args.gripper,
+        image_options: vec![image_options; 2],
+        ..Default::default()
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads.unwrap_or(0))
+        .build()
+        .context("starting the worker threads")?;
+    let t = std::time::Instant::now();
+    let policy = pool
+        .install(|| Policy::load(&args.model, options))
+        .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let load_s = t.elapsed().as_secs_f64();
+    let mut images = vec![load_image(&args.image)?];
+    if let Some(w) = &args.wrist_image {
+        images.push(load_image(w)?);
+    }
+    let obs = Observation {
+        images,
+        instruction: args.instruction.clone(),
+        proprio: args.proprio.clone(),
+    };
+    let chunk = pool.install(|| policy.predict(&obs))?;
+    if args.json {
+        let mut v = serde_json::to_value(&chunk)?;
+        v["load_s"] = serde_json::json!(load_s);
+        println!("{v}");
+    } else {
+        println!(
+            "{} steps x {} dims (unnorm key {}, gripper {}, L = {} tokens, load {:.2} s, predict {:.1} ms)",
+            chunk.horizon,
+            chunk.action_dim,
+            chunk.unnorm_key,
+            chunk.gripper,
+            chunk.tokens,
+            load_s,
+            chunk.timings.total_ms
+        );
+        for t in 0..chunk.horizon {
+            let row = chunk.step(t).unwrap_or_default();
+            let cells: Vec<String> = row.iter().map(|v| format!("{v:>9.5}")).collect();
+            println!("  t={t}: {}", cells.join(" "));
+        }
+        let tm = chunk.timings;
+        println!(
+            "  stages (ms): preprocess {:.1}, vision {:.1}, projector {:.1}, llm {:.1}, head {:.1}",
+            tm.preprocess_ms, tm.vision_ms, tm.projector_ms, tm.llm_ms, tm.action_head_ms
+        );
+    }
+    Ok(())
 }
 
 fn bench_kernels(args: KernelsArgs) -> anyhow::Result<()> {

@@ -47,6 +47,20 @@ pub fn attention(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) -> Result<()> {
+    attention_masked(shape, false, q, k, v, out, scratch)
+}
+
+/// [`attention`] with an optional causal mask (query i sees keys 0..=i). BitVLA itself is
+/// bidirectional; the causal form exists to show that tests can tell the two apart.
+pub fn attention_masked(
+    shape: AttentionShape,
+    causal: bool,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> Result<()> {
     shape.validate()?;
     let AttentionShape {
         tokens: l,
@@ -99,6 +113,11 @@ pub fn attention(
                 scale,
                 false,
             );
+        }
+        if causal {
+            for (i, row) in scores.chunks_exact_mut(l).enumerate() {
+                row[i + 1..].fill(f32::NEG_INFINITY);
+            }
         }
         softmax_rows(scores, l)?;
         // SAFETY: V_g is the l × d block at column g·d of v; the destination is the l × d block

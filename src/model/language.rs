@@ -1,0 +1,224 @@
+//! `language_model.model`: BitNet b1.58 2B4T (§1.3) run fully bidirectionally (§5.6). The
+//! embedding table stays in the (memory-mapped) checkpoint; only the rows a prompt uses are read.
+
+use super::config::BitVlaConfig;
+use super::linear::{Linear, LinearKind};
+use super::store::TensorStore;
+use super::{KernelContext, Result};
+use crate::kernels::QuantizedActivations;
+use crate::kernels::attention::{AttentionShape, attention_masked};
+use crate::kernels::ops::{RopeTable, add_in_place, relu_squared_mul, rms_norm};
+
+pub struct RmsNorm {
+    pub weight: Vec<f32>,
+    pub eps: f32,
+    name: String,
+}
+
+impl RmsNorm {
+    pub fn load(store: &TensorStore, prefix: &str, width: usize, eps: f32) -> Result<Self> {
+        Ok(Self {
+            weight: store.f32(&format!("{prefix}.weight"), &[width])?,
+            eps,
+            name: prefix.to_owned(),
+        })
+    }
+
+    pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let mut out = vec![0.0; x.len()];
+        rms_norm(x, &self.weight, self.eps, &mut out).stage(&self.name)?;
+        Ok(out)
+    }
+}
+
+/// `layers.N.self_attn`.
+pub struct SelfAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub attn_sub_norm: RmsNorm,
+    pub o_proj: Linear,
+}
+
+/// `layers.N.mlp`.
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub ffn_sub_norm: RmsNorm,
+    pub down_proj: Linear,
+}
+
+/// `layers.N`.
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: SelfAttention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+pub struct LanguageModel {
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `language_model.model.embed_tokens.weight`, read row by row from the store.
+    pub embed_tokens: String,
+    pub vocab: usize,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    rope_theta: f32,
+}
+
+impl LanguageModel {
+    pub fn load(store: &TensorStore, config: &BitVlaConfig) -> Result<Self> {
+        let t = &config.text_config;
+        let (h, f) = (t.hidden_size, t.intermediate_size);
+        let kv = config.kv_heads() * config.text_head_dim();
+        let eps = t.rms_norm_eps as f32;
+        let p = "language_model.model";
+        let embed_tokens = format!("{p}.embed_tokens.weight");
+        let shape = store.shape(&embed_tokens)?;
+        if shape != [t.vocab_size, h] {
+            return Err(super::ModelError::tensor(
+                &embed_tokens,
+                format!("shape {shape:?}, config says [{}, {h}]", t.vocab_size),
+            ));
+        }
+        let layers = (0..t.num_hidden_layers)
+            .map(|j| {
+                let l = format!("{p}.layers.{j}");
+                let lin = |name: &str, n, k| {
+                    Linear::load(
+                        store,
+                        &format!("{l}.{name}"),
+                        n,
+                        k,
+                        false,
+                        LinearKind::Ternary,
+                    )
+                };
+                Ok(DecoderLayer {
+                    input_layernorm: RmsNorm::load(store, &format!("{l}.input_layernorm"), h, eps)?,
+                    self_attn: SelfAttention {
+                        q_proj: lin("self_attn.q_proj", h, h)?,
+                        k_proj: lin("self_attn.k_proj", kv, h)?,
+                        v_proj: lin("self_attn.v_proj", kv, h)?,
+                        attn_sub_norm: RmsNorm::load(
+                            store,
+                            &format!("{l}.self_attn.attn_sub_norm"),
+                            h,
+                            eps,
+                        )?,
+                        o_proj: lin("self_attn.o_proj", h, h)?,
+                    },
+                    post_attention_layernorm: RmsNorm::load(
+                        store,
+                        &format!("{l}.post_attention_layernorm"),
+                        h,
+                        eps,
+                    )?,
+                    mlp: Mlp {
+                        gate_proj: lin("mlp.gate_proj", f, h)?,
+                        up_proj: lin("mlp.up_proj", f, h)?,
+                        ffn_sub_norm: RmsNorm::load(
+                            store,
+                            &format!("{l}.mlp.ffn_sub_norm"),
+                            f,
+                            eps,
+                        )?,
+                        down_proj: lin("mlp.down_proj", h, f)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            norm: RmsNorm::load(store, &format!("{p}.norm"), h, eps)?,
+            embed_tokens,
+            vocab: t.vocab_size,
+            hidden: h,
+            heads: t.num_attention_heads,
+            kv_heads: config.kv_heads(),
+            rope_theta: t.rope_theta as f32,
+        })
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                let m = &l.mlp;
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .iter()
+                .map(|x| x.memory_bytes())
+                .sum::<usize>()
+                    + 4 * (3 * self.hidden + m.ffn_sub_norm.weight.len())
+            })
+            .sum::<usize>()
+            + self.hidden * 4
+    }
+
+    /// All layers and the final norm over `x` (`tokens × hidden`, the assembled embeddings).
+    /// `causal` exists only to show the tests can detect a wrongly masked implementation.
+    pub fn forward(
+        &self,
+        mut x: Vec<f32>,
+        tokens: usize,
+        causal: bool,
+        qa: &mut QuantizedActivations,
+    ) -> Result<Vec<f32>> {
+        let head_dim = self.hidden / self.heads;
+        let rope = RopeTable::new(head_dim, tokens, self.rope_theta).stage("RoPE table")?;
+        let shape = AttentionShape {
+            tokens,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim,
+        };
+        let mut scores = Vec::new();
+        for layer in &self.layers {
+            let a = &layer.self_attn;
+            let n = layer.input_layernorm.forward(&x)?;
+            let mut qkv =
+                Linear::forward_shared(&[&a.q_proj, &a.k_proj, &a.v_proj], &n, tokens, qa)?;
+            rope.apply(&mut qkv[0], self.heads).stage("RoPE q")?;
+            rope.apply(&mut qkv[1], self.kv_heads).stage("RoPE k")?;
+            let mut attn = vec![0.0f32; tokens * self.hidden];
+            attention_masked(
+                shape,
+                causal,
+                &qkv[0],
+                &qkv[1],
+                &qkv[2],
+                &mut attn,
+                &mut scores,
+            )
+            .stage(format!("{} attention", a.q_proj.name))?;
+            let attn = a.attn_sub_norm.forward(&attn)?;
+            let o = a.o_proj.forward(&attn, tokens, qa)?;
+            add_in_place(&mut x, &o).stage("residual")?;
+            let m = &layer.mlp;
+            let n2 = layer.post_attention_layernorm.forward(&x)?;
+            let mut gu = Linear::forward_shared(&[&m.gate_proj, &m.up_proj], &n2, tokens, qa)?;
+            let up = gu.pop().unwrap_or_default();
+            let mut gate = gu.pop().unwrap_or_default();
+            relu_squared_mul(&mut gate, &up).stage(format!("{} activation", m.gate_proj.name))?;
+            let g = m.ffn_sub_norm.forward(&gate)?;
+            let d = m.down_proj.forward(&g, tokens, qa)?;
+            add_in_place(&mut x, &d).stage("residual")?;
+        }
+        self.norm.forward(&x)
+    }
+}

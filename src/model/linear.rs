@@ -1,0 +1,158 @@
+//! Linear layers as the checkpoint stores them (`<prefix>.weight` [N, K], optional
+//! `<prefix>.bias` [N]): BitLinear layers pre-quantized once at load into packed ternary codes
+//! (§2.2, run with the W1.58-A8 kernels), full-precision ones kept in f32.
+
+use super::store::TensorStore;
+use super::{KernelContext, ModelError, Result};
+use crate::kernels::f32_linear;
+use crate::kernels::{QuantizedActivations, TernaryMatrix, quantize_activations, ternary_matmul};
+
+pub enum Weights {
+    /// W1.58-A8: ternary codes × γ, int8 activations.
+    Ternary(TernaryMatrix),
+    /// Full precision, row-major N × K.
+    Dense(Vec<f32>),
+}
+
+pub struct Linear {
+    /// The tensor-name prefix (`...self_attn.q_proj`), used in error messages.
+    pub name: String,
+    pub n: usize,
+    pub k: usize,
+    pub weights: Weights,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// How the layer is stored and computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearKind {
+    /// BitLinear, W1.58-A8.
+    Ternary,
+    /// BitLinear weights with full-precision activations: the dequantized γ·t in f32.
+    TernaryWeightsOnly,
+    /// Plain `nn.Linear`.
+    Dense,
+}
+
+impl Linear {
+    /// Loads `<prefix>.weight` (and `<prefix>.bias` when `bias`), checking the shape [n, k].
+    pub fn load(
+        store: &TensorStore,
+        prefix: &str,
+        n: usize,
+        k: usize,
+        bias: bool,
+        kind: LinearKind,
+    ) -> Result<Self> {
+        let weight_name = format!("{prefix}.weight");
+        let w = store.f32(&weight_name, &[n, k])?;
+        let weights = match kind {
+            LinearKind::Dense => Weights::Dense(w),
+            LinearKind::Ternary => {
+                Weights::Ternary(TernaryMatrix::from_f32(&w, n, k).stage(&weight_name)?)
+            }
+            LinearKind::TernaryWeightsOnly => {
+                let t = TernaryMatrix::from_f32(&w, n, k).stage(&weight_name)?;
+                Weights::Dense(dequantize(&t))
+            }
+        };
+        let bias = if bias {
+            Some(store.f32(&format!("{prefix}.bias"), &[n])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            name: prefix.to_owned(),
+            n,
+            k,
+            weights,
+            bias,
+        })
+    }
+
+    /// Bytes of weight and bias storage.
+    pub fn memory_bytes(&self) -> usize {
+        let w = match &self.weights {
+            Weights::Ternary(t) => t.memory_bytes(),
+            Weights::Dense(d) => d.len() * 4,
+        };
+        w + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+
+    /// `x (m × k) → m × n`.
+    pub fn forward(&self, x: &[f32], m: usize, qa: &mut QuantizedActivations) -> Result<Vec<f32>> {
+        let mut out = Self::forward_shared(&[self], x, m, qa)?;
+        out.pop()
+            .ok_or_else(|| ModelError::Input(format!("{}: no output", self.name)))
+    }
+
+    /// Several layers that read the same input (q/k/v, gate/up): the ternary ones share one
+    /// activation quantization, as in the reference.
+    pub fn forward_shared(
+        layers: &[&Linear],
+        x: &[f32],
+        m: usize,
+        qa: &mut QuantizedActivations,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut quantized_for: Option<usize> = None;
+        let mut outs = Vec::with_capacity(layers.len());
+        for layer in layers {
+            if x.len() != m * layer.k {
+                return Err(ModelError::Input(format!(
+                    "{}: input has {} values, expected {m} × {}",
+                    layer.name,
+                    x.len(),
+                    layer.k
+                )));
+            }
+            let mut out = vec![0.0f32; m * layer.n];
+            match &layer.weights {
+                Weights::Ternary(t) => {
+                    if quantized_for != Some(t.k_padded()) {
+                        quantize_activations(x, m, layer.k, t.k_padded(), qa)
+                            .stage(format!("{} input", layer.name))?;
+                        quantized_for = Some(t.k_padded());
+                    }
+                    ternary_matmul(qa, t, layer.bias.as_deref(), &mut out).stage(&layer.name)?;
+                }
+                Weights::Dense(w) => {
+                    f32_linear::linear(x, m, layer.k, w, layer.n, layer.bias.as_deref(), &mut out)
+                        .stage(&layer.name)?;
+                }
+            }
+            outs.push(out);
+        }
+        Ok(outs)
+    }
+
+    /// This layer with its ternary weights expanded to f32 (γ·t): the engine's f32 path.
+    pub fn to_dense(&self) -> Linear {
+        let weights = match &self.weights {
+            Weights::Ternary(t) => Weights::Dense(dequantize(t)),
+            Weights::Dense(d) => Weights::Dense(d.clone()),
+        };
+        Linear {
+            name: self.name.clone(),
+            n: self.n,
+            k: self.k,
+            weights,
+            bias: self.bias.clone(),
+        }
+    }
+}
+
+/// γ·t as a row-major f32 N × K matrix.
+pub fn dequantize(t: &TernaryMatrix) -> Vec<f32> {
+    let (n, k) = (t.rows(), t.cols());
+    let codes = t.unpack_codes();
+    let scales = t.column_scales();
+    let mut out = Vec::with_capacity(n * k);
+    for row in 0..n {
+        out.extend(
+            codes[row * k..(row + 1) * k]
+                .iter()
+                .map(|&c| f32::from(c) * scales[row]),
+        );
+    }
+    out
+}

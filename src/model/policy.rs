@@ -1,0 +1,489 @@
+//! `Policy`: a loaded BitVLA OFT checkpoint and its one entry point, [`Policy::predict`]:
+//! images + instruction + proprioception → an action chunk (§5).
+
+use super::config::BitVlaConfig;
+use super::heads::{ACTION_HEAD_PREFIX, ActionHead, PROPRIO_PREFIX, ProprioProjector};
+use super::language::LanguageModel;
+use super::prompt::{IMAGE_PAD_ID, PROPRIO_PAD_ID, PromptTokenizer};
+use super::stats::{DatasetStatistics, Statistics};
+use super::store::TensorStore;
+use super::vision::{Projector, VisionTower};
+use super::{ModelError, Result};
+use crate::kernels::QuantizedActivations;
+use crate::obs::{self, ImageOptions};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What to do with the last (gripper) action dimension after un-normalization (§5.10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GripperMapping {
+    /// The network's raw value, ≈ [0, 1] with 1 = open.
+    #[default]
+    Raw,
+    /// LIBERO: `g ← −sign(2g − 1)`: −1 = open, +1 = close (robosuite).
+    LiberoBinarizeInvert,
+}
+
+impl std::str::FromStr for GripperMapping {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "raw" => Ok(Self::Raw),
+            "libero" => Ok(Self::LiberoBinarizeInvert),
+            other => Err(format!("unknown gripper mapping {other:?} (raw, libero)")),
+        }
+    }
+}
+
+/// Deliberate deviations from the spec, for tests that prove the golden comparison detects them.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ablation {
+    /// Take rows P … P+55 instead of P−1 … P+54 (§5.7).
+    pub unshifted_rows: bool,
+    /// Leave the action-slot embeddings as `embed_tokens[1]` instead of zero (§5.4).
+    pub keep_action_embeddings: bool,
+    /// Causal instead of bidirectional attention in the LLM (§5.6).
+    pub causal: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PolicyOptions {
+    /// `dataset_statistics.json` key; may be omitted when the file has one dataset.
+    pub unnorm_key: Option<String>,
+    pub gripper: GripperMapping,
+    /// Actions per chunk, overriding `config.json`'s `num_actions_chunk` (default 8, LIBERO).
+    pub horizon: Option<usize>,
+    /// Per camera (third-person first, then wrist); cameras beyond the list use the default.
+    pub image_options: Vec<ImageOptions>,
+    #[doc(hidden)]
+    pub ablation: Ablation,
+}
+
+/// One observation: 1 or 2 RGB images (third-person first, then wrist), the instruction and the
+/// raw (un-normalized) proprioception vector if the checkpoint takes one.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub images: Vec<RgbImage>,
+    pub instruction: String,
+    pub proprio: Option<Vec<f32>>,
+}
+
+/// Milliseconds per stage of one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StageTimings {
+    pub preprocess_ms: f64,
+    pub vision_ms: f64,
+    pub projector_ms: f64,
+    pub llm_ms: f64,
+    pub action_head_ms: f64,
+    pub total_ms: f64,
+}
+
+/// `horizon × action_dim` actions, row-major (one row per future step).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ActionChunk {
+    pub horizon: usize,
+    pub action_dim: usize,
+    /// The action head's output, in [−1, 1] where normalized.
+    pub normalized: Vec<f32>,
+    /// Un-normalized with `unnorm_key`'s q01/q99 and mask, gripper mapped.
+    pub actions: Vec<f32>,
+    pub unnorm_key: String,
+    pub gripper: String,
+    /// Sequence length L of the LLM pass.
+    pub tokens: usize,
+    pub timings: StageTimings,
+}
+
+impl ActionChunk {
+    pub fn step(&self, t: usize) -> Option<&[f32]> {
+        self.actions
+            .get(t * self.action_dim..(t + 1) * self.action_dim)
+    }
+}
+
+/// Intermediate tensors of one call, for comparison against a reference (§6).
+#[derive(Debug, Clone, Default)]
+pub struct StageOutputs {
+    pub ids: Vec<u32>,
+    pub prompt_len: usize,
+    /// `images·patches × vision hidden`.
+    pub vision: Vec<f32>,
+    /// `images·patches × hidden`.
+    pub projector: Vec<f32>,
+    /// `L × hidden`, after the final norm.
+    pub hidden: Vec<f32>,
+    /// The extracted `horizon·action_dim × hidden` rows.
+    pub action_rows: Vec<f32>,
+}
+
+/// The files of a checkpoint directory (§3.1).
+#[derive(Debug, Clone)]
+pub struct CheckpointFiles {
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub action_head: PathBuf,
+    pub proprio_projector: Option<PathBuf>,
+    pub statistics: PathBuf,
+    pub tokenizer: PathBuf,
+}
+
+impl CheckpointFiles {
+    pub fn find(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::file(dir, "is not a checkpoint directory"));
+        }
+        let need = |name: &str| -> Result<PathBuf> {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(ModelError::file(
+                    &p,
+                    "missing from the checkpoint directory",
+                ))
+            }
+        };
+        let index = dir.join("model.safetensors.index.json");
+        let weights = if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::file(&index, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::file(&index, e))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::file(&index, "no \"weight_map\" object"))?;
+            let mut files: Vec<String> = map
+                .values()
+                .map(|f| {
+                    f.as_str().map(str::to_owned).ok_or_else(|| {
+                        ModelError::file(&index, "weight_map values must be file names")
+                    })
+                })
+                .collect::<Result<_>>()?;
+            files.sort();
+            files.dedup();
+            files.iter().map(|f| need(f)).collect::<Result<Vec<_>>>()?
+        } else {
+            vec![need("model.safetensors").map_err(|_| {
+                ModelError::file(
+                    dir,
+                    "neither model.safetensors nor model.safetensors.index.json is present",
+                )
+            })?]
+        };
+        let sidecar = |stem: &str| -> Result<Option<PathBuf>> {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| ModelError::file(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        n.starts_with(&format!("{stem}--")) && n.ends_with("_checkpoint.pt")
+                    })
+                })
+                .collect();
+            found.sort();
+            match found.len() {
+                0 => Ok(None),
+                1 => Ok(found.pop()),
+                _ => Err(ModelError::file(
+                    dir,
+                    format!("several {stem}--*_checkpoint.pt files ({found:?}); keep one"),
+                )),
+            }
+        };
+        Ok(Self {
+            config: need("config.json")?,
+            weights,
+            action_head: sidecar("action_head")?.ok_or_else(|| {
+                ModelError::file(dir, "no action_head--*_checkpoint.pt (the OFT action head)")
+            })?,
+            proprio_projector: sidecar("proprio_projector")?,
+            statistics: need("dataset_statistics.json")?,
+            tokenizer: need("tokenizer.json")?,
+        })
+    }
+}
+
+pub struct Policy {
+    pub config: BitVlaConfig,
+    store: TensorStore,
+    vision: VisionTower,
+    projector: Projector,
+    language: LanguageModel,
+    proprio: Option<ProprioProjector>,
+    head: ActionHead,
+    unnorm_key: String,
+    statistics: DatasetStatistics,
+    tokenizer: PromptTokenizer,
+    options: PolicyOptions,
+}
+
+impl Policy {
+    /// Loads a published checkpoint directory.
+    pub fn load(dir: &Path, options: PolicyOptions) -> Result<Self> {
+        let files = CheckpointFiles::find(dir)?;
+        let config = BitVlaConfig::from_file(&files.config)?;
+        let mut store = TensorStore::new();
+        for w in &files.weights {
+            store.add_safetensors(w)?;
+        }
+        let head = super::pickle::read_state_dict(&files.action_head)?;
+        store.add_owned(&files.action_head, &format!("{ACTION_HEAD_PREFIX}."), head)?;
+        if let Some(p) = &files.proprio_projector {
+            let t = super::pickle::read_state_dict(p)?;
+            store.add_owned(p, &format!("{PROPRIO_PREFIX}."), t)?;
+        }
+        let statistics = Statistics::from_file(&files.statistics)?;
+        let tokenizer = PromptTokenizer::from_file(&files.tokenizer)?;
+        Self::from_parts(config, store, statistics, tokenizer, options)
+    }
+
+    fn from_parts(
+        config: BitVlaConfig,
+        store: TensorStore,
+        statistics: Statistics,
+        tokenizer: PromptTokenizer,
+        options: PolicyOptions,
+    ) -> Result<Self> {
+        let vision = VisionTower::load(&store, &config)?;
+        let projector = Projector::load(&store, &config)?;
+        let language = LanguageModel::load(&store, &config)?;
+        let hidden = language.hidden();
+        let proprio = if store.contains(&format!("{PROPRIO_PREFIX}.fc1.weight")) {
+            Some(ProprioProjector::load(&store, hidden)?)
+        } else {
+            None
+        };
+        let horizon = options.horizon.unwrap_or(config.num_actions_chunk);
+        let head = ActionHead::load(&store, hidden, horizon)?;
+        let (unnorm_key, statistics) = statistics.select(
+            options.unnorm_key.as_deref(),
+            head.action_dim,
+            proprio.as_ref().map(|p| p.input_dim()),
+        )?;
+        for name in store.names() {
+            let used = name.starts_with("vision_tower.vision_model.embeddings")
+                || name.starts_with("vision_tower.vision_model.encoder.layers")
+                || name.starts_with("multi_modal_projector.")
+                || name.starts_with("language_model.model.")
+                || name.starts_with(&format!("{PROPRIO_PREFIX}."))
+                || name.starts_with(&format!("{ACTION_HEAD_PREFIX}."));
+            if !used {
+                log::info!("checkpoint tensor {name} is not used on the OFT action path");
+            }
+        }
+        Ok(Self {
+            config,
+            store,
+            vision,
+            projector,
+            language,
+            proprio,
+            head,
+            unnorm_key,
+            statistics,
+            tokenizer,
+            options,
+        })
+    }
+
+    pub fn horizon(&self) -> usize {
+        self.head.horizon
+    }
+    pub fn action_dim(&self) -> usize {
+        self.head.action_dim
+    }
+    /// Width of the proprio vector the checkpoint takes, if any.
+    pub fn proprio_dim(&self) -> Option<usize> {
+        self.proprio.as_ref().map(|p| p.input_dim())
+    }
+    pub fn unnorm_key(&self) -> &str {
+        &self.unnorm_key
+    }
+    /// Bytes of weights held in memory (packed ternary + f32), excluding the mapped embedding.
+    pub fn weight_bytes(&self) -> usize {
+        self.vision.memory_bytes()
+            + self.projector.linear_1.memory_bytes()
+            + self.projector.linear_2.memory_bytes()
+            + self.language.memory_bytes()
+            + self.head.memory_bytes()
+            + self
+                .proprio
+                .as_ref()
+                .map_or(0, |p| p.fc1.memory_bytes() + p.fc2.memory_bytes())
+    }
+
+    pub fn predict(&self, obs: &Observation) -> Result<ActionChunk> {
+        Ok(self.predict_stages(obs)?.0)
+    }
+
+    /// [`Policy::predict`], also returning the intermediate tensors.
+    pub fn predict_stages(&self, obs: &Observation) -> Result<(ActionChunk, StageOutputs)> {
+        let t0 = Instant::now();
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+        let mut timings = StageTimings::default();
+        let mut qa = QuantizedActivations::new();
+        let n_images = obs.images.len();
+        if !(1..=2).contains(&n_images) {
+            return Err(ModelError::Input(format!(
+                "{n_images} images; BitVLA takes 1 or 2 (third-person, then wrist)"
+            )));
+        }
+        let proprio = match (&self.proprio, &obs.proprio) {
+            (Some(p), Some(v)) => {
+                if v.len() != p.input_dim() {
+                    return Err(ModelError::Input(format!(
+                        "proprio vector has {} values, the checkpoint takes {}",
+                        v.len(),
+                        p.input_dim()
+                    )));
+                }
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(ModelError::Input(format!("proprio[{i}] is {}", v[i])));
+                }
+                let bounds = self.statistics.proprio.as_ref().ok_or_else(|| {
+                    ModelError::config(format!("{}.proprio", self.unnorm_key), "missing")
+                })?;
+                Some(bounds.normalize(v))
+            }
+            (Some(p), None) => {
+                return Err(ModelError::Input(format!(
+                    "the checkpoint takes a {}-value proprio vector; none was given",
+                    p.input_dim()
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(ModelError::Input(
+                    "a proprio vector was given but the checkpoint has no proprio projector".into(),
+                ));
+            }
+            (None, None) => None,
+        };
+        let size = self.config.vision_config.image_size as u32;
+        let pixels = obs
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| {
+                let opts = self
+                    .options
+                    .image_options
+                    .get(i)
+                    .copied()
+                    .unwrap_or_default();
+                obs::prepare_u8(img, size, opts)
+                    .map(|u8img| obs::to_chw(&u8img))
+                    .map_err(|e| ModelError::Input(format!("image {i}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let patches = self.vision.patches_per_image();
+        let slots = self.head.horizon * self.head.action_dim;
+        let prompt = self.tokenizer.encode(
+            &obs.instruction,
+            n_images,
+            patches,
+            proprio.is_some(),
+            slots,
+        )?;
+        timings.preprocess_ms = ms(t0);
+
+        let t = Instant::now();
+        let vision = self.vision.forward(&pixels, &mut qa)?;
+        timings.vision_ms = ms(t);
+        let t = Instant::now();
+        let projected = self
+            .projector
+            .forward(&vision, n_images * patches, &mut qa)?;
+        timings.projector_ms = ms(t);
+
+        let t = Instant::now();
+        let h = self.language.hidden();
+        let ids: Vec<usize> = prompt.ids.iter().map(|&i| i as usize).collect();
+        let mut x = self.store.f32_rows(&self.language.embed_tokens, h, &ids)?;
+        let mut image_rows = projected.chunks_exact(h);
+        for (pos, &id) in prompt.ids[..prompt.prompt_len].iter().enumerate() {
+            let row = &mut x[pos * h..(pos + 1) * h];
+            if id == IMAGE_PAD_ID {
+                let src = image_rows.next().ok_or_else(|| {
+                    ModelError::Input("more image placeholders than features".into())
+                })?;
+                row.copy_from_slice(src);
+            } else if id == PROPRIO_PAD_ID
+                && let (Some(pp), Some(p)) = (&self.proprio, &proprio)
+            {
+                row.copy_from_slice(&pp.forward(p, &mut qa)?);
+            }
+        }
+        let p = prompt.prompt_len;
+        if !self.options.ablation.keep_action_embeddings {
+            x[p * h..(p + slots) * h].fill(0.0);
+        }
+        let tokens = prompt.ids.len();
+        let hidden = self
+            .language
+            .forward(x, tokens, self.options.ablation.causal, &mut qa)?;
+        // §5.7: the rows used are P−1 … P+slots−2 (shifted by one).
+        let first = if self.options.ablation.unshifted_rows {
+            p
+        } else {
+            p - 1
+        };
+        let action_rows = hidden[first * h..(first + slots) * h].to_vec();
+        timings.llm_ms = ms(t);
+
+        let t = Instant::now();
+        let normalized = self.head.forward(&action_rows, &mut qa)?;
+        if let Some(i) = normalized.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::Input(format!(
+                "the action head produced a non-finite value ({}) at step {}, dim {}; \
+                 nothing to publish",
+                normalized[i],
+                i / self.head.action_dim,
+                i % self.head.action_dim
+            )));
+        }
+        let mut actions = vec![0.0; normalized.len()];
+        self.statistics
+            .action
+            .unnormalize(&normalized, &mut actions);
+        if self.options.gripper == GripperMapping::LiberoBinarizeInvert {
+            for row in actions.chunks_exact_mut(self.head.action_dim) {
+                if let Some(g) = row.last_mut() {
+                    let s = 2.0 * *g - 1.0;
+                    let sign = if s > 0.0 {
+                        1.0
+                    } else if s < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    };
+                    *g = -sign;
+                }
+            }
+        }
+        timings.action_head_ms = ms(t);
+        timings.total_ms = ms(t0);
+        let chunk = ActionChunk {
+            horizon: self.head.horizon,
+            action_dim: self.head.action_dim,
+            normalized,
+            actions,
+            unnorm_key: self.unnorm_key.clone(),
+            gripper: format!("{:?}", self.options.gripper),
+            tokens,
+            timings,
+        };
+        let stages = StageOutputs {
+            ids: prompt.ids,
+            prompt_len: p,
+            vision,
+            projector: projected,
+            hidden,
+            action_rows,
+        };
+        Ok((chunk, stages))
+    }
+}

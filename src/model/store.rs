@@ -1,0 +1,353 @@
+//! Named tensors from checkpoint files: safetensors files memory-mapped (read tensor by tensor,
+//! nothing copied until a tensor is asked for) and PyTorch sidecars (decoded into owned buffers).
+//! Every accessor checks dtype, shape and finiteness and names the tensor and file on failure.
+
+use super::{ModelError, Result};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Element types the model files use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    BF16,
+    F16,
+    F32,
+    U8,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::BF16 | DType::F16 => 2,
+            DType::F32 => 4,
+            DType::U8 => 1,
+        }
+    }
+
+    fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
+        match d {
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::U8 => Some(DType::U8),
+            _ => None,
+        }
+    }
+
+    pub fn to_safetensors(self) -> safetensors::Dtype {
+        match self {
+            DType::BF16 => safetensors::Dtype::BF16,
+            DType::F16 => safetensors::Dtype::F16,
+            DType::F32 => safetensors::Dtype::F32,
+            DType::U8 => safetensors::Dtype::U8,
+        }
+    }
+}
+
+enum Buffer {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Buffer {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Buffer::Mapped(m) => m,
+            Buffer::Owned(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    dtype: DType,
+    shape: Vec<usize>,
+    buffer: usize,
+    start: usize,
+    end: usize,
+}
+
+/// A raw tensor to add to a store (used by the `.pt` reader).
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Tensors by name, over any number of files.
+#[derive(Default)]
+pub struct TensorStore {
+    buffers: Vec<(PathBuf, Buffer)>,
+    entries: BTreeMap<String, Entry>,
+    metadata: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for TensorStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorStore")
+            .field(
+                "files",
+                &self.buffers.iter().map(|b| &b.0).collect::<Vec<_>>(),
+            )
+            .field("tensors", &self.entries.len())
+            .finish()
+    }
+}
+
+impl TensorStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Maps one safetensors file and registers its tensors (their names must be new).
+    pub fn add_safetensors(&mut self, path: &Path) -> Result<()> {
+        let file = std::fs::File::open(path).map_err(|e| ModelError::file(path, e))?;
+        // SAFETY: the file is opened read-only; a checkpoint modified while it is mapped is the
+        // one case memory mapping cannot protect against (as in every mmap-based loader).
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::file(path, e))?;
+        let (header, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+            ModelError::file(
+                path,
+                format!("not a valid safetensors file ({e:?}); is it truncated? re-download it"),
+            )
+        })?;
+        let data_start = 8 + header;
+        let buffer = self.buffers.len();
+        let mut tensors: Vec<_> = meta.tensors().into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, info) in tensors {
+            let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| {
+                ModelError::tensor(
+                    &name,
+                    format!(
+                        "dtype {:?} in {} is not supported (BF16, F16, F32, U8)",
+                        info.dtype,
+                        path.display()
+                    ),
+                )
+            })?;
+            let (start, end) = (
+                data_start + info.data_offsets.0,
+                data_start + info.data_offsets.1,
+            );
+            self.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape: info.shape.clone(),
+                    buffer,
+                    start,
+                    end,
+                },
+                path,
+            )?;
+        }
+        if let Some(m) = meta.metadata() {
+            self.metadata
+                .extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        self.buffers.push((path.to_path_buf(), Buffer::Mapped(map)));
+        Ok(())
+    }
+
+    /// Registers owned tensors read from `path`, each name prefixed with `prefix`.
+    pub fn add_owned(&mut self, path: &Path, prefix: &str, tensors: Vec<RawTensor>) -> Result<()> {
+        let buffer = self.buffers.len();
+        let mut bytes = Vec::with_capacity(tensors.iter().map(|t| t.data.len()).sum());
+        for t in tensors {
+            let expected = t.shape.iter().product::<usize>() * t.dtype.size();
+            if t.data.len() != expected {
+                return Err(ModelError::tensor(
+                    format!("{prefix}{}", t.name),
+                    format!(
+                        "{}: {} data bytes for shape {:?} {:?} (expected {expected})",
+                        path.display(),
+                        t.data.len(),
+                        t.shape,
+                        t.dtype
+                    ),
+                ));
+            }
+            let start = bytes.len();
+            bytes.extend_from_slice(&t.data);
+            self.insert(
+                format!("{prefix}{}", t.name),
+                Entry {
+                    dtype: t.dtype,
+                    shape: t.shape,
+                    buffer,
+                    start,
+                    end: bytes.len(),
+                },
+                path,
+            )?;
+        }
+        self.buffers
+            .push((path.to_path_buf(), Buffer::Owned(bytes)));
+        Ok(())
+    }
+
+    fn insert(&mut self, name: String, entry: Entry, path: &Path) -> Result<()> {
+        let expected = entry.shape.iter().product::<usize>() * entry.dtype.size();
+        if entry.end - entry.start != expected {
+            return Err(ModelError::tensor(
+                &name,
+                format!(
+                    "{}: {} bytes for shape {:?} {:?}",
+                    path.display(),
+                    entry.end - entry.start,
+                    entry.shape,
+                    entry.dtype
+                ),
+            ));
+        }
+        if let Some(previous) = self.entries.get(&name) {
+            return Err(ModelError::tensor(
+                &name,
+                format!(
+                    "appears twice: in {} and {}",
+                    self.buffers[previous.buffer].0.display(),
+                    path.display()
+                ),
+            ));
+        }
+        self.entries.insert(name, entry);
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// String metadata of the safetensors headers (`__metadata__`), merged over files.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries.get(name).ok_or_else(|| {
+            ModelError::tensor(
+                name,
+                format!(
+                    "missing from the checkpoint ({})",
+                    self.buffers
+                        .iter()
+                        .map(|b| b.0.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })
+    }
+
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        Ok(&self.entry(name)?.shape)
+    }
+
+    pub fn dtype(&self, name: &str) -> Result<DType> {
+        Ok(self.entry(name)?.dtype)
+    }
+
+    /// The raw little-endian bytes of a tensor, after checking its shape.
+    pub fn raw(&self, name: &str, shape: &[usize]) -> Result<(&[u8], DType)> {
+        let e = self.entry(name)?;
+        if e.shape != shape {
+            return Err(ModelError::tensor(
+                name,
+                format!(
+                    "shape {:?} in {}, expected {shape:?}",
+                    e.shape,
+                    self.buffers[e.buffer].0.display()
+                ),
+            ));
+        }
+        Ok((&self.buffers[e.buffer].1.bytes()[e.start..e.end], e.dtype))
+    }
+
+    /// A floating-point tensor as f32, checked for shape and finiteness.
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (bytes, dtype) = self.raw(name, shape)?;
+        let values = decode_f32(name, bytes, dtype)?;
+        check_finite(name, &values)?;
+        Ok(values)
+    }
+
+    /// Rows of a 2-D floating-point tensor (e.g. the embedding rows a prompt uses), reading only
+    /// those rows.
+    pub fn f32_rows(&self, name: &str, cols: usize, rows: &[usize]) -> Result<Vec<f32>> {
+        let e = self.entry(name)?;
+        if e.shape.len() != 2 || e.shape[1] != cols {
+            return Err(ModelError::tensor(
+                name,
+                format!("shape {:?}, expected [*, {cols}]", e.shape),
+            ));
+        }
+        let row_bytes = cols * e.dtype.size();
+        let bytes = &self.buffers[e.buffer].1.bytes()[e.start..e.end];
+        let mut out = Vec::with_capacity(rows.len() * cols);
+        for &r in rows {
+            if r >= e.shape[0] {
+                return Err(ModelError::tensor(
+                    name,
+                    format!("row {r} requested, the tensor has {} rows", e.shape[0]),
+                ));
+            }
+            let row = decode_f32(name, &bytes[r * row_bytes..(r + 1) * row_bytes], e.dtype)?;
+            check_finite(&format!("{name} row {r}"), &row)?;
+            out.extend_from_slice(&row);
+        }
+        Ok(out)
+    }
+}
+
+pub(crate) fn decode_f32(name: &str, bytes: &[u8], dtype: DType) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        DType::U8 => {
+            return Err(ModelError::tensor(
+                name,
+                "is U8, expected a floating-point tensor (BF16, F16 or F32)",
+            ));
+        }
+    })
+}
+
+pub(crate) fn check_finite(name: &str, values: &[f32]) -> Result<()> {
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(ModelError::tensor(
+            name,
+            format!(
+                "non-finite value {} at flat index {i}; the checkpoint is corrupt",
+                values[i]
+            ),
+        ));
+    }
+    Ok(())
+}

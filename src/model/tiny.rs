@@ -1,0 +1,503 @@
+//! `bitvla make-tiny`: a small random BitVLA checkpoint in exactly the published layout (§3):
+//! sharded bf16 safetensors with an index, the `.pt` sidecars (action head bf16, proprio
+//! projector f32 with a `module.` prefix), `dataset_statistics.json`, a byte-level BPE
+//! `tokenizer.json` with BitVLA's special tokens at their real ids, `tokenizer_config.json` with
+//! the chat template, and the processor configs. Same seed, same bytes.
+
+use super::pickle::write_state_dict;
+use super::prompt::{IMAGE_PAD_ID, PROPRIO_PAD_ID, STOP_ID};
+use super::store::{DType, RawTensor};
+use super::{ModelError, Result};
+use crate::kernels::pseudo_random;
+use half::bf16;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Shapes of the tiny model (the real ones are in `config.rs` defaults).
+#[derive(Debug, Clone, Copy)]
+pub struct TinyShape {
+    pub vision_hidden: usize,
+    pub vision_intermediate: usize,
+    pub vision_layers: usize,
+    pub vision_heads: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub horizon: usize,
+    pub action_dim: usize,
+    pub proprio_dim: usize,
+}
+
+impl Default for TinyShape {
+    fn default() -> Self {
+        Self {
+            vision_hidden: 64,
+            vision_intermediate: 128,
+            vision_layers: 2,
+            vision_heads: 4,
+            hidden: 128,
+            intermediate: 256,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 128264,
+            horizon: 8,
+            action_dim: 7,
+            proprio_dim: 8,
+        }
+    }
+}
+
+pub const TINY_UNNORM_KEY: &str = "libero_spatial_no_noops";
+
+fn fnv(text: &str, seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in text.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+struct Gen {
+    seed: u64,
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl Gen {
+    fn values(&self, name: &str, len: usize, amplitude: f32) -> Vec<f32> {
+        pseudo_random(len, fnv(name, self.seed), amplitude)
+    }
+    fn add(&mut self, name: String, shape: Vec<usize>, data: Vec<f32>) {
+        self.tensors.push((name, shape, data));
+    }
+    /// Uniform with unit output variance for unit-variance inputs.
+    fn linear(&mut self, prefix: &str, n: usize, k: usize, bias: bool) {
+        let w = self.values(&format!("{prefix}.weight"), n * k, (3.0 / k as f32).sqrt());
+        self.add(format!("{prefix}.weight"), vec![n, k], w);
+        if bias {
+            let b = self.values(&format!("{prefix}.bias"), n, 0.05);
+            self.add(format!("{prefix}.bias"), vec![n], b);
+        }
+    }
+    fn norm(&mut self, prefix: &str, width: usize, bias: bool) {
+        let w: Vec<f32> = self
+            .values(&format!("{prefix}.weight"), width, 0.2)
+            .iter()
+            .map(|v| 1.0 + v)
+            .collect();
+        self.add(format!("{prefix}.weight"), vec![width], w);
+        if bias {
+            let b = self.values(&format!("{prefix}.bias"), width, 0.1);
+            self.add(format!("{prefix}.bias"), vec![width], b);
+        }
+    }
+    fn take(&mut self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        std::mem::take(&mut self.tensors)
+    }
+}
+
+fn to_raw(tensors: Vec<(String, Vec<usize>, Vec<f32>)>, dtype: DType) -> Vec<RawTensor> {
+    tensors
+        .into_iter()
+        .map(|(name, shape, data)| RawTensor {
+            name,
+            dtype,
+            shape,
+            data: match dtype {
+                DType::BF16 => data
+                    .iter()
+                    .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+                _ => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            },
+        })
+        .collect()
+}
+
+fn write_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|t| {
+            safetensors::tensor::TensorView::new(t.dtype.to_safetensors(), t.shape.clone(), &t.data)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| ModelError::tensor(&t.name, format!("{e:?}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = std::collections::HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    safetensors::tensor::serialize_to_file(views, Some(meta), path)
+        .map_err(|e| ModelError::file(path, format!("{e:?}")))
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| ModelError::file(path, e))?;
+    std::fs::write(path, text + "\n").map_err(|e| ModelError::file(path, e))
+}
+
+/// Writes the tiny checkpoint into `dir` (created if needed).
+pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::file(dir, e))?;
+    let mut g = Gen {
+        seed,
+        tensors: Vec::new(),
+    };
+    // Shard 1: vision tower and projector.
+    let v = "vision_tower.vision_model";
+    let (vh, vf) = (s.vision_hidden, s.vision_intermediate);
+    g.linear(
+        &format!("{v}.embeddings.patch_embedding"),
+        vh,
+        3 * 14 * 14,
+        true,
+    );
+    if let Some((name, shape, _)) = g
+        .tensors
+        .iter_mut()
+        .find(|t| t.0.ends_with("patch_embedding.weight"))
+    {
+        debug_assert!(name.ends_with("weight"));
+        *shape = vec![vh, 3, 14, 14];
+    }
+    let pos = g.values("position", 256 * vh, 0.3);
+    g.add(
+        format!("{v}.embeddings.position_embedding.weight"),
+        vec![256, vh],
+        pos,
+    );
+    for i in 0..s.vision_layers {
+        let l = format!("{v}.encoder.layers.{i}");
+        g.norm(&format!("{l}.layer_norm1"), vh, true);
+        for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            g.linear(&format!("{l}.self_attn.{p}"), vh, vh, true);
+        }
+        g.norm(&format!("{l}.layer_norm2"), vh, true);
+        g.linear(&format!("{l}.mlp.fc1"), vf, vh, true);
+        g.linear(&format!("{l}.mlp.fc2"), vh, vf, true);
+    }
+    g.linear("multi_modal_projector.linear_1", s.hidden, vh, true);
+    g.linear("multi_modal_projector.linear_2", s.hidden, s.hidden, true);
+    let shard1 = to_raw(g.take(), DType::BF16);
+
+    // Shard 2: the language model.
+    let p = "language_model.model";
+    let (h, f) = (s.hidden, s.intermediate);
+    let kv = s.kv_heads * (h / s.heads);
+    let emb = g.values("embed_tokens", s.vocab * h, 1.0);
+    g.add(format!("{p}.embed_tokens.weight"), vec![s.vocab, h], emb);
+    for j in 0..s.layers {
+        let l = format!("{p}.layers.{j}");
+        g.norm(&format!("{l}.input_layernorm"), h, false);
+        g.linear(&format!("{l}.self_attn.q_proj"), h, h, false);
+        g.linear(&format!("{l}.self_attn.k_proj"), kv, h, false);
+        g.linear(&format!("{l}.self_attn.v_proj"), kv, h, false);
+        g.norm(&format!("{l}.self_attn.attn_sub_norm"), h, false);
+        g.linear(&format!("{l}.self_attn.o_proj"), h, h, false);
+        g.norm(&format!("{l}.post_attention_layernorm"), h, false);
+        g.linear(&format!("{l}.mlp.gate_proj"), f, h, false);
+        g.linear(&format!("{l}.mlp.up_proj"), f, h, false);
+        g.norm(&format!("{l}.mlp.ffn_sub_norm"), f, false);
+        g.linear(&format!("{l}.mlp.down_proj"), h, f, false);
+    }
+    g.norm(&format!("{p}.norm"), h, false);
+    let shard2 = to_raw(g.take(), DType::BF16);
+
+    let names = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0usize;
+    for (file, shard) in names.iter().zip([&shard1, &shard2]) {
+        write_safetensors(&dir.join(file), shard)?;
+        for t in shard.iter() {
+            weight_map.insert(t.name.clone(), json!(file));
+            total += t.data.len();
+        }
+    }
+    write_json(
+        &dir.join("model.safetensors.index.json"),
+        &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+    )?;
+
+    // Sidecars.
+    let width = s.action_dim * h;
+    g.norm("model.layer_norm1", width, true);
+    g.linear("model.fc1", h, width, true);
+    for b in 0..2 {
+        g.norm(&format!("model.mlp_resnet_blocks.{b}.ffn.0"), h, true);
+        g.linear(&format!("model.mlp_resnet_blocks.{b}.ffn.1"), h, h, true);
+    }
+    g.norm("model.layer_norm2", h, true);
+    g.linear("model.fc2", s.action_dim, h, true);
+    let head = to_raw(g.take(), DType::BF16);
+    write_state_dict(&dir.join("action_head--10000_checkpoint.pt"), &head)?;
+    g.linear("module.fc1", h, s.proprio_dim, true);
+    g.linear("module.fc2", h, h, true);
+    let proprio = to_raw(g.take(), DType::F32);
+    write_state_dict(
+        &dir.join("proprio_projector--10000_checkpoint.pt"),
+        &proprio,
+    )?;
+    let _ = s.horizon; // the horizon is implied by the action slots the policy appends
+
+    write_json(&dir.join("config.json"), &tiny_config(&s))?;
+    write_json(
+        &dir.join("dataset_statistics.json"),
+        &tiny_statistics(&s, seed),
+    )?;
+    write_json(&dir.join("tokenizer.json"), &tokenizer_json())?;
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &json!({
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|end_of_text|>",
+            "pad_token": "<|pad|>",
+            "model_max_length": 4096,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": CHAT_TEMPLATE,
+        }),
+    )?;
+    write_json(
+        &dir.join("preprocessor_config.json"),
+        &json!({
+            "image_processor_type": "SiglipImageProcessor",
+            "do_resize": true, "size": {"height": 224, "width": 224}, "resample": 3,
+            "do_rescale": true, "rescale_factor": 1.0 / 255.0,
+            "do_normalize": true, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        }),
+    )?;
+    write_json(
+        &dir.join("processor_config.json"),
+        &json!({"processor_class": "LlavaProcessor", "patch_size": 14}),
+    )?;
+    write_json(
+        &dir.join("generation_config.json"),
+        &json!({"bos_token_id": 128000, "eos_token_id": 128001}),
+    )?;
+    Ok(())
+}
+
+/// The chat template (§4.2): system preamble, `Role: content<|eot_id|>`, then `Assistant: `.
+pub const CHAT_TEMPLATE: &str = "{{ 'System: A chat between a curious human and an artificial \
+intelligence assistant. The assistant gives helpful, detailed, and polite answers to the \
+human\\'s questions.<|eot_id|>' }}{% for message in messages %}{{ message['role'] | capitalize \
+}}: {{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}\
+Assistant: {% endif %}";
+
+fn tiny_config(s: &TinyShape) -> serde_json::Value {
+    json!({
+        "model_type": "openvla",
+        "architectures": ["BitVLAForActionPrediction"],
+        "torch_dtype": "bfloat16",
+        "image_token_index": IMAGE_PAD_ID,
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": true,
+        "n_action_bins": 256,
+        "text_config": {
+            "model_type": "BitNet",
+            "hidden_size": s.hidden,
+            "intermediate_size": s.intermediate,
+            "num_hidden_layers": s.layers,
+            "num_attention_heads": s.heads,
+            "num_key_value_heads": s.kv_heads,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "vocab_size": s.vocab,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": true,
+            "hidden_act": "relu2",
+            "bos_token_id": 128000,
+            "eos_token_id": STOP_ID,
+        },
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": s.vision_hidden,
+            "intermediate_size": s.vision_intermediate,
+            "num_hidden_layers": s.vision_layers,
+            "num_attention_heads": s.vision_heads,
+            "num_channels": 3,
+            "image_size": 224,
+            "patch_size": 14,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+            "vit_weight_bits": 1,
+            "vit_act_bits": 8,
+            "vision_use_head": false,
+        },
+    })
+}
+
+fn tiny_statistics(s: &TinyShape, seed: u64) -> serde_json::Value {
+    let a = pseudo_random(s.action_dim, fnv("action stats", seed), 0.5);
+    let p = pseudo_random(s.proprio_dim, fnv("proprio stats", seed), 0.5);
+    let bounds = |c: &[f32], width: f32| {
+        let lo: Vec<f32> = c.iter().map(|v| v - width).collect();
+        let hi: Vec<f32> = c.iter().map(|v| v + width).collect();
+        (lo, hi)
+    };
+    let (aq01, aq99) = bounds(&a, 0.8);
+    let (pq01, pq99) = bounds(&p, 1.5);
+    let mut mask = vec![true; s.action_dim];
+    if let Some(m) = mask.last_mut() {
+        *m = false;
+    }
+    json!({
+        TINY_UNNORM_KEY: {
+            "action": {"mean": a, "std": vec![0.4; s.action_dim], "min": aq01, "max": aq99,
+                       "q01": aq01, "q99": aq99, "mask": mask},
+            "proprio": {"mean": p, "std": vec![0.7; s.proprio_dim], "min": pq01, "max": pq99,
+                        "q01": pq01, "q99": pq99},
+            "num_transitions": 1000,
+            "num_trajectories": 10,
+        }
+    })
+}
+
+/// GPT-2's byte ↔ printable-character map used by byte-level BPE.
+fn byte_chars() -> Vec<char> {
+    let mut printable: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut extra = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + extra);
+            extra += 1;
+        }
+    }
+    let mut table = vec!['\0'; 256];
+    for (b, c) in printable.iter().zip(&chars) {
+        table[*b as usize] = char::from_u32(*c).unwrap_or('?');
+    }
+    table
+}
+
+/// LLaMA-3's pre-tokenizer split pattern.
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A byte-level BPE: 256 byte tokens, merges building the prompt's frequent words, and BitVLA's
+/// added tokens at their real ids (128000…128263).
+fn tokenizer_json() -> serde_json::Value {
+    let table = byte_chars();
+    let mut vocab: BTreeMap<String, u32> = BTreeMap::new();
+    for (b, c) in table.iter().enumerate() {
+        vocab.insert(c.to_string(), b as u32);
+    }
+    let mut merges: Vec<[String; 2]> = Vec::new();
+    let words = [
+        "System",
+        ":",
+        " A",
+        " chat",
+        " between",
+        " a",
+        " curious",
+        " human",
+        " and",
+        " an",
+        " artificial",
+        " intelligence",
+        " assistant",
+        " The",
+        " gives",
+        " helpful",
+        " detailed",
+        " polite",
+        " answers",
+        " to",
+        " the",
+        "'s",
+        " questions",
+        "User",
+        "Assistant",
+        "What",
+        " action",
+        " should",
+        " robot",
+        " take",
+        " pick",
+        " up",
+        " put",
+        " black",
+        " bowl",
+        " plate",
+        " on",
+        " in",
+        " open",
+        " drawer",
+        " place",
+        " it",
+    ];
+    for word in words {
+        let pieces: Vec<String> = word
+            .bytes()
+            .map(|b| table[b as usize].to_string())
+            .collect();
+        let mut acc = pieces[0].clone();
+        for piece in &pieces[1..] {
+            let merged = format!("{acc}{piece}");
+            if !vocab.contains_key(&merged) {
+                let id = vocab.len() as u32;
+                vocab.insert(merged.clone(), id);
+                merges.push([acc.clone(), piece.clone()]);
+            }
+            acc = merged;
+        }
+    }
+    let mut added = vec![
+        (128000, "<|begin_of_text|>".to_owned()),
+        (STOP_ID, "<|end_of_text|>".to_owned()),
+        (128002, "<|pad|>".to_owned()),
+    ];
+    added.extend(
+        (128003..128009).map(|i| (i, format!("<|reserved_special_token_{}|>", i - 128003))),
+    );
+    added.push((128009, "<|eot_id|>".to_owned()));
+    added.push((IMAGE_PAD_ID, "<|image_pad|>".to_owned()));
+    added.push((PROPRIO_PAD_ID, "<proprio_pad>".to_owned()));
+    added.extend((0..252).map(|i| (128012 + i, format!("<action_{i}>"))));
+    // The added tokens are also model-vocabulary entries: `tokenizers` keeps their ids only then
+    // (otherwise it renumbers them after the last vocabulary id).
+    for (id, content) in &added {
+        vocab.insert(content.clone(), *id);
+    }
+    let added_tokens: Vec<_> = added
+        .iter()
+        .map(|(id, content)| {
+            json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+        ]},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 1}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [128000],
+                                                     "tokens": ["<|begin_of_text|>"]}},
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    })
+}

@@ -1,0 +1,182 @@
+//! Observation preprocessing (§5.1–5.2): camera images to the policy's normalized CHW tensors.
+//!
+//! Steps per image: optional 180° rotation (LIBERO renders upside down; off for real cameras),
+//! resize to the model's input size only when the image is not already that size (Lanczos3; the
+//! reference also round-trips through JPEG, which cannot be matched bit for bit), the 90%-area
+//! center crop resized back with TensorFlow's `crop_and_resize` bilinear arithmetic and uint8
+//! saturation, and SigLIP's `(u8/255 − 0.5)/0.5` normalization.
+
+use image::RgbImage;
+
+/// Per-camera preprocessing options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageOptions {
+    /// Rotate by 180° first (LIBERO's simulator cameras).
+    pub rotate_180: bool,
+    /// The 90%-area center crop the BitVLA fine-tunes were evaluated with (`center_crop = True`).
+    pub center_crop: bool,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        Self {
+            rotate_180: false,
+            center_crop: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ImageError {
+    #[error("image is empty ({width}x{height})")]
+    Empty { width: u32, height: u32 },
+    #[error("image buffer has {got} bytes, {width}x{height} RGB needs {expected}")]
+    Size {
+        width: u32,
+        height: u32,
+        expected: usize,
+        got: usize,
+    },
+}
+
+/// Wraps raw RGB8 bytes (row-major, no padding) as an image, checking the size.
+pub fn rgb_from_raw(width: u32, height: u32, data: Vec<u8>) -> Result<RgbImage, ImageError> {
+    if width == 0 || height == 0 {
+        return Err(ImageError::Empty { width, height });
+    }
+    let expected = width as usize * height as usize * 3;
+    let got = data.len();
+    RgbImage::from_raw(width, height, data).ok_or(ImageError::Size {
+        width,
+        height,
+        expected,
+        got,
+    })
+}
+
+/// The uint8 image the vision tower sees (after rotation, resize and crop), `size`×`size`.
+pub fn prepare_u8(img: &RgbImage, size: u32, opts: ImageOptions) -> Result<RgbImage, ImageError> {
+    let (w, h) = img.dimensions();
+    if w == 0 || h == 0 {
+        return Err(ImageError::Empty {
+            width: w,
+            height: h,
+        });
+    }
+    let rotated;
+    let mut img = img;
+    if opts.rotate_180 {
+        rotated = image::imageops::rotate180(img);
+        img = &rotated;
+    }
+    let resized;
+    if img.dimensions() != (size, size) {
+        resized = image::imageops::resize(img, size, size, image::imageops::FilterType::Lanczos3);
+        img = &resized;
+    }
+    Ok(if opts.center_crop {
+        center_crop(img, size)
+    } else {
+        img.clone()
+    })
+}
+
+/// The 90%-area center crop, resized back to `size` (§5.1 step 3): `tf.image.crop_and_resize`
+/// (bilinear, on the [0, 1] float image) then `convert_image_dtype` back to uint8
+/// (`trunc(clamp(v · 255.5, 0, 255))`).
+pub fn center_crop(img: &RgbImage, size: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let scale = 0.9f32.sqrt();
+    let lo = (1.0 - scale) / 2.0;
+    let hi = (1.0 + scale) / 2.0;
+    let coords = |extent: u32| -> Vec<(usize, usize, f32)> {
+        let span = (extent - 1) as f32;
+        (0..size)
+            .map(|i| {
+                let v = if size > 1 {
+                    lo * span + i as f32 * ((hi - lo) * span / (size - 1) as f32)
+                } else {
+                    0.5 * (lo + hi) * span
+                };
+                let top = v.floor();
+                let bottom = v.ceil();
+                (
+                    top as usize,
+                    (bottom as usize).min(extent as usize - 1),
+                    v - top,
+                )
+            })
+            .collect()
+    };
+    let ys = coords(h);
+    let xs = coords(w);
+    let inv = 1.0f32 / 255.0;
+    let px =
+        |x: usize, y: usize, c: usize| f32::from(img.as_raw()[(y * w as usize + x) * 3 + c]) * inv;
+    let mut out = RgbImage::new(size, size);
+    for (oy, &(y0, y1, fy)) in ys.iter().enumerate() {
+        for (ox, &(x0, x1, fx)) in xs.iter().enumerate() {
+            for c in 0..3 {
+                let tl = px(x0, y0, c);
+                let tr = px(x1, y0, c);
+                let bl = px(x0, y1, c);
+                let br = px(x1, y1, c);
+                let top = tl + (tr - tl) * fx;
+                let bottom = bl + (br - bl) * fx;
+                let v = top + (bottom - top) * fy;
+                out.as_mut()[(oy * size as usize + ox) * 3 + c] =
+                    (v * 255.5).clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    out
+}
+
+/// SigLIP normalization to a CHW f32 tensor in [−1, 1].
+pub fn to_chw(img: &RgbImage) -> Vec<f32> {
+    let (w, h) = img.dimensions();
+    let plane = (w * h) as usize;
+    let mut out = vec![0.0f32; 3 * plane];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = (f32::from(p[c]) * (1.0 / 255.0) - 0.5) / 0.5;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crop_coordinates_match_the_spec() {
+        // A horizontal ramp: output column i samples x = 5.7218 + 0.9486833·i (§5.1).
+        let img = RgbImage::from_fn(224, 224, |x, _| image::Rgb([x as u8, 0, 0]));
+        let out = center_crop(&img, 224);
+        for i in [0u32, 100, 223] {
+            let x = 5.7218 + 0.948_683_3 * i as f32;
+            let expected = ((x / 255.0) * 255.5).clamp(0.0, 255.0) as u8;
+            assert!(
+                (i32::from(out.get_pixel(i, 7)[0]) - i32::from(expected)).abs() <= 1,
+                "column {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_sizes_are_errors() {
+        assert!(matches!(
+            rgb_from_raw(4, 4, vec![0; 47]),
+            Err(ImageError::Size { .. })
+        ));
+        assert!(matches!(
+            rgb_from_raw(0, 4, vec![]),
+            Err(ImageError::Empty { .. })
+        ));
+        let img = rgb_from_raw(300, 200, vec![128; 300 * 200 * 3]).unwrap();
+        let out = prepare_u8(&img, 224, ImageOptions::default()).unwrap();
+        assert_eq!(out.dimensions(), (224, 224));
+        assert!(to_chw(&out).iter().all(|v| (v - 0.003_921_6).abs() < 0.01));
+    }
+}
