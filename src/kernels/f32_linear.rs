@@ -83,6 +83,41 @@ pub fn linear(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
+    linear_weights(x, m, k, WeightRef::F32(weight), n, bias, out)
+}
+
+/// Full-precision weights as stored: f32, or bf16 (kept at half the memory and widened to f32
+/// block by block, exactly, inside each task).
+#[derive(Clone, Copy)]
+pub enum WeightRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl WeightRef<'_> {
+    fn len(&self) -> usize {
+        match self {
+            WeightRef::F32(w) => w.len(),
+            WeightRef::Bf16(w) => w.len(),
+        }
+    }
+}
+
+thread_local! {
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`linear`] for f32 or bf16 weights; the same result for both when the bf16 values widen to
+/// the f32 ones.
+pub fn linear_weights(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    weight: WeightRef<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
     check_matrix("linear input", x.len(), m, k)?;
     check_matrix("linear weight", weight.len(), n, k)?;
     check_matrix("linear output", out.len(), m, n)?;
@@ -106,29 +141,39 @@ pub fn linear(
         let col0 = i * COLUMN_BLOCK;
         let cols = COLUMN_BLOCK.min(n - col0);
         let dst = &dst;
-        // SAFETY: x is m × k row-major; rows col0.. of W (k wide) read as the k × cols matrix
-        // Wᵀ[:, col0..]; the destination columns col0..col0+cols of the m × n output belong to
-        // this block only.
-        unsafe {
-            matmul_strided(
-                m,
-                cols,
-                k,
-                dst.0.add(col0),
-                n,
-                View {
-                    ptr: x.as_ptr(),
-                    row_stride: k as isize,
-                    col_stride: 1,
-                },
-                View {
-                    ptr: weight.as_ptr().add(col0 * k),
-                    row_stride: 1,
-                    col_stride: k as isize,
-                },
-                1.0,
-                bias.is_some(),
-            )
+        let product = |w: &[f32]| {
+            // SAFETY: x is m × k row-major; w holds rows col0..col0+cols of W (k wide), read as
+            // the k × cols matrix Wᵀ[:, col0..]; the destination columns col0..col0+cols of the
+            // m × n output belong to this block only.
+            unsafe {
+                matmul_strided(
+                    m,
+                    cols,
+                    k,
+                    dst.0.add(col0),
+                    n,
+                    View {
+                        ptr: x.as_ptr(),
+                        row_stride: k as isize,
+                        col_stride: 1,
+                    },
+                    View {
+                        ptr: w.as_ptr(),
+                        row_stride: 1,
+                        col_stride: k as isize,
+                    },
+                    1.0,
+                    bias.is_some(),
+                )
+            }
+        };
+        match weight {
+            WeightRef::F32(w) => product(&w[col0 * k..(col0 + cols) * k]),
+            WeightRef::Bf16(w) => WIDENED.with_borrow_mut(|buf| {
+                buf.clear();
+                buf.extend(w[col0 * k..(col0 + cols) * k].iter().map(|v| v.to_f32()));
+                product(buf)
+            }),
         }
     };
     if blocks == 1 || rayon::current_num_threads() == 1 {
@@ -234,6 +279,22 @@ mod tests {
                 assert!((a + bias - y).abs() <= 1e-4);
             }
         }
+    }
+
+    #[test]
+    fn bf16_weights_equal_their_f32_widening_bit_for_bit() {
+        let (m, k, n) = (9, 300, 517);
+        let x = data(m * k, 4);
+        let w16: Vec<half::bf16> = data(n * k, 5)
+            .iter()
+            .map(|&v| half::bf16::from_f32(v))
+            .collect();
+        let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+        let b = data(n, 6);
+        let (mut a, mut c) = (vec![0.0; m * n], vec![0.0; m * n]);
+        linear(&x, m, k, &w32, n, Some(&b), &mut a).unwrap();
+        linear_weights(&x, m, k, WeightRef::Bf16(&w16), n, Some(&b), &mut c).unwrap();
+        assert!(a.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()));
     }
 
     #[test]

@@ -23,6 +23,7 @@
 
 use super::{AlignedBytes, KernelError, Result, check_matrix};
 use half::bf16;
+use rayon::prelude::*;
 
 /// Output columns per packed panel (the GEMM's register block width).
 pub const PANEL_COLS: usize = 32;
@@ -67,7 +68,7 @@ impl TernaryMatrix {
         Self::quantize(weights.len(), n, k, |i| weights[i].to_f32())
     }
 
-    fn quantize(len: usize, n: usize, k: usize, at: impl Fn(usize) -> f32) -> Result<Self> {
+    fn quantize(len: usize, n: usize, k: usize, at: impl Fn(usize) -> f32 + Sync) -> Result<Self> {
         check_matrix("ternary weight", len, n, k)?;
         if let Some(i) = (0..len).find(|&i| !at(i).is_finite()) {
             return Err(KernelError::NonFinite {
@@ -101,16 +102,63 @@ impl TernaryMatrix {
         Self::pack(n, k, gamma, |row, col| codes[row * k + col])
     }
 
-    fn pack(n: usize, k: usize, gamma: f32, code: impl Fn(usize, usize) -> i8) -> Result<Self> {
+    /// Adopts bytes already in the packed layout (a converted checkpoint), checking their length
+    /// and that every 2-bit code is 0, 1 or 2.
+    pub fn from_packed(bytes: &[u8], n: usize, k: usize, gamma: f32) -> Result<Self> {
+        check_matrix("packed ternary weight", n * k, n, k)?;
+        let n_padded = n.div_ceil(PANEL_COLS) * PANEL_COLS;
+        let k_padded = k.div_ceil(K_BLOCK) * K_BLOCK;
+        let expected = n_padded * k_padded / 4;
+        if bytes.len() != expected {
+            return Err(KernelError::LengthMismatch {
+                what: "packed ternary weight bytes",
+                expected,
+                got: bytes.len(),
+            });
+        }
+        if !gamma.is_finite() || gamma < 0.0 {
+            return Err(KernelError::Invalid(format!(
+                "ternary scale {gamma} is not valid"
+            )));
+        }
+        if let Some(i) = bytes.iter().position(|&b| b & (b >> 1) & 0x55 != 0) {
+            return Err(KernelError::Invalid(format!(
+                "packed ternary weight: byte {i} holds the invalid code 3 (corrupt file)"
+            )));
+        }
+        let mut packed = AlignedBytes::new(bytes.len(), 0);
+        packed.as_mut_slice().copy_from_slice(bytes);
+        let mut column_scales = vec![gamma; n];
+        column_scales.resize(n_padded, 0.0);
+        Ok(Self {
+            n,
+            k,
+            packed,
+            column_scales,
+            segments: vec![(0, gamma)],
+        })
+    }
+
+    /// γ of an unfused matrix.
+    pub fn gamma(&self) -> f32 {
+        self.segments.first().map_or(0.0, |s| s.1)
+    }
+
+    fn pack(
+        n: usize,
+        k: usize,
+        gamma: f32,
+        code: impl Fn(usize, usize) -> i8 + Sync,
+    ) -> Result<Self> {
         let n_padded = n.div_ceil(PANEL_COLS) * PANEL_COLS;
         let k_padded = k.div_ceil(K_BLOCK) * K_BLOCK;
         let k_blocks = k_padded / K_BLOCK;
         let mut packed = AlignedBytes::new(n_padded / PANEL_COLS * k_blocks * BLOCK_BYTES, 0);
-        let bytes = packed.as_mut_slice();
-        for panel in 0..n_padded / PANEL_COLS {
+        let panel_bytes = k_blocks * BLOCK_BYTES;
+        let pack_panel = |(panel, bytes): (usize, &mut [u8])| {
             for kb in 0..k_blocks {
                 for half in 0..2 {
-                    let base = ((panel * k_blocks + kb) * 2 + half) * 64;
+                    let base = (kb * 2 + half) * 64;
                     for j in 0..16 {
                         let col = panel * PANEL_COLS + half * 16 + j;
                         for e in 0..4 {
@@ -129,7 +177,13 @@ impl TernaryMatrix {
                     }
                 }
             }
-        }
+        };
+        // Panels are independent: packing a full-size model is parallel (and deterministic).
+        packed
+            .as_mut_slice()
+            .par_chunks_mut(panel_bytes)
+            .enumerate()
+            .for_each(pack_panel);
         let mut column_scales = vec![gamma; n];
         column_scales.resize(n_padded, 0.0);
         Ok(Self {

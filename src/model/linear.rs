@@ -2,9 +2,9 @@
 //! `<prefix>.bias` [N]): BitLinear layers pre-quantized once at load into packed ternary codes
 //! (§2.2, run with the W1.58-A8 kernels), full-precision ones kept in f32.
 
-use super::store::TensorStore;
+use super::store::{DType, TensorStore};
 use super::{KernelContext, ModelError, Result};
-use crate::kernels::f32_linear;
+use crate::kernels::f32_linear::{self, WeightRef};
 use crate::kernels::{QuantizedActivations, TernaryMatrix, quantize_activations, ternary_matmul};
 
 pub enum Weights {
@@ -12,6 +12,8 @@ pub enum Weights {
     Ternary(TernaryMatrix),
     /// Full precision, row-major N × K.
     Dense(Vec<f32>),
+    /// Full precision stored as bf16 (as in the checkpoint: exact, half the memory).
+    DenseBf16(Vec<half::bf16>),
 }
 
 pub struct Linear {
@@ -45,6 +47,10 @@ impl Linear {
         kind: LinearKind,
     ) -> Result<Self> {
         let weight_name = format!("{prefix}.weight");
+        if kind == LinearKind::Dense && store.dtype(&weight_name)? == DType::BF16 {
+            let w = store.bf16(&weight_name, &[n, k])?;
+            return Self::with_bias(store, prefix, n, k, bias, Weights::DenseBf16(w));
+        }
         let w = store.f32(&weight_name, &[n, k])?;
         let weights = match kind {
             LinearKind::Dense => Weights::Dense(w),
@@ -56,6 +62,17 @@ impl Linear {
                 Weights::Dense(dequantize(&t))
             }
         };
+        Self::with_bias(store, prefix, n, k, bias, weights)
+    }
+
+    fn with_bias(
+        store: &TensorStore,
+        prefix: &str,
+        n: usize,
+        k: usize,
+        bias: bool,
+        weights: Weights,
+    ) -> Result<Self> {
         let bias = if bias {
             Some(store.f32(&format!("{prefix}.bias"), &[n])?)
         } else {
@@ -75,6 +92,7 @@ impl Linear {
         let w = match &self.weights {
             Weights::Ternary(t) => t.memory_bytes(),
             Weights::Dense(d) => d.len() * 4,
+            Weights::DenseBf16(d) => d.len() * 2,
         };
         w + self.bias.as_ref().map_or(0, |b| b.len() * 4)
     }
@@ -115,14 +133,17 @@ impl Linear {
                     }
                     ternary_matmul(qa, t, layer.bias.as_deref(), &mut out).stage(&layer.name)?;
                 }
-                Weights::Dense(w) => {
-                    f32_linear::linear(x, m, layer.k, w, layer.n, layer.bias.as_deref(), &mut out)
-                        .stage(&layer.name)?;
-                }
+                Weights::Dense(w) => layer.dense(x, m, WeightRef::F32(w), &mut out)?,
+                Weights::DenseBf16(w) => layer.dense(x, m, WeightRef::Bf16(w), &mut out)?,
             }
             outs.push(out);
         }
         Ok(outs)
+    }
+
+    fn dense(&self, x: &[f32], m: usize, w: WeightRef<'_>, out: &mut [f32]) -> Result<()> {
+        f32_linear::linear_weights(x, m, self.k, w, self.n, self.bias.as_deref(), out)
+            .stage(&self.name)
     }
 
     /// This layer with its ternary weights expanded to f32 (γ·t): the engine's f32 path.
@@ -130,6 +151,7 @@ impl Linear {
         let weights = match &self.weights {
             Weights::Ternary(t) => Weights::Dense(dequantize(t)),
             Weights::Dense(d) => Weights::Dense(d.clone()),
+            Weights::DenseBf16(d) => Weights::DenseBf16(d.clone()),
         };
         Linear {
             name: self.name.clone(),

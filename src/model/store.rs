@@ -288,6 +288,31 @@ impl TensorStore {
         Ok(values)
     }
 
+    /// A BF16 tensor as stored, checked for shape and finiteness.
+    pub fn bf16(&self, name: &str, shape: &[usize]) -> Result<Vec<bf16>> {
+        let (bytes, dtype) = self.raw(name, shape)?;
+        if dtype != DType::BF16 {
+            return Err(ModelError::tensor(
+                name,
+                format!("is {dtype:?}, expected BF16"),
+            ));
+        }
+        let values: Vec<bf16> = bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::tensor(
+                name,
+                format!(
+                    "non-finite value {} at flat index {i}; the checkpoint is corrupt",
+                    values[i]
+                ),
+            ));
+        }
+        Ok(values)
+    }
+
     /// Rows of a 2-D floating-point tensor (e.g. the embedding rows a prompt uses), reading only
     /// those rows.
     pub fn f32_rows(&self, name: &str, cols: usize, rows: &[usize]) -> Result<Vec<f32>> {

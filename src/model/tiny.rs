@@ -52,6 +52,9 @@ impl Default for TinyShape {
     }
 }
 
+/// Output scale of the residual-branch projections relative to the stream.
+const RESIDUAL_GAIN: f32 = 0.1;
+
 pub const TINY_UNNORM_KEY: &str = "libero_spatial_no_noops";
 
 fn fnv(text: &str, seed: u64) -> u64 {
@@ -76,7 +79,17 @@ impl Gen {
     }
     /// Uniform with unit output variance for unit-variance inputs.
     fn linear(&mut self, prefix: &str, n: usize, k: usize, bias: bool) {
-        let w = self.values(&format!("{prefix}.weight"), n * k, (3.0 / k as f32).sqrt());
+        self.linear_scaled(prefix, n, k, bias, 1.0);
+    }
+    /// Output variance `gain²`. Residual-branch outputs (out_proj, o_proj, fc2, down_proj) use
+    /// a small gain, as GPT-2's initialization and trained networks do: the residual stream
+    /// dominates each block's update, so the model is not chaotic.
+    fn linear_scaled(&mut self, prefix: &str, n: usize, k: usize, bias: bool, gain: f32) {
+        let w = self.values(
+            &format!("{prefix}.weight"),
+            n * k,
+            gain * (3.0 / k as f32).sqrt(),
+        );
         self.add(format!("{prefix}.weight"), vec![n, k], w);
         if bias {
             let b = self.values(&format!("{prefix}.bias"), n, 0.05);
@@ -170,12 +183,19 @@ pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
     for i in 0..s.vision_layers {
         let l = format!("{v}.encoder.layers.{i}");
         g.norm(&format!("{l}.layer_norm1"), vh, true);
-        for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+        for p in ["q_proj", "k_proj", "v_proj"] {
             g.linear(&format!("{l}.self_attn.{p}"), vh, vh, true);
         }
+        g.linear_scaled(
+            &format!("{l}.self_attn.out_proj"),
+            vh,
+            vh,
+            true,
+            RESIDUAL_GAIN,
+        );
         g.norm(&format!("{l}.layer_norm2"), vh, true);
         g.linear(&format!("{l}.mlp.fc1"), vf, vh, true);
-        g.linear(&format!("{l}.mlp.fc2"), vh, vf, true);
+        g.linear_scaled(&format!("{l}.mlp.fc2"), vh, vf, true, RESIDUAL_GAIN);
     }
     g.linear("multi_modal_projector.linear_1", s.hidden, vh, true);
     g.linear("multi_modal_projector.linear_2", s.hidden, s.hidden, true);
@@ -194,12 +214,12 @@ pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
         g.linear(&format!("{l}.self_attn.k_proj"), kv, h, false);
         g.linear(&format!("{l}.self_attn.v_proj"), kv, h, false);
         g.norm(&format!("{l}.self_attn.attn_sub_norm"), h, false);
-        g.linear(&format!("{l}.self_attn.o_proj"), h, h, false);
+        g.linear_scaled(&format!("{l}.self_attn.o_proj"), h, h, false, RESIDUAL_GAIN);
         g.norm(&format!("{l}.post_attention_layernorm"), h, false);
         g.linear(&format!("{l}.mlp.gate_proj"), f, h, false);
         g.linear(&format!("{l}.mlp.up_proj"), f, h, false);
         g.norm(&format!("{l}.mlp.ffn_sub_norm"), f, false);
-        g.linear(&format!("{l}.mlp.down_proj"), h, f, false);
+        g.linear_scaled(&format!("{l}.mlp.down_proj"), h, f, false, RESIDUAL_GAIN);
     }
     g.norm(&format!("{p}.norm"), h, false);
     let shard2 = to_raw(g.take(), DType::BF16);
@@ -228,7 +248,13 @@ pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
     g.linear("model.fc1", h, width, true);
     for b in 0..2 {
         g.norm(&format!("model.mlp_resnet_blocks.{b}.ffn.0"), h, true);
-        g.linear(&format!("model.mlp_resnet_blocks.{b}.ffn.1"), h, h, true);
+        g.linear_scaled(
+            &format!("model.mlp_resnet_blocks.{b}.ffn.1"),
+            h,
+            h,
+            true,
+            RESIDUAL_GAIN,
+        );
     }
     g.norm("model.layer_norm2", h, true);
     g.linear("model.fc2", s.action_dim, h, true);
