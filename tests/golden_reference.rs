@@ -234,3 +234,23 @@ fn known_mistakes_fail_the_comparison() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn the_packed_file_gives_the_same_actions_bit_for_bit() {
+    let golden = Golden::load();
+    let dir = tiny_model("packed");
+    let packed = dir.join("tiny.bitvla");
+    bitvla_ros::model::packed::convert(&dir, &packed).unwrap();
+    let obs = golden.observation();
+    let a = Policy::load(&dir, options(&golden.meta, Ablation::default()))
+        .unwrap()
+        .predict(&obs)
+        .unwrap();
+    let b = Policy::load(&packed, options(&golden.meta, Ablation::default()))
+        .unwrap()
+        .predict(&obs)
+        .unwrap();
+    assert_eq!(a.normalized, b.normalized);
+    assert_eq!(a.actions, b.actions);
+    std::fs::remove_dir_all(dir).ok();
+}

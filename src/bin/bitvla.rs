@@ -30,6 +30,19 @@ enum Command {
     Run(RunArgs),
     /// Write a small random checkpoint in the published BitVLA layout (tests, demos).
     MakeTiny(MakeTinyArgs),
+    /// Convert a published checkpoint directory into one packed file (ternary codes
+    /// pre-quantized, loads in about a second).
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Checkpoint directory (config.json, safetensors, .pt sidecars, statistics, tokenizer).
+    #[arg(long)]
+    model: PathBuf,
+    /// The packed file to write.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -116,6 +129,25 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench(Bench::Kernels(args)) => bench_kernels(args),
         Command::Run(args) => run(args),
+        Command::Convert(args) => {
+            let t = std::time::Instant::now();
+            let report = bitvla_ros::model::packed::convert(&args.model, &args.out)
+                .with_context(|| format!("converting {}", args.model.display()))?;
+            println!(
+                "wrote {} ({:.1} MB, {} tensors, {} ternary) in {:.1} s; left out (unused): {}",
+                args.out.display(),
+                report.bytes as f64 / 1e6,
+                report.tensors,
+                report.ternary,
+                t.elapsed().as_secs_f64(),
+                if report.skipped.is_empty() {
+                    "none".to_owned()
+                } else {
+                    report.skipped.join(", ")
+                }
+            );
+            Ok(())
+        }
         Command::MakeTiny(args) => {
             make_tiny(&args.out, args.seed, TinyShape::default())
                 .with_context(|| format!("writing the tiny model to {}", args.out.display()))?;

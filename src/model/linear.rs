@@ -2,6 +2,7 @@
 //! `<prefix>.bias` [N]): BitLinear layers pre-quantized once at load into packed ternary codes
 //! (§2.2, run with the W1.58-A8 kernels), full-precision ones kept in f32.
 
+use super::packed::{CODES_SUFFIX, SCALE_SUFFIX, packed_len};
 use super::store::{DType, TensorStore};
 use super::{KernelContext, ModelError, Result};
 use crate::kernels::f32_linear::{self, WeightRef};
@@ -47,6 +48,31 @@ impl Linear {
         kind: LinearKind,
     ) -> Result<Self> {
         let weight_name = format!("{prefix}.weight");
+        let codes = format!("{weight_name}{CODES_SUFFIX}");
+        if store.contains(&codes) {
+            // A packed checkpoint: adopt the codes as they are.
+            let (bytes, dtype) = store.raw(&codes, &[packed_len(n, k)])?;
+            if dtype != DType::U8 {
+                return Err(ModelError::tensor(
+                    &codes,
+                    format!("is {dtype:?}, expected U8"),
+                ));
+            }
+            let scale = store.f32(&format!("{weight_name}{SCALE_SUFFIX}"), &[1])?[0];
+            let t = TernaryMatrix::from_packed(bytes, n, k, scale).stage(&codes);
+            store.release(&codes);
+            let weights = match kind {
+                LinearKind::Ternary => Weights::Ternary(t?),
+                LinearKind::TernaryWeightsOnly => Weights::Dense(dequantize(&t?)),
+                LinearKind::Dense => {
+                    return Err(ModelError::tensor(
+                        &codes,
+                        "packed ternary codes for a full-precision layer (config mismatch)",
+                    ));
+                }
+            };
+            return Self::with_bias(store, prefix, n, k, bias, weights);
+        }
         if kind == LinearKind::Dense && store.dtype(&weight_name)? == DType::BF16 {
             let w = store.bf16(&weight_name, &[n, k])?;
             return Self::with_bias(store, prefix, n, k, bias, Weights::DenseBf16(w));

@@ -9,6 +9,7 @@ pub mod config;
 pub mod heads;
 pub mod language;
 pub mod linear;
+pub mod packed;
 pub mod pickle;
 pub mod policy;
 pub mod prompt;

@@ -2,7 +2,7 @@
 //! images + instruction + proprioception → an action chunk (§5).
 
 use super::config::BitVlaConfig;
-use super::heads::{ACTION_HEAD_PREFIX, ActionHead, PROPRIO_PREFIX, ProprioProjector};
+use super::heads::{ActionHead, PROPRIO_PREFIX, ProprioProjector};
 use super::language::LanguageModel;
 use super::prompt::{IMAGE_PAD_ID, PROPRIO_PAD_ID, PromptTokenizer};
 use super::stats::{DatasetStatistics, Statistics};
@@ -222,20 +222,18 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Loads a published checkpoint directory.
-    pub fn load(dir: &Path, options: PolicyOptions) -> Result<Self> {
-        let files = CheckpointFiles::find(dir)?;
+    /// Loads a model: a published checkpoint directory, or a packed file from `bitvla convert`.
+    pub fn load(path: &Path, options: PolicyOptions) -> Result<Self> {
+        if path.is_file() {
+            let packed = super::packed::open_packed(path)?;
+            let statistics = Statistics::from_json(&packed.statistics)
+                .map_err(|e| ModelError::file(path, format!("dataset statistics: {e}")))?;
+            let tokenizer = PromptTokenizer::from_json(&packed.tokenizer, path)?;
+            return Self::from_parts(packed.config, packed.store, statistics, tokenizer, options);
+        }
+        let files = CheckpointFiles::find(path)?;
         let config = BitVlaConfig::from_file(&files.config)?;
-        let mut store = TensorStore::new();
-        for w in &files.weights {
-            store.add_safetensors(w)?;
-        }
-        let head = super::pickle::read_state_dict(&files.action_head)?;
-        store.add_owned(&files.action_head, &format!("{ACTION_HEAD_PREFIX}."), head)?;
-        if let Some(p) = &files.proprio_projector {
-            let t = super::pickle::read_state_dict(p)?;
-            store.add_owned(p, &format!("{PROPRIO_PREFIX}."), t)?;
-        }
+        let store = super::packed::open_directory(&files)?;
         let statistics = Statistics::from_file(&files.statistics)?;
         let tokenizer = PromptTokenizer::from_file(&files.tokenizer)?;
         Self::from_parts(config, store, statistics, tokenizer, options)
@@ -265,13 +263,7 @@ impl Policy {
             proprio.as_ref().map(|p| p.input_dim()),
         )?;
         for name in store.names() {
-            let used = name.starts_with("vision_tower.vision_model.embeddings")
-                || name.starts_with("vision_tower.vision_model.encoder.layers")
-                || name.starts_with("multi_modal_projector.")
-                || name.starts_with("language_model.model.")
-                || name.starts_with(&format!("{PROPRIO_PREFIX}."))
-                || name.starts_with(&format!("{ACTION_HEAD_PREFIX}."));
-            if !used {
+            if !super::packed::is_used(name) {
                 log::info!("checkpoint tensor {name} is not used on the OFT action path");
             }
         }

@@ -34,7 +34,15 @@ pub struct PromptTokenizer {
 
 impl PromptTokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let tokenizer = Tokenizer::from_file(path)
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::file(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// From the contents of a `tokenizer.json`; `origin` names it in errors.
+    pub fn from_json(text: &str, origin: &Path) -> Result<Self> {
+        let path = origin;
+        let tokenizer: Tokenizer = text
+            .parse()
             .map_err(|e| ModelError::file(path, format!("cannot load the tokenizer: {e}")))?;
         for (token, id) in [
             ("<|image_pad|>", IMAGE_PAD_ID),

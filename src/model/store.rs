@@ -280,10 +280,35 @@ impl TensorStore {
         Ok((&self.buffers[e.buffer].1.bytes()[e.start..e.end], e.dtype))
     }
 
+    /// Drops a memory-mapped tensor's pages from this process (they stay in the page cache and
+    /// are re-read if touched again), so that loading or converting a model tensor by tensor
+    /// never holds the whole mapped checkpoint in the resident set.
+    pub fn release(&self, name: &str) {
+        if let Some(e) = self.entries.get(name)
+            && let Buffer::Mapped(map) = &self.buffers[e.buffer].1
+            && e.end > e.start
+        {
+            // SAFETY: a read-only, file-backed private mapping: MADV_DONTNEED only drops clean
+            // pages, which are re-read from the (unchanged) file on the next access.
+            let dropped = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    e.start,
+                    e.end - e.start,
+                )
+            };
+            if let Err(err) = dropped {
+                log::debug!("madvise(DONTNEED) on {name}: {err}");
+            }
+        }
+    }
+
     /// A floating-point tensor as f32, checked for shape and finiteness.
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (bytes, dtype) = self.raw(name, shape)?;
-        let values = decode_f32(name, bytes, dtype)?;
+        let values = decode_f32(name, bytes, dtype);
+        self.release(name);
+        let values = values?;
         check_finite(name, &values)?;
         Ok(values)
     }
@@ -301,6 +326,7 @@ impl TensorStore {
             .chunks_exact(2)
             .map(|b| bf16::from_le_bytes([b[0], b[1]]))
             .collect();
+        self.release(name);
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(ModelError::tensor(
                 name,
