@@ -30,6 +30,8 @@ enum Command {
     Run(RunArgs),
     /// Write a small random checkpoint in the published BitVLA layout (tests, demos).
     MakeTiny(MakeTinyArgs),
+    /// Write a full-size packed model with random weights and the real shapes (benchmarks).
+    MakeSynthetic(MakeTinyArgs),
     /// Convert a published checkpoint directory into one packed file (ternary codes
     /// pre-quantized, loads in about a second).
     Convert(ConvertArgs),
@@ -94,6 +96,31 @@ enum Bench {
     /// Ternary GEMM on the real BitVLA shapes vs the f32 `gemm` crate, with the int8 peak
     /// calibrated in the same run.
     Kernels(KernelsArgs),
+    /// Warm policy calls on a model (e.g. from `bitvla make-synthetic`): time per stage,
+    /// efficiency against the calibrated int8 peak, peak RSS, and the f32-GEMM path of the same
+    /// graph for comparison.
+    Forward(ForwardArgs),
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    /// A checkpoint directory or packed file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed ternary calls (median reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Interleaved calls of the f32-GEMM path (0 skips it; it needs about 11 GB for the
+    /// full-size model).
+    #[arg(long, default_value_t = 3)]
+    f32_reps: usize,
+    #[arg(long, default_value_t = 0.1)]
+    calib_seconds: f64,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -129,6 +156,19 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench(Bench::Kernels(args)) => bench_kernels(args),
         Command::Run(args) => run(args),
+        Command::Bench(Bench::Forward(args)) => bench_forward(args),
+        Command::MakeSynthetic(args) => {
+            let t = std::time::Instant::now();
+            let bytes = bitvla_ros::model::synthetic::make_synthetic(&args.out, args.seed)
+                .with_context(|| format!("writing {}", args.out.display()))?;
+            println!(
+                "wrote a full-size synthetic BitVLA model to {} ({:.2} GB) in {:.1} s",
+                args.out.display(),
+                bytes as f64 / 1e9,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         Command::Convert(args) => {
             let t = std::time::Instant::now();
             let report = bitvla_ros::model::packed::convert(&args.model, &args.out)
@@ -155,6 +195,50 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn bench_forward(args: ForwardArgs) -> anyhow::Result<()> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let report = bitvla_ros::bench::forward::run(&bitvla_ros::bench::forward::Options {
+        model: args.model.clone(),
+        threads,
+        reps: args.reps,
+        f32_reps: args.f32_reps,
+        calib_seconds: args.calib_seconds,
+    })
+    .with_context(|| format!("benchmarking {}", args.model.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        let s = &report.stages_median_ms;
+        println!("{} ({} threads, kernel {}, {} tokens)", report.model, report.threads, report.kernel, report.tokens);
+        println!(
+            "  forward median {:.1} ms: preprocess {:.1}, vision {:.1}, projector {:.1}, llm {:.1}, head {:.1}",
+            report.median_ms, s.preprocess_ms, s.vision_ms, s.projector_ms, s.llm_ms, s.action_head_ms
+        );
+        println!(
+            "  ternary work {:.0} GOP -> {:.1} GOP/s; peak {} GOP/s; efficiency {}",
+            report.ternary_gops,
+            report.achieved_gops,
+            report.peak_gops.map_or("?".into(), |p| format!("{p:.1}")),
+            report.efficiency.map_or("?".into(), |e| format!("{e:.3}"))
+        );
+        println!(
+            "  load {:.2} s; weights {:.0} MB; peak RSS {}",
+            report.load_s,
+            report.weight_bytes as f64 / 1e6,
+            report.peak_rss_bytes.map_or("?".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
+        );
+        if let (Some(f), Some(r)) = (report.f32_median_ms, report.time_ratio_vs_f32) {
+            println!(
+                "  f32-GEMM path {:.1} ms: ternary takes {:.3}x its time (max |action diff| {:?})",
+                f, r, report.max_abs_action_diff_vs_f32
+            );
+        }
+    }
+    Ok(())
 }
 
 fn load_image(path: &std::path::Path) -> anyhow::Result<image::RgbImage> {

@@ -38,7 +38,8 @@ impl AttentionShape {
 }
 
 /// `q`: tokens × (heads·d), `k`, `v`: tokens × (kv_heads·d), `out`: tokens × (heads·d), all
-/// row-major (the layout of the projections). `scratch` is resized to hold the score matrices.
+/// row-major (the layout of the projections). `scratch` holds the score matrix of the
+/// single-threaded path (parallel workers use their own).
 pub fn attention(
     shape: AttentionShape,
     q: &[f32],
@@ -85,10 +86,13 @@ pub fn attention_masked(
     }
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    scratch.clear();
-    scratch.resize(heads * l * l, 0.0);
     let dst = SendPtr(out.as_mut_ptr());
-    let head = |(h, scores): (usize, &mut [f32])| -> Result<()> {
+    // One l × l score buffer per worker, not per head: the LLM's 20 heads × 625² scores would
+    // be 31 MB at once.
+    let head = |scores: &mut Vec<f32>, h: usize| -> Result<()> {
+        scores.clear();
+        scores.resize(l * l, 0.0);
+        let scores = scores.as_mut_slice();
         let g = h / group;
         let dst = &dst;
         // SAFETY: Q_h is the l × d block at column h·d (row stride heads·d); K_gᵀ is d × l read
@@ -146,15 +150,11 @@ pub fn attention_masked(
         Ok(())
     };
     if rayon::current_num_threads() == 1 {
-        scratch
-            .chunks_exact_mut(l * l)
-            .enumerate()
-            .try_for_each(head)
+        (0..heads).try_for_each(|h| head(scratch, h))
     } else {
-        scratch
-            .par_chunks_exact_mut(l * l)
-            .enumerate()
-            .try_for_each(head)
+        (0..heads)
+            .into_par_iter()
+            .try_for_each_init(Vec::new, |scores, h| head(scores, h))
     }
 }
 

@@ -172,7 +172,11 @@ pub fn linear_weights(
             WeightRef::Bf16(w) => WIDENED.with_borrow_mut(|buf| {
                 buf.clear();
                 buf.extend(w[col0 * k..(col0 + cols) * k].iter().map(|v| v.to_f32()));
-                product(buf)
+                product(buf);
+                // Up to 256 × 17920 floats for the action head: do not keep it resident.
+                if buf.capacity() > 1 << 20 {
+                    *buf = Vec::new();
+                }
             }),
         }
     };

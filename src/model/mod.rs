@@ -14,6 +14,7 @@ pub mod pickle;
 pub mod policy;
 pub mod prompt;
 pub mod stats;
+pub mod synthetic;
 pub mod store;
 pub mod tiny;
 pub mod vision;

@@ -68,14 +68,30 @@ pub fn progress(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// Counts what a producer writes, so that each tensor is checked against its planned size.
+pub struct TensorSink<'a> {
+    out: &'a mut dyn Write,
+    written: usize,
+    bar: &'a ProgressBar,
+}
+
+impl TensorSink<'_> {
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(bytes)?;
+        self.written += bytes.len();
+        self.bar.inc(bytes.len() as u64);
+        Ok(())
+    }
+}
+
 /// Writes a safetensors file tensor by tensor: `produce` is called once per planned tensor, in
-/// order, and must return exactly its bytes. The file appears atomically (written to a
-/// temporary name, then renamed).
+/// order, and must write exactly its bytes (in as many pieces as it likes). The file appears
+/// atomically (written to a temporary name, then renamed).
 pub fn write_streaming(
     path: &Path,
     metadata: &BTreeMap<String, String>,
     plan: &[PlannedTensor],
-    mut produce: impl FnMut(&PlannedTensor) -> Result<Vec<u8>>,
+    mut produce: impl FnMut(&PlannedTensor, &mut TensorSink<'_>) -> Result<()>,
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!(metadata));
@@ -101,15 +117,18 @@ pub fn write_streaming(
     out.write_all(text.as_bytes()).map_err(io)?;
     let bar = progress(offset as u64, "writing");
     for t in plan {
-        let bytes = produce(t)?;
-        if bytes.len() != t.bytes() {
+        let mut sink = TensorSink {
+            out: &mut out,
+            written: 0,
+            bar: &bar,
+        };
+        produce(t, &mut sink)?;
+        if sink.written != t.bytes() {
             return Err(ModelError::tensor(
                 &t.name,
-                format!("produced {} bytes, planned {}", bytes.len(), t.bytes()),
+                format!("produced {} bytes, planned {}", sink.written, t.bytes()),
             ));
         }
-        out.write_all(&bytes).map_err(io)?;
-        bar.inc(bytes.len() as u64);
     }
     out.flush().map_err(io)?;
     drop(out);
@@ -268,23 +287,32 @@ pub fn convert(dir: &Path, out: &Path) -> Result<ConvertReport> {
             .unwrap_or_default(),
     );
     let mut last_gamma: Option<(String, f32)> = None;
-    write_streaming(out, &metadata, &plan, |t| {
+    write_streaming(out, &metadata, &plan, |t, sink| {
+        let io = |e: std::io::Error| ModelError::file(out, e);
         if let Some(weight) = t.name.strip_suffix(CODES_SUFFIX) {
             let (n, k) = ternary[weight];
             let w = store.f32(weight, &[n, k])?;
             let m = TernaryMatrix::from_f32(&w, n, k).stage(weight)?;
             last_gamma = Some((weight.to_owned(), m.gamma()));
-            Ok(m.packed().to_vec())
+            sink.write(m.packed()).map_err(io)
         } else if let Some(weight) = t.name.strip_suffix(SCALE_SUFFIX) {
             match &last_gamma {
-                Some((w, g)) if w == weight => Ok(g.to_le_bytes().to_vec()),
+                Some((w, g)) if w == weight => sink.write(&g.to_le_bytes()).map_err(io),
                 _ => Err(ModelError::tensor(weight, "scale planned before its codes")),
             }
         } else {
-            let (bytes, _) = store.raw(&t.name, &t.shape)?;
-            let bytes = bytes.to_vec();
+            // Copied from the mapping in slices, each released once written (the embedding
+            // table alone is 0.66 GB).
+            let (bytes, dtype) = store.raw(&t.name, &t.shape)?;
+            for piece in bytes.chunks(32 << 20) {
+                if dtype != DType::U8 {
+                    let values = super::store::decode_f32(&t.name, piece, dtype)?;
+                    super::store::check_finite(&t.name, &values)?;
+                }
+                sink.write(piece).map_err(io)?;
+            }
             store.release(&t.name);
-            Ok(bytes)
+            Ok(())
         }
     })?;
     let bytes = std::fs::metadata(out)

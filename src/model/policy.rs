@@ -308,6 +308,51 @@ impl Policy {
                 .map_or(0, |p| p.fc1.memory_bytes() + p.fc2.memory_bytes())
     }
 
+    /// Replaces every ternary layer by its dequantized f32 weights (γ·t) and f32 activations: the
+    /// same graph on the f32 GEMM path, the baseline of `bitvla bench forward`.
+    pub fn use_f32_gemms(&mut self) {
+        let to_dense = |l: &mut super::linear::Linear| *l = l.to_dense();
+        for layer in &mut self.vision.layers {
+            for l in [
+                &mut layer.q_proj,
+                &mut layer.k_proj,
+                &mut layer.v_proj,
+                &mut layer.out_proj,
+                &mut layer.fc1,
+                &mut layer.fc2,
+            ] {
+                to_dense(l);
+            }
+        }
+        for layer in &mut self.language.layers {
+            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+            for l in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ] {
+                to_dense(l);
+            }
+        }
+    }
+
+    /// Int8-equivalent operations (2·M·N·K) of the ternary layers in one call over `tokens` LLM
+    /// positions and `images` images.
+    pub fn ternary_ops(&self, tokens: usize, images: usize) -> f64 {
+        let vision_rows = images * self.vision.patches_per_image();
+        super::packed::ternary_layers(&self.config)
+            .iter()
+            .map(|(name, n, k)| {
+                let m = if name.starts_with("vision_tower") { vision_rows } else { tokens };
+                2.0 * (m * n * k) as f64
+            })
+            .sum()
+    }
+
     pub fn predict(&self, obs: &Observation) -> Result<ActionChunk> {
         Ok(self.predict_stages(obs)?.0)
     }

@@ -284,18 +284,19 @@ impl TensorStore {
     /// are re-read if touched again), so that loading or converting a model tensor by tensor
     /// never holds the whole mapped checkpoint in the resident set.
     pub fn release(&self, name: &str) {
-        if let Some(e) = self.entries.get(name)
-            && let Buffer::Mapped(map) = &self.buffers[e.buffer].1
-            && e.end > e.start
+        if let Some(e) = self.entries.get(name) {
+            self.release_bytes(name, e, e.start, e.end);
+        }
+    }
+
+    fn release_bytes(&self, name: &str, e: &Entry, start: usize, end: usize) {
+        if let Buffer::Mapped(map) = &self.buffers[e.buffer].1
+            && end > start
         {
             // SAFETY: a read-only, file-backed private mapping: MADV_DONTNEED only drops clean
             // pages, which are re-read from the (unchanged) file on the next access.
             let dropped = unsafe {
-                map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    e.start,
-                    e.end - e.start,
-                )
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
             };
             if let Err(err) = dropped {
                 log::debug!("madvise(DONTNEED) on {name}: {err}");
@@ -303,30 +304,47 @@ impl TensorStore {
         }
     }
 
+    /// Feeds a tensor's bytes to `f` in pieces of at most 8 MiB (whole elements), releasing
+    /// each mapped piece once consumed: decoding a tensor never holds its mapped pages and the
+    /// decoded copy in full at the same time.
+    fn for_pieces(
+        &self,
+        name: &str,
+        shape: &[usize],
+        mut f: impl FnMut(&[u8], DType) -> Result<()>,
+    ) -> Result<()> {
+        let (bytes, dtype) = self.raw(name, shape)?;
+        let e = self.entry(name)?;
+        const PIECE: usize = 8 << 20;
+        for (i, piece) in bytes.chunks(PIECE).enumerate() {
+            f(piece, dtype)?;
+            let start = e.start + i * PIECE;
+            self.release_bytes(name, e, start, start + piece.len());
+        }
+        Ok(())
+    }
+
     /// A floating-point tensor as f32, checked for shape and finiteness.
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let (bytes, dtype) = self.raw(name, shape)?;
-        let values = decode_f32(name, bytes, dtype);
-        self.release(name);
-        let values = values?;
+        let mut values = Vec::with_capacity(shape.iter().product());
+        self.for_pieces(name, shape, |piece, dtype| {
+            values.extend(decode_f32(name, piece, dtype)?);
+            Ok(())
+        })?;
         check_finite(name, &values)?;
         Ok(values)
     }
 
     /// A BF16 tensor as stored, checked for shape and finiteness.
     pub fn bf16(&self, name: &str, shape: &[usize]) -> Result<Vec<bf16>> {
-        let (bytes, dtype) = self.raw(name, shape)?;
-        if dtype != DType::BF16 {
-            return Err(ModelError::tensor(
-                name,
-                format!("is {dtype:?}, expected BF16"),
-            ));
-        }
-        let values: Vec<bf16> = bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-            .collect();
-        self.release(name);
+        let mut values = Vec::with_capacity(shape.iter().product());
+        self.for_pieces(name, shape, |piece, dtype| {
+            if dtype != DType::BF16 {
+                return Err(ModelError::tensor(name, format!("is {dtype:?}, expected BF16")));
+            }
+            values.extend(piece.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])));
+            Ok(())
+        })?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(ModelError::tensor(
                 name,

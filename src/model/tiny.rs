@@ -57,7 +57,7 @@ const RESIDUAL_GAIN: f32 = 0.1;
 
 pub const TINY_UNNORM_KEY: &str = "libero_spatial_no_noops";
 
-fn fnv(text: &str, seed: u64) -> u64 {
+pub(crate) fn fnv(text: &str, seed: u64) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
     for b in text.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
@@ -313,7 +313,7 @@ human\\'s questions.<|eot_id|>' }}{% for message in messages %}{{ message['role'
 }}: {{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}\
 Assistant: {% endif %}";
 
-fn tiny_config(s: &TinyShape) -> serde_json::Value {
+pub(crate) fn tiny_config(s: &TinyShape) -> serde_json::Value {
     json!({
         "model_type": "openvla",
         "architectures": ["BitVLAForActionPrediction"],
@@ -358,7 +358,7 @@ fn tiny_config(s: &TinyShape) -> serde_json::Value {
     })
 }
 
-fn tiny_statistics(s: &TinyShape, seed: u64) -> serde_json::Value {
+pub(crate) fn tiny_statistics(s: &TinyShape, seed: u64) -> serde_json::Value {
     let a = pseudo_random(s.action_dim, fnv("action stats", seed), 0.5);
     let p = pseudo_random(s.proprio_dim, fnv("proprio stats", seed), 0.5);
     let bounds = |c: &[f32], width: f32| {
@@ -408,7 +408,7 @@ const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
 
 /// A byte-level BPE: 256 byte tokens, merges building the prompt's frequent words, and BitVLA's
 /// added tokens at their real ids (128000…128263).
-fn tokenizer_json() -> serde_json::Value {
+pub(crate) fn tokenizer_json() -> serde_json::Value {
     let table = byte_chars();
     let mut vocab: BTreeMap<String, u32> = BTreeMap::new();
     for (b, c) in table.iter().enumerate() {

@@ -1,0 +1,167 @@
+//! `bitvla bench forward`: warm policy calls on a model (e.g. `bitvla make-synthetic`), with the
+//! int8 peak calibrated in the same run, the process's peak RSS, the load time, and the same
+//! graph on the f32 GEMM path (ternary layers dequantized) interleaved with it.
+
+use super::kernels::median;
+use super::peak::{PeakLoop, calibrate};
+use crate::kernels::KernelKind;
+use crate::model::{Observation, Policy, PolicyOptions, StageTimings};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub struct Options {
+    pub model: PathBuf,
+    pub threads: usize,
+    pub reps: usize,
+    /// Interleaved f32-path repetitions (0: skip the f32 comparison).
+    pub f32_reps: usize,
+    pub calib_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub kind: &'static str,
+    pub model: String,
+    pub cpu: String,
+    pub kernel: String,
+    pub threads: usize,
+    pub commit: &'static str,
+    pub tokens: usize,
+    pub load_s: f64,
+    pub reps: usize,
+    pub median_ms: f64,
+    pub stages_median_ms: StageTimings,
+    pub ternary_gops: f64,
+    pub achieved_gops: f64,
+    pub peak_gops: Option<f64>,
+    /// Compute floor of the ternary work at the calibrated peak / measured forward time.
+    pub efficiency: Option<f64>,
+    pub weight_bytes: usize,
+    /// `VmHWM` after loading and the ternary runs (before the f32 path is built).
+    pub peak_rss_bytes: Option<u64>,
+    pub rss_after_load_bytes: Option<u64>,
+    pub hwm_after_load_bytes: Option<u64>,
+    pub f32_median_ms: Option<f64>,
+    /// Ternary forward time / f32-path forward time.
+    pub time_ratio_vs_f32: Option<f64>,
+    pub max_abs_action_diff_vs_f32: Option<f32>,
+}
+
+/// `VmHWM` / `VmRSS` of this process in bytes (Linux).
+pub fn proc_status_bytes(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn observation(policy: &Policy) -> Observation {
+    let img = |seed: u32| {
+        image::RgbImage::from_fn(224, 224, |x, y| {
+            image::Rgb([
+                (x * 7 + seed) as u8,
+                (y * 5 + seed * 3) as u8,
+                ((x ^ y) + seed) as u8,
+            ])
+        })
+    };
+    Observation {
+        images: vec![img(1), img(2)],
+        instruction: "pick up the black bowl and place it on the plate".into(),
+        proprio: policy.proprio_dim().map(|d| vec![0.0; d]),
+    }
+}
+
+fn stage_medians(all: &[StageTimings]) -> StageTimings {
+    let m = |f: fn(&StageTimings) -> f64| median(&mut all.iter().map(f).collect::<Vec<_>>());
+    StageTimings {
+        preprocess_ms: m(|t| t.preprocess_ms),
+        vision_ms: m(|t| t.vision_ms),
+        projector_ms: m(|t| t.projector_ms),
+        llm_ms: m(|t| t.llm_ms),
+        action_head_ms: m(|t| t.action_head_ms),
+        total_ms: m(|t| t.total_ms),
+    }
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<Report> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads)
+        .build()?;
+    let t = Instant::now();
+    let policy = pool.install(|| Policy::load(&opts.model, PolicyOptions::default()))?;
+    let load_s = t.elapsed().as_secs_f64();
+    let rss_after_load_bytes = proc_status_bytes("VmRSS:");
+    let hwm_after_load_bytes = proc_status_bytes("VmHWM:");
+    let obs = observation(&policy);
+    let kernel = KernelKind::selected();
+    let peak_loop = PeakLoop::for_kernel(kernel);
+    let mut peaks = Vec::new();
+    let calib = |peaks: &mut Vec<f64>| {
+        if let Some(p) = peak_loop.and_then(|l| calibrate(l, &pool, opts.calib_seconds)) {
+            peaks.push(p);
+        }
+    };
+    calib(&mut peaks);
+    let warm = pool.install(|| policy.predict(&obs))?;
+    let mut timings = Vec::new();
+    for _ in 0..opts.reps.max(1) {
+        let chunk = pool.install(|| policy.predict(&obs))?;
+        timings.push(chunk.timings);
+        calib(&mut peaks);
+    }
+    let peak_rss_bytes = proc_status_bytes("VmHWM:");
+    let stages = stage_medians(&timings);
+    let ops = policy.ternary_ops(warm.tokens, obs.images.len());
+    let peak_gops = (!peaks.is_empty()).then(|| median(&mut peaks));
+    let seconds = stages.total_ms / 1e3;
+
+    let (mut f32_median_ms, mut ratio, mut diff) = (None, None, None);
+    if opts.f32_reps > 0 {
+        let mut dense = pool.install(|| Policy::load(&opts.model, PolicyOptions::default()))?;
+        dense.use_f32_gemms();
+        // Interleaved: ternary, f32, ternary, f32, ...
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let mut f32_chunk = None;
+        for _ in 0..opts.f32_reps {
+            a.push(pool.install(|| policy.predict(&obs))?.timings.total_ms);
+            let c = pool.install(|| dense.predict(&obs))?;
+            b.push(c.timings.total_ms);
+            f32_chunk = Some(c);
+        }
+        let (ma, mb) = (median(&mut a), median(&mut b));
+        f32_median_ms = Some(mb);
+        ratio = Some(ma / mb);
+        diff = f32_chunk.map(|c| {
+            c.normalized
+                .iter()
+                .zip(&warm.normalized)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        });
+    }
+    Ok(Report {
+        kind: "forward",
+        model: opts.model.display().to_string(),
+        cpu: super::machine::cpu_model(),
+        kernel: kernel.name().to_owned(),
+        threads: pool.current_num_threads(),
+        commit: env!("BITVLA_GIT_COMMIT"),
+        tokens: warm.tokens,
+        load_s,
+        reps: timings.len(),
+        median_ms: stages.total_ms,
+        stages_median_ms: stages,
+        ternary_gops: ops / 1e9,
+        achieved_gops: ops / seconds / 1e9,
+        peak_gops,
+        efficiency: peak_gops.map(|p| ops / 1e9 / p / seconds),
+        weight_bytes: policy.weight_bytes(),
+        peak_rss_bytes,
+        rss_after_load_bytes,
+        hwm_after_load_bytes,
+        f32_median_ms,
+        time_ratio_vs_f32: ratio,
+        max_abs_action_diff_vs_f32: diff,
+    })
+}
