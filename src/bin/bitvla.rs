@@ -213,10 +213,18 @@ fn bench_forward(args: ForwardArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         let s = &report.stages_median_ms;
-        println!("{} ({} threads, kernel {}, {} tokens)", report.model, report.threads, report.kernel, report.tokens);
+        println!(
+            "{} ({} threads, kernel {}, {} tokens)",
+            report.model, report.threads, report.kernel, report.tokens
+        );
         println!(
             "  forward median {:.1} ms: preprocess {:.1}, vision {:.1}, projector {:.1}, llm {:.1}, head {:.1}",
-            report.median_ms, s.preprocess_ms, s.vision_ms, s.projector_ms, s.llm_ms, s.action_head_ms
+            report.median_ms,
+            s.preprocess_ms,
+            s.vision_ms,
+            s.projector_ms,
+            s.llm_ms,
+            s.action_head_ms
         );
         println!(
             "  ternary work {:.0} GOP -> {:.1} GOP/s; peak {} GOP/s; efficiency {}",
@@ -229,7 +237,9 @@ fn bench_forward(args: ForwardArgs) -> anyhow::Result<()> {
             "  load {:.2} s; weights {:.0} MB; peak RSS {}",
             report.load_s,
             report.weight_bytes as f64 / 1e6,
-            report.peak_rss_bytes.map_or("?".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
+            report
+                .peak_rss_bytes
+                .map_or("?".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
         );
         if let (Some(f), Some(r)) = (report.f32_median_ms, report.time_ratio_vs_f32) {
             println!(

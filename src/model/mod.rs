@@ -14,8 +14,8 @@ pub mod pickle;
 pub mod policy;
 pub mod prompt;
 pub mod stats;
-pub mod synthetic;
 pub mod store;
+pub mod synthetic;
 pub mod tiny;
 pub mod vision;
 

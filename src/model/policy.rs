@@ -347,7 +347,11 @@ impl Policy {
         super::packed::ternary_layers(&self.config)
             .iter()
             .map(|(name, n, k)| {
-                let m = if name.starts_with("vision_tower") { vision_rows } else { tokens };
+                let m = if name.starts_with("vision_tower") {
+                    vision_rows
+                } else {
+                    tokens
+                };
                 2.0 * (m * n * k) as f64
             })
             .sum()

@@ -340,9 +340,16 @@ impl TensorStore {
         let mut values = Vec::with_capacity(shape.iter().product());
         self.for_pieces(name, shape, |piece, dtype| {
             if dtype != DType::BF16 {
-                return Err(ModelError::tensor(name, format!("is {dtype:?}, expected BF16")));
+                return Err(ModelError::tensor(
+                    name,
+                    format!("is {dtype:?}, expected BF16"),
+                ));
             }
-            values.extend(piece.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])));
+            values.extend(
+                piece
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]])),
+            );
             Ok(())
         })?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {

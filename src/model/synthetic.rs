@@ -3,7 +3,9 @@
 //! weights, written directly in the packed format. For benchmarks of time and memory without the
 //! 6 GB download; its actions mean nothing.
 
-use super::packed::{CODES_SUFFIX, FORMAT, PlannedTensor, SCALE_SUFFIX, packed_len, ternary_layers, write_streaming};
+use super::packed::{
+    CODES_SUFFIX, FORMAT, PlannedTensor, SCALE_SUFFIX, packed_len, ternary_layers, write_streaming,
+};
 use super::store::DType;
 use super::tiny::{TinyShape, fnv, tiny_config, tiny_statistics, tokenizer_json};
 use super::{BitVlaConfig, ModelError, Result};
@@ -43,17 +45,19 @@ fn lcg(state: &mut u64) -> u64 {
 /// Random 2-bit codes in {0, 1, 2}, chunk-parallel and deterministic.
 fn random_codes(len: usize, seed: u64) -> Vec<u8> {
     let mut out = vec![0u8; len];
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-        let mut s = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        for b in chunk.iter_mut() {
-            let r = lcg(&mut s);
-            let mut byte = 0u8;
-            for i in 0..4 {
-                byte |= ((((r >> (8 * i)) & 0xff) % 3) as u8) << (2 * i);
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut s = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            for b in chunk.iter_mut() {
+                let r = lcg(&mut s);
+                let mut byte = 0u8;
+                for i in 0..4 {
+                    byte |= ((((r >> (8 * i)) & 0xff) % 3) as u8) << (2 * i);
+                }
+                *b = byte;
             }
-            *b = byte;
-        }
-    });
+        });
     out
 }
 
@@ -61,17 +65,19 @@ fn random_codes(len: usize, seed: u64) -> Vec<u8> {
 fn random_values(len: usize, seed: u64, center: f32, amplitude: f32, dtype: DType) -> Vec<u8> {
     let size = dtype.size();
     let mut out = vec![0u8; len * size];
-    out.par_chunks_mut(CHUNK * size).enumerate().for_each(|(c, chunk)| {
-        let mut s = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        for v in chunk.chunks_exact_mut(size) {
-            let u = (lcg(&mut s) >> 24) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-            let x = center + amplitude * u;
-            match dtype {
-                DType::F32 => v.copy_from_slice(&x.to_le_bytes()),
-                _ => v.copy_from_slice(&bf16::from_f32(x).to_le_bytes()),
+    out.par_chunks_mut(CHUNK * size)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut s = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            for v in chunk.chunks_exact_mut(size) {
+                let u = (lcg(&mut s) >> 24) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                let x = center + amplitude * u;
+                match dtype {
+                    DType::F32 => v.copy_from_slice(&x.to_le_bytes()),
+                    _ => v.copy_from_slice(&bf16::from_f32(x).to_le_bytes()),
+                }
             }
-        }
-    });
+        });
     out
 }
 
@@ -79,7 +85,8 @@ fn random_values(len: usize, seed: u64, center: f32, amplitude: f32, dtype: DTyp
 pub fn make_synthetic(out: &Path, seed: u64) -> Result<u64> {
     let shape = full_shape();
     let config_json = tiny_config(&shape);
-    let config_text = serde_json::to_string_pretty(&config_json).map_err(|e| ModelError::file(out, e))?;
+    let config_text =
+        serde_json::to_string_pretty(&config_json).map_err(|e| ModelError::file(out, e))?;
     let config = BitVlaConfig::from_json(&config_text)?;
     let ternary: BTreeMap<String, (usize, usize)> = ternary_layers(&config)
         .into_iter()
@@ -88,12 +95,28 @@ pub fn make_synthetic(out: &Path, seed: u64) -> Result<u64> {
     let (vh, h) = (shape.vision_hidden, shape.hidden);
     let mut plan: Vec<PlannedTensor> = Vec::new();
     let mut add = |name: String, dtype: DType, dims: Vec<usize>| {
-        plan.push(PlannedTensor { name, dtype, shape: dims })
+        plan.push(PlannedTensor {
+            name,
+            dtype,
+            shape: dims,
+        })
     };
     let v = "vision_tower.vision_model";
-    add(format!("{v}.embeddings.patch_embedding.weight"), DType::BF16, vec![vh, 3, 14, 14]);
-    add(format!("{v}.embeddings.patch_embedding.bias"), DType::BF16, vec![vh]);
-    add(format!("{v}.embeddings.position_embedding.weight"), DType::BF16, vec![256, vh]);
+    add(
+        format!("{v}.embeddings.patch_embedding.weight"),
+        DType::BF16,
+        vec![vh, 3, 14, 14],
+    );
+    add(
+        format!("{v}.embeddings.patch_embedding.bias"),
+        DType::BF16,
+        vec![vh],
+    );
+    add(
+        format!("{v}.embeddings.position_embedding.weight"),
+        DType::BF16,
+        vec![256, vh],
+    );
     for i in 0..shape.vision_layers {
         let l = format!("{v}.encoder.layers.{i}");
         for norm in ["layer_norm1", "layer_norm2"] {
@@ -112,11 +135,23 @@ pub fn make_synthetic(out: &Path, seed: u64) -> Result<u64> {
         }
     }
     for (name, n, k) in [("linear_1", h, vh), ("linear_2", h, h)] {
-        add(format!("multi_modal_projector.{name}.weight"), DType::BF16, vec![n, k]);
-        add(format!("multi_modal_projector.{name}.bias"), DType::BF16, vec![n]);
+        add(
+            format!("multi_modal_projector.{name}.weight"),
+            DType::BF16,
+            vec![n, k],
+        );
+        add(
+            format!("multi_modal_projector.{name}.bias"),
+            DType::BF16,
+            vec![n],
+        );
     }
     let p = "language_model.model";
-    add(format!("{p}.embed_tokens.weight"), DType::BF16, vec![shape.vocab, h]);
+    add(
+        format!("{p}.embed_tokens.weight"),
+        DType::BF16,
+        vec![shape.vocab, h],
+    );
     for j in 0..shape.layers {
         let l = format!("{p}.layers.{j}");
         for (norm, width) in [
@@ -130,11 +165,19 @@ pub fn make_synthetic(out: &Path, seed: u64) -> Result<u64> {
     }
     add(format!("{p}.norm.weight"), DType::BF16, vec![h]);
     for (name, (n, k)) in &ternary {
-        add(format!("{name}{CODES_SUFFIX}"), DType::U8, vec![packed_len(*n, *k)]);
+        add(
+            format!("{name}{CODES_SUFFIX}"),
+            DType::U8,
+            vec![packed_len(*n, *k)],
+        );
         add(format!("{name}{SCALE_SUFFIX}"), DType::F32, vec![1]);
     }
     let pp = super::heads::PROPRIO_PREFIX;
-    add(format!("{pp}.fc1.weight"), DType::F32, vec![h, shape.proprio_dim]);
+    add(
+        format!("{pp}.fc1.weight"),
+        DType::F32,
+        vec![h, shape.proprio_dim],
+    );
     add(format!("{pp}.fc1.bias"), DType::F32, vec![h]);
     add(format!("{pp}.fc2.weight"), DType::F32, vec![h, h]);
     add(format!("{pp}.fc2.bias"), DType::F32, vec![h]);
@@ -169,7 +212,10 @@ pub fn make_synthetic(out: &Path, seed: u64) -> Result<u64> {
         tiny_statistics(&shape, seed).to_string(),
     );
     metadata.insert("tokenizer.json".to_owned(), tokenizer_json().to_string());
-    metadata.insert("source".to_owned(), format!("bitvla make-synthetic --seed {seed}"));
+    metadata.insert(
+        "source".to_owned(),
+        format!("bitvla make-synthetic --seed {seed}"),
+    );
     let io = |e: std::io::Error| ModelError::file(out, e);
     write_streaming(out, &metadata, &plan, |t, sink| {
         let s = fnv(&t.name, seed);
@@ -179,7 +225,9 @@ pub fn make_synthetic(out: &Path, seed: u64) -> Result<u64> {
         } else if let Some(weight) = t.name.strip_suffix(SCALE_SUFFIX) {
             // γ for unit output variance: K · (2/3) · γ² = 1; residual outputs 10 times smaller.
             let k = ternary.get(weight).map_or(1, |x| x.1) as f32;
-            let residual = ["o_proj", "out_proj", "down_proj", "fc2"].iter().any(|r| weight.contains(r));
+            let residual = ["o_proj", "out_proj", "down_proj", "fc2"]
+                .iter()
+                .any(|r| weight.contains(r));
             let gamma = (1.5 / k).sqrt() * if residual { 0.1 } else { 1.0 };
             gamma.to_le_bytes().to_vec()
         } else if t.name.ends_with("norm.weight")
