@@ -29,7 +29,7 @@ enum Command {
     /// Run the policy once on image files and print the action chunk.
     Run(RunArgs),
     /// Write a small random checkpoint in the published BitVLA layout (tests, demos).
-    MakeTiny(MakeTinyArgs),
+    MakeTiny(MakeTinyCommand),
     /// Write a full-size packed model with random weights and the real shapes (benchmarks).
     MakeSynthetic(MakeTinyArgs),
     /// Convert a published checkpoint directory into one packed file (ternary codes
@@ -89,6 +89,15 @@ struct MakeTinyArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(Args)]
+struct MakeTinyCommand {
+    #[command(flatten)]
+    common: MakeTinyArgs,
+    /// The published shapes instead (a ~5.7 GB bf16 checkpoint, e.g. to measure `convert`).
+    #[arg(long)]
+    full_size: bool,
 }
 
 #[derive(Subcommand)]
@@ -188,10 +197,15 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::MakeTiny(args) => {
-            make_tiny(&args.out, args.seed, TinyShape::default())
-                .with_context(|| format!("writing the tiny model to {}", args.out.display()))?;
-            println!("wrote a tiny BitVLA checkpoint to {}", args.out.display());
+        Command::MakeTiny(MakeTinyCommand { common: args, full_size }) => {
+            let shape = if full_size {
+                bitvla_ros::model::synthetic::full_shape()
+            } else {
+                TinyShape::default()
+            };
+            make_tiny(&args.out, args.seed, shape)
+                .with_context(|| format!("writing the model to {}", args.out.display()))?;
+            println!("wrote a random BitVLA checkpoint to {}", args.out.display());
             Ok(())
         }
     }

@@ -8,6 +8,7 @@ use super::pickle::write_state_dict;
 use super::prompt::{IMAGE_PAD_ID, PROPRIO_PAD_ID, STOP_ID};
 use super::store::{DType, RawTensor};
 use super::{ModelError, Result};
+use super::packed::{PlannedTensor, write_streaming};
 use crate::kernels::pseudo_random;
 use half::bf16;
 use serde_json::json;
@@ -65,17 +66,60 @@ pub(crate) fn fnv(text: &str, seed: u64) -> u64 {
     h
 }
 
+/// One tensor to generate: `center + amplitude · u`, u uniform in [−1, 1) from an LCG seeded by
+/// the tensor's name (so a tensor's values do not depend on the order of generation).
+#[derive(Debug, Clone)]
+pub(crate) struct Spec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    center: f32,
+    amplitude: f32,
+}
+
+impl Spec {
+    /// Feeds the values to `sink` in pieces of at most 1 Mi values.
+    fn generate(&self, seed: u64, mut sink: impl FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        let mut state = fnv(&self.name, seed);
+        let mut left: usize = self.shape.iter().product();
+        let mut piece = Vec::with_capacity(left.min(1 << 20));
+        while left > 0 {
+            piece.clear();
+            for _ in 0..left.min(1 << 20) {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                piece.push(self.center + u * self.amplitude);
+            }
+            left -= piece.len();
+            sink(&piece)?;
+        }
+        Ok(())
+    }
+
+    fn values(&self, seed: u64) -> Vec<f32> {
+        let mut out = Vec::new();
+        let _ = self.generate(seed, |p| {
+            out.extend_from_slice(p);
+            Ok(())
+        });
+        out
+    }
+}
+
+#[derive(Default)]
 struct Gen {
-    seed: u64,
-    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    specs: Vec<Spec>,
 }
 
 impl Gen {
-    fn values(&self, name: &str, len: usize, amplitude: f32) -> Vec<f32> {
-        pseudo_random(len, fnv(name, self.seed), amplitude)
-    }
-    fn add(&mut self, name: String, shape: Vec<usize>, data: Vec<f32>) {
-        self.tensors.push((name, shape, data));
+    fn add(&mut self, name: String, shape: Vec<usize>, center: f32, amplitude: f32) {
+        self.specs.push(Spec {
+            name,
+            shape,
+            center,
+            amplitude,
+        });
     }
     /// Uniform with unit output variance for unit-variance inputs.
     fn linear(&mut self, prefix: &str, n: usize, k: usize, bias: bool) {
@@ -85,64 +129,70 @@ impl Gen {
     /// a small gain, as GPT-2's initialization and trained networks do: the residual stream
     /// dominates each block's update, so the model is not chaotic.
     fn linear_scaled(&mut self, prefix: &str, n: usize, k: usize, bias: bool, gain: f32) {
-        let w = self.values(
-            &format!("{prefix}.weight"),
-            n * k,
-            gain * (3.0 / k as f32).sqrt(),
-        );
-        self.add(format!("{prefix}.weight"), vec![n, k], w);
+        let amplitude = gain * (3.0 / k as f32).sqrt();
+        self.add(format!("{prefix}.weight"), vec![n, k], 0.0, amplitude);
         if bias {
-            let b = self.values(&format!("{prefix}.bias"), n, 0.05);
-            self.add(format!("{prefix}.bias"), vec![n], b);
+            self.add(format!("{prefix}.bias"), vec![n], 0.0, 0.05);
         }
     }
     fn norm(&mut self, prefix: &str, width: usize, bias: bool) {
-        let w: Vec<f32> = self
-            .values(&format!("{prefix}.weight"), width, 0.2)
-            .iter()
-            .map(|v| 1.0 + v)
-            .collect();
-        self.add(format!("{prefix}.weight"), vec![width], w);
+        self.add(format!("{prefix}.weight"), vec![width], 1.0, 0.2);
         if bias {
-            let b = self.values(&format!("{prefix}.bias"), width, 0.1);
-            self.add(format!("{prefix}.bias"), vec![width], b);
+            self.add(format!("{prefix}.bias"), vec![width], 0.0, 0.1);
         }
     }
-    fn take(&mut self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-        std::mem::take(&mut self.tensors)
+    fn take(&mut self) -> Vec<Spec> {
+        std::mem::take(&mut self.specs)
     }
 }
 
-fn to_raw(tensors: Vec<(String, Vec<usize>, Vec<f32>)>, dtype: DType) -> Vec<RawTensor> {
-    tensors
-        .into_iter()
-        .map(|(name, shape, data)| RawTensor {
-            name,
-            dtype,
-            shape,
-            data: match dtype {
-                DType::BF16 => data
-                    .iter()
-                    .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-                    .collect(),
-                _ => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            },
+fn encode(values: &[f32], dtype: DType, out: &mut Vec<u8>) {
+    match dtype {
+        DType::BF16 => out.extend(values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes())),
+        _ => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+    }
+}
+
+fn to_raw(specs: &[Spec], seed: u64, dtype: DType) -> Vec<RawTensor> {
+    specs
+        .iter()
+        .map(|spec| {
+            let mut data = Vec::new();
+            encode(&spec.values(seed), dtype, &mut data);
+            RawTensor {
+                name: spec.name.clone(),
+                dtype,
+                shape: spec.shape.clone(),
+                data,
+            }
         })
         .collect()
 }
 
-fn write_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<()> {
-    let views = tensors
+/// Writes a bf16 safetensors shard, generating each tensor piece by piece.
+fn write_shard(path: &Path, specs: &[Spec], seed: u64) -> Result<usize> {
+    let plan: Vec<PlannedTensor> = specs
         .iter()
-        .map(|t| {
-            safetensors::tensor::TensorView::new(t.dtype.to_safetensors(), t.shape.clone(), &t.data)
-                .map(|v| (t.name.clone(), v))
-                .map_err(|e| ModelError::tensor(&t.name, format!("{e:?}")))
+        .map(|s| PlannedTensor {
+            name: s.name.clone(),
+            dtype: DType::BF16,
+            shape: s.shape.clone(),
         })
-        .collect::<Result<Vec<_>>>()?;
-    let meta = std::collections::HashMap::from([("format".to_owned(), "pt".to_owned())]);
-    safetensors::tensor::serialize_to_file(views, Some(meta), path)
-        .map_err(|e| ModelError::file(path, format!("{e:?}")))
+        .collect();
+    let metadata = BTreeMap::from([("format".to_owned(), "pt".to_owned())]);
+    let mut index = 0;
+    let mut bytes = Vec::new();
+    write_streaming(path, &metadata, &plan, |t, sink| {
+        let spec = &specs[index];
+        index += 1;
+        debug_assert_eq!(spec.name, t.name);
+        spec.generate(seed, |piece| {
+            bytes.clear();
+            encode(piece, DType::BF16, &mut bytes);
+            sink.write(&bytes).map_err(|e| ModelError::file(path, e))
+        })
+    })?;
+    Ok(plan.iter().map(PlannedTensor::bytes).sum())
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
@@ -153,33 +203,14 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 /// Writes the tiny checkpoint into `dir` (created if needed).
 pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::file(dir, e))?;
-    let mut g = Gen {
-        seed,
-        tensors: Vec::new(),
-    };
+    let mut g = Gen::default();
     // Shard 1: vision tower and projector.
     let v = "vision_tower.vision_model";
     let (vh, vf) = (s.vision_hidden, s.vision_intermediate);
-    g.linear(
-        &format!("{v}.embeddings.patch_embedding"),
-        vh,
-        3 * 14 * 14,
-        true,
-    );
-    if let Some((name, shape, _)) = g
-        .tensors
-        .iter_mut()
-        .find(|t| t.0.ends_with("patch_embedding.weight"))
-    {
-        debug_assert!(name.ends_with("weight"));
-        *shape = vec![vh, 3, 14, 14];
-    }
-    let pos = g.values("position", 256 * vh, 0.3);
-    g.add(
-        format!("{v}.embeddings.position_embedding.weight"),
-        vec![256, vh],
-        pos,
-    );
+    let patch = format!("{v}.embeddings.patch_embedding");
+    g.add(format!("{patch}.weight"), vec![vh, 3, 14, 14], 0.0, (3.0f32 / 588.0).sqrt());
+    g.add(format!("{patch}.bias"), vec![vh], 0.0, 0.05);
+    g.add(format!("{v}.embeddings.position_embedding.weight"), vec![256, vh], 0.0, 0.3);
     for i in 0..s.vision_layers {
         let l = format!("{v}.encoder.layers.{i}");
         g.norm(&format!("{l}.layer_norm1"), vh, true);
@@ -199,14 +230,13 @@ pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
     }
     g.linear("multi_modal_projector.linear_1", s.hidden, vh, true);
     g.linear("multi_modal_projector.linear_2", s.hidden, s.hidden, true);
-    let shard1 = to_raw(g.take(), DType::BF16);
+    let shard1 = g.take();
 
     // Shard 2: the language model.
     let p = "language_model.model";
     let (h, f) = (s.hidden, s.intermediate);
     let kv = s.kv_heads * (h / s.heads);
-    let emb = g.values("embed_tokens", s.vocab * h, 1.0);
-    g.add(format!("{p}.embed_tokens.weight"), vec![s.vocab, h], emb);
+    g.add(format!("{p}.embed_tokens.weight"), vec![s.vocab, h], 0.0, 1.0);
     for j in 0..s.layers {
         let l = format!("{p}.layers.{j}");
         g.norm(&format!("{l}.input_layernorm"), h, false);
@@ -222,7 +252,7 @@ pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
         g.linear_scaled(&format!("{l}.mlp.down_proj"), h, f, false, RESIDUAL_GAIN);
     }
     g.norm(&format!("{p}.norm"), h, false);
-    let shard2 = to_raw(g.take(), DType::BF16);
+    let shard2 = g.take();
 
     let names = [
         "model-00001-of-00002.safetensors",
@@ -231,10 +261,9 @@ pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
     let mut weight_map = BTreeMap::new();
     let mut total = 0usize;
     for (file, shard) in names.iter().zip([&shard1, &shard2]) {
-        write_safetensors(&dir.join(file), shard)?;
+        total += write_shard(&dir.join(file), shard, seed)?;
         for t in shard.iter() {
             weight_map.insert(t.name.clone(), json!(file));
-            total += t.data.len();
         }
     }
     write_json(
@@ -258,11 +287,11 @@ pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
     }
     g.norm("model.layer_norm2", h, true);
     g.linear("model.fc2", s.action_dim, h, true);
-    let head = to_raw(g.take(), DType::BF16);
+    let head = to_raw(&g.take(), seed, DType::BF16);
     write_state_dict(&dir.join("action_head--10000_checkpoint.pt"), &head)?;
     g.linear("module.fc1", h, s.proprio_dim, true);
     g.linear("module.fc2", h, h, true);
-    let proprio = to_raw(g.take(), DType::F32);
+    let proprio = to_raw(&g.take(), seed, DType::F32);
     write_state_dict(
         &dir.join("proprio_projector--10000_checkpoint.pt"),
         &proprio,
