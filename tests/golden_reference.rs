@@ -254,3 +254,26 @@ fn the_packed_file_gives_the_same_actions_bit_for_bit() {
     assert_eq!(a.actions, b.actions);
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn actions_do_not_depend_on_the_thread_count() {
+    let golden = Golden::load();
+    let dir = tiny_model("threads");
+    let policy = Policy::load(&dir, options(&golden.meta, Ablation::default())).unwrap();
+    let obs = golden.observation();
+    let runs: Vec<_> = [1, 2, 3]
+        .iter()
+        .map(|&n| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap();
+            pool.install(|| policy.predict_stages(&obs).unwrap())
+        })
+        .collect();
+    for (chunk, stages) in &runs[1..] {
+        assert_eq!(chunk.normalized, runs[0].0.normalized);
+        assert_eq!(stages.hidden, runs[0].1.hidden);
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

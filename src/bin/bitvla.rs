@@ -26,6 +26,10 @@ enum Command {
     /// Performance benchmarks (JSON lines with --json).
     #[command(subcommand)]
     Bench(Bench),
+    /// The main job on an embedded default: write the tiny random checkpoint (published
+    /// layout) to a temporary directory, load it, and run the policy on two embedded camera
+    /// images; `--model` runs a real checkpoint instead.
+    Demo(DemoArgs),
     /// Run the policy once on image files and print the action chunk.
     Run(RunArgs),
     /// Write a small random checkpoint in the published BitVLA layout (tests, demos).
@@ -79,6 +83,20 @@ struct RunArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// A checkpoint directory or packed file (default: the tiny random model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(
+        long,
+        default_value = "pick up the black bowl and place it on the plate"
+    )]
+    instruction: String,
     #[arg(long)]
     json: bool,
 }
@@ -165,6 +183,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench(Bench::Kernels(args)) => bench_kernels(args),
         Command::Run(args) => run(args),
+        Command::Demo(args) => demo(args),
         Command::Bench(Bench::Forward(args)) => bench_forward(args),
         Command::MakeSynthetic(args) => {
             let t = std::time::Instant::now();
@@ -197,7 +216,10 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::MakeTiny(MakeTinyCommand { common: args, full_size }) => {
+        Command::MakeTiny(MakeTinyCommand {
+            common: args,
+            full_size,
+        }) => {
             let shape = if full_size {
                 bitvla_ros::model::synthetic::full_shape()
             } else {
@@ -209,6 +231,51 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+const DEMO_THIRD_PERSON: &[u8] = include_bytes!("../../tests/golden/third_person.png");
+const DEMO_WRIST: &[u8] = include_bytes!("../../tests/golden/wrist.png");
+
+fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("bitvla-demo-{}", std::process::id()));
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            make_tiny(&scratch, 0, TinyShape::default()).context("writing the tiny demo model")?;
+            println!(
+                "demo: a tiny random BitVLA checkpoint (published layout, random weights: the \
+                 actions mean nothing); use --model for a real one"
+            );
+            scratch.clone()
+        }
+    };
+    let images = [DEMO_THIRD_PERSON, DEMO_WRIST]
+        .iter()
+        .map(|b| Ok(image::load_from_memory(b)?.to_rgb8()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let dim = {
+        let policy = Policy::load(&model, PolicyOptions::default())
+            .with_context(|| format!("loading {}", model.display()))?;
+        policy.proprio_dim()
+    };
+    let result = run_on(
+        RunArgs {
+            model,
+            image: PathBuf::from("third_person.png (embedded)"),
+            wrist_image: None,
+            instruction: args.instruction,
+            proprio: dim.map(|d| vec![0.0; d]),
+            unnorm_key: None,
+            gripper: GripperMapping::LiberoBinarizeInvert,
+            rotate_180: false,
+            no_center_crop: false,
+            threads: None,
+            json: args.json,
+        },
+        images,
+    );
+    std::fs::remove_dir_all(&scratch).ok();
+    result
 }
 
 fn bench_forward(args: ForwardArgs) -> anyhow::Result<()> {
@@ -276,6 +343,14 @@ fn load_image(path: &std::path::Path) -> anyhow::Result<image::RgbImage> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut images = vec![load_image(&args.image)?];
+    if let Some(w) = &args.wrist_image {
+        images.push(load_image(w)?);
+    }
+    run_on(args, images)
+}
+
+fn run_on(args: RunArgs, images: Vec<image::RgbImage>) -> anyhow::Result<()> {
     let image_options = ImageOptions {
         rotate_180: args.rotate_180,
         center_crop: !args.no_center_crop,
@@ -295,10 +370,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .install(|| Policy::load(&args.model, options))
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     let load_s = t.elapsed().as_secs_f64();
-    let mut images = vec![load_image(&args.image)?];
-    if let Some(w) = &args.wrist_image {
-        images.push(load_image(w)?);
-    }
     let obs = Observation {
         images,
         instruction: args.instruction.clone(),

@@ -4,11 +4,11 @@
 //! `tokenizer.json` with BitVLA's special tokens at their real ids, `tokenizer_config.json` with
 //! the chat template, and the processor configs. Same seed, same bytes.
 
+use super::packed::{PlannedTensor, write_streaming};
 use super::pickle::write_state_dict;
 use super::prompt::{IMAGE_PAD_ID, PROPRIO_PAD_ID, STOP_ID};
 use super::store::{DType, RawTensor};
 use super::{ModelError, Result};
-use super::packed::{PlannedTensor, write_streaming};
 use crate::kernels::pseudo_random;
 use half::bf16;
 use serde_json::json;
@@ -208,9 +208,19 @@ pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
     let v = "vision_tower.vision_model";
     let (vh, vf) = (s.vision_hidden, s.vision_intermediate);
     let patch = format!("{v}.embeddings.patch_embedding");
-    g.add(format!("{patch}.weight"), vec![vh, 3, 14, 14], 0.0, (3.0f32 / 588.0).sqrt());
+    g.add(
+        format!("{patch}.weight"),
+        vec![vh, 3, 14, 14],
+        0.0,
+        (3.0f32 / 588.0).sqrt(),
+    );
     g.add(format!("{patch}.bias"), vec![vh], 0.0, 0.05);
-    g.add(format!("{v}.embeddings.position_embedding.weight"), vec![256, vh], 0.0, 0.3);
+    g.add(
+        format!("{v}.embeddings.position_embedding.weight"),
+        vec![256, vh],
+        0.0,
+        0.3,
+    );
     for i in 0..s.vision_layers {
         let l = format!("{v}.encoder.layers.{i}");
         g.norm(&format!("{l}.layer_norm1"), vh, true);
@@ -236,7 +246,12 @@ pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
     let p = "language_model.model";
     let (h, f) = (s.hidden, s.intermediate);
     let kv = s.kv_heads * (h / s.heads);
-    g.add(format!("{p}.embed_tokens.weight"), vec![s.vocab, h], 0.0, 1.0);
+    g.add(
+        format!("{p}.embed_tokens.weight"),
+        vec![s.vocab, h],
+        0.0,
+        1.0,
+    );
     for j in 0..s.layers {
         let l = format!("{p}.layers.{j}");
         g.norm(&format!("{l}.input_layernorm"), h, false);
