@@ -3,9 +3,12 @@
 //! Layers (each uses only the layers below it; ROS only at the edge):
 //! - [`kernels`]: ternary W1.58-A8 GEMM (packing, quantization, SIMD kernels, one dispatch) and
 //!   the f32 operations of the model.
+//! - [`obs`]: observation preprocessing (camera images to the policy's tensors).
+//! - [`model`]: the BitVLA policy: checkpoints, forward pass, `Policy::predict`.
 //! - [`bench`]: the benchmark harness behind `bitvla bench` (peak calibration, interleaving, JSON).
 
 pub mod bench;
 pub mod kernels;
 pub mod model;
 pub mod obs;
+pub mod process;

@@ -99,6 +99,26 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<
     Ok(())
 }
 
+/// [`rms_norm`] in place (saves a buffer the size of the FFN activations).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) -> Result<()> {
+    check_rows("rms_norm", x.len(), weight.len(), x.len())?;
+    rms_norm_in_place_rows(x, weight, eps);
+    Ok(())
+}
+
+multiversion!(fn rms_norm_in_place_rows(x: &mut [f32], weight: &[f32], eps: f32) => rms_norm_in_place_generic);
+
+#[inline(always)]
+fn rms_norm_in_place_generic(x: &mut [f32], weight: &[f32], eps: f32) {
+    let width = weight.len();
+    for row in x.chunks_exact_mut(width) {
+        let inv = 1.0 / (lane_sum(row, |v| v * v) / width as f32 + eps).sqrt();
+        for (v, &w) in row.iter_mut().zip(weight) {
+            *v = w * (*v * inv);
+        }
+    }
+}
+
 multiversion!(fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) => rms_norm_generic);
 
 #[inline(always)]
@@ -450,6 +470,9 @@ mod tests {
         rms_norm(&x[..4096], &w, 1e-5, &mut a).unwrap();
         rms_norm_generic(&x[..4096], &w, 1e-5, &mut b);
         assert_eq!(bits(&a), bits(&b));
+        let mut c = x[..4096].to_vec();
+        rms_norm_in_place(&mut c, &w, 1e-5).unwrap();
+        assert_eq!(bits(&a), bits(&c));
     }
 
     #[test]

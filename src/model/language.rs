@@ -7,7 +7,7 @@ use super::store::TensorStore;
 use super::{KernelContext, Result};
 use crate::kernels::QuantizedActivations;
 use crate::kernels::attention::{AttentionShape, attention_masked};
-use crate::kernels::ops::{RopeTable, add_in_place, relu_squared_mul, rms_norm};
+use crate::kernels::ops::{RopeTable, add_in_place, relu_squared_mul, rms_norm, rms_norm_in_place};
 
 pub struct RmsNorm {
     pub weight: Vec<f32>,
@@ -28,6 +28,10 @@ impl RmsNorm {
         let mut out = vec![0.0; x.len()];
         rms_norm(x, &self.weight, self.eps, &mut out).stage(&self.name)?;
         Ok(out)
+    }
+
+    pub fn forward_in_place(&self, x: &mut [f32]) -> Result<()> {
+        rms_norm_in_place(x, &self.weight, self.eps).stage(&self.name)
     }
 }
 
@@ -193,6 +197,7 @@ impl LanguageModel {
             let n = layer.input_layernorm.forward(&x)?;
             let mut qkv =
                 Linear::forward_shared(&[&a.q_proj, &a.k_proj, &a.v_proj], &n, tokens, qa)?;
+            drop(n);
             rope.apply(&mut qkv[0], self.heads).stage("RoPE q")?;
             rope.apply(&mut qkv[1], self.kv_heads).stage("RoPE k")?;
             let mut attn = vec![0.0f32; tokens * self.hidden];
@@ -206,17 +211,24 @@ impl LanguageModel {
                 &mut scores,
             )
             .stage(format!("{} attention", a.q_proj.name))?;
-            let attn = a.attn_sub_norm.forward(&attn)?;
+            drop(qkv);
+            a.attn_sub_norm.forward_in_place(&mut attn)?;
             let o = a.o_proj.forward(&attn, tokens, qa)?;
+            drop(attn);
             add_in_place(&mut x, &o).stage("residual")?;
+            // The FFN holds the largest activations (tokens × 6912): each buffer is dropped or
+            // reused as soon as it is consumed.
             let m = &layer.mlp;
             let n2 = layer.post_attention_layernorm.forward(&x)?;
             let mut gu = Linear::forward_shared(&[&m.gate_proj, &m.up_proj], &n2, tokens, qa)?;
+            drop(n2);
             let up = gu.pop().unwrap_or_default();
             let mut gate = gu.pop().unwrap_or_default();
             relu_squared_mul(&mut gate, &up).stage(format!("{} activation", m.gate_proj.name))?;
-            let g = m.ffn_sub_norm.forward(&gate)?;
-            let d = m.down_proj.forward(&g, tokens, qa)?;
+            drop(up);
+            m.ffn_sub_norm.forward_in_place(&mut gate)?;
+            let d = m.down_proj.forward(&gate, tokens, qa)?;
+            drop(gate);
             add_in_place(&mut x, &d).stage("residual")?;
         }
         self.norm.forward(&x)
