@@ -237,20 +237,27 @@ fn relu_squared_mul_generic(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// Round to nearest integer (ties to even) for |v| < 2^22, branch-free.
-#[inline(always)]
-fn round_small(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-    (v + MAGIC) - MAGIC
-}
+/// 1.5 · 2^23: `(v + MAGIC) − MAGIC` rounds |v| < 2^22 to the nearest integer (ties to even),
+/// and the sum's mantissa holds that integer + 2^22.
+const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// e^x in f32, |relative error| ≲ 2 ulp on [-87, 88]; 0 below, +∞ above, NaN propagates.
 /// Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, then a degree-6 polynomial (Cephes `expf`).
 #[inline(always)]
 #[allow(clippy::excessive_precision)] // published Cephes coefficients, kept verbatim
 pub fn exp(x: f32) -> f32 {
-    let xc = x.clamp(-87.336_55, 88.722_83);
-    let n = round_small(xc * std::f32::consts::LOG2_E);
+    // Integer-only from here so the function vectorizes: n = round(xc·log2 e) via the magic
+    // number, its integer value read from the mantissa (no float→int conversion, whose NaN and
+    // saturation rules would force per-lane code). A NaN input goes through as 0 and is
+    // restored at the end.
+    let xc = if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(-87.336_55, 88.722_83)
+    };
+    let t = xc * std::f32::consts::LOG2_E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
+    let ni = (t.to_bits() & 0x7f_ffff) as i32 - 0x40_0000;
     let r = (xc - n * 0.693_359_4) - n * (-2.121_944_4e-4);
     let r2 = r * r;
     let mut p = 1.987_569_1e-4f32;
@@ -261,7 +268,6 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 5.000_000_1e-1;
     let y = (p * r2 + r) + 1.0;
     // 2^n by building the exponent bits; n ∈ [-126, 128] after the clamp. Split to stay normal.
-    let ni = n as i32;
     let half = ni >> 1;
     let s1 = f32::from_bits(((half + 127) as u32) << 23);
     let s2 = f32::from_bits(((ni - half + 127) as u32) << 23);
