@@ -30,6 +30,10 @@ impl RmsNorm {
         Ok(out)
     }
 
+    pub fn forward_into(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
+        rms_norm(x, &self.weight, self.eps, out).stage(&self.name)
+    }
+
     pub fn forward_in_place(&self, x: &mut [f32]) -> Result<()> {
         rms_norm_in_place(x, &self.weight, self.eps).stage(&self.name)
     }
@@ -192,44 +196,56 @@ impl LanguageModel {
             head_dim,
         };
         let mut scores = Vec::new();
+        // Buffers reused by every layer (each output is fully overwritten): after the first
+        // layer nothing is allocated or zeroed. `normed` holds the input norm, then the attention
+        // output, then the post-attention norm; `residual` the o_proj and down_proj outputs.
+        let width = tokens * self.hidden;
+        let mut normed = vec![0.0f32; width];
+        let mut qkv = vec![Vec::new(), Vec::new(), Vec::new()];
+        let mut gate_up = vec![Vec::new(), Vec::new()];
+        let mut residual = vec![Vec::new()];
         for layer in &self.layers {
             let a = &layer.self_attn;
-            let n = layer.input_layernorm.forward(&x)?;
-            let mut qkv =
-                Linear::forward_shared(&[&a.q_proj, &a.k_proj, &a.v_proj], &n, tokens, qa)?;
-            drop(n);
+            layer.input_layernorm.forward_into(&x, &mut normed)?;
+            Linear::forward_shared_into(
+                &[&a.q_proj, &a.k_proj, &a.v_proj],
+                &normed,
+                tokens,
+                qa,
+                &mut qkv,
+            )?;
             rope.apply(&mut qkv[0], self.heads).stage("RoPE q")?;
             rope.apply(&mut qkv[1], self.kv_heads).stage("RoPE k")?;
-            let mut attn = vec![0.0f32; tokens * self.hidden];
             attention_masked(
                 shape,
                 causal,
                 &qkv[0],
                 &qkv[1],
                 &qkv[2],
-                &mut attn,
+                &mut normed,
                 &mut scores,
             )
             .stage(format!("{} attention", a.q_proj.name))?;
-            drop(qkv);
-            a.attn_sub_norm.forward_in_place(&mut attn)?;
-            let o = a.o_proj.forward(&attn, tokens, qa)?;
-            drop(attn);
-            add_in_place(&mut x, &o).stage("residual")?;
-            // The FFN holds the largest activations (tokens × 6912): each buffer is dropped or
-            // reused as soon as it is consumed.
+            a.attn_sub_norm.forward_in_place(&mut normed)?;
+            Linear::forward_shared_into(&[&a.o_proj], &normed, tokens, qa, &mut residual)?;
+            add_in_place(&mut x, &residual[0]).stage("residual")?;
             let m = &layer.mlp;
-            let n2 = layer.post_attention_layernorm.forward(&x)?;
-            let mut gu = Linear::forward_shared(&[&m.gate_proj, &m.up_proj], &n2, tokens, qa)?;
-            drop(n2);
-            let up = gu.pop().unwrap_or_default();
-            let mut gate = gu.pop().unwrap_or_default();
-            relu_squared_mul(&mut gate, &up).stage(format!("{} activation", m.gate_proj.name))?;
-            drop(up);
-            m.ffn_sub_norm.forward_in_place(&mut gate)?;
-            let d = m.down_proj.forward(&gate, tokens, qa)?;
-            drop(gate);
-            add_in_place(&mut x, &d).stage("residual")?;
+            layer
+                .post_attention_layernorm
+                .forward_into(&x, &mut normed)?;
+            Linear::forward_shared_into(
+                &[&m.gate_proj, &m.up_proj],
+                &normed,
+                tokens,
+                qa,
+                &mut gate_up,
+            )?;
+            let (gate, up) = gate_up.split_at_mut(1);
+            relu_squared_mul(&mut gate[0], &up[0])
+                .stage(format!("{} activation", m.gate_proj.name))?;
+            m.ffn_sub_norm.forward_in_place(&mut gate[0])?;
+            Linear::forward_shared_into(&[&m.down_proj], &gate[0], tokens, qa, &mut residual)?;
+            add_in_place(&mut x, &residual[0]).stage("residual")?;
         }
         self.norm.forward(&x)
     }

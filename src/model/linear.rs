@@ -138,9 +138,23 @@ impl Linear {
         m: usize,
         qa: &mut QuantizedActivations,
     ) -> Result<Vec<Vec<f32>>> {
+        let mut outs = vec![Vec::new(); layers.len()];
+        Self::forward_shared_into(layers, x, m, qa, &mut outs)?;
+        Ok(outs)
+    }
+
+    /// [`Linear::forward_shared`] into caller-owned buffers, resized as needed: a layer loop
+    /// that reuses them neither allocates nor zeroes memory after its first iteration (every
+    /// output element is overwritten).
+    pub fn forward_shared_into(
+        layers: &[&Linear],
+        x: &[f32],
+        m: usize,
+        qa: &mut QuantizedActivations,
+        outs: &mut [Vec<f32>],
+    ) -> Result<()> {
         let mut quantized_for: Option<usize> = None;
-        let mut outs = Vec::with_capacity(layers.len());
-        for layer in layers {
+        for (layer, out) in layers.iter().zip(outs.iter_mut()) {
             if x.len() != m * layer.k {
                 return Err(ModelError::Input(format!(
                     "{}: input has {} values, expected {m} × {}",
@@ -149,7 +163,7 @@ impl Linear {
                     layer.k
                 )));
             }
-            let mut out = vec![0.0f32; m * layer.n];
+            out.resize(m * layer.n, 0.0);
             match &layer.weights {
                 Weights::Ternary(t) => {
                     if quantized_for != Some(t.k_padded()) {
@@ -157,14 +171,13 @@ impl Linear {
                             .stage(format!("{} input", layer.name))?;
                         quantized_for = Some(t.k_padded());
                     }
-                    ternary_matmul(qa, t, layer.bias.as_deref(), &mut out).stage(&layer.name)?;
+                    ternary_matmul(qa, t, layer.bias.as_deref(), out).stage(&layer.name)?;
                 }
-                Weights::Dense(w) => layer.dense(x, m, WeightRef::F32(w), &mut out)?,
-                Weights::DenseBf16(w) => layer.dense(x, m, WeightRef::Bf16(w), &mut out)?,
+                Weights::Dense(w) => layer.dense(x, m, WeightRef::F32(w), out)?,
+                Weights::DenseBf16(w) => layer.dense(x, m, WeightRef::Bf16(w), out)?,
             }
-            outs.push(out);
         }
-        Ok(outs)
+        Ok(())
     }
 
     fn dense(&self, x: &[f32], m: usize, w: WeightRef<'_>, out: &mut [f32]) -> Result<()> {

@@ -29,8 +29,12 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
         let mut out = vec![0.0; x.len()];
-        layer_norm(x, &self.weight, &self.bias, self.eps, &mut out).stage(&self.name)?;
+        self.forward_into(x, &mut out)?;
         Ok(out)
+    }
+
+    pub fn forward_into(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
+        layer_norm(x, &self.weight, &self.bias, self.eps, out).stage(&self.name)
     }
 }
 
@@ -175,11 +179,21 @@ impl VisionTower {
             head_dim: h / self.heads,
         };
         let mut scores = Vec::new();
+        // Buffers reused by every layer (see LanguageModel::forward): `normed` holds LN1, the
+        // attention output, then LN2.
+        let mut normed = vec![0.0f32; m * h];
+        let mut qkv = vec![Vec::new(), Vec::new(), Vec::new()];
+        let mut hidden = vec![Vec::new()];
+        let mut residual = vec![Vec::new()];
         for layer in &self.layers {
-            let n1 = layer.layer_norm1.forward(&x)?;
-            let qkv =
-                Linear::forward_shared(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &n1, m, qa)?;
-            let mut attn = vec![0.0f32; m * h];
+            layer.layer_norm1.forward_into(&x, &mut normed)?;
+            Linear::forward_shared_into(
+                &[&layer.q_proj, &layer.k_proj, &layer.v_proj],
+                &normed,
+                m,
+                qa,
+                &mut qkv,
+            )?;
             for i in 0..images.len() {
                 let r = i * patches * h..(i + 1) * patches * h;
                 attention(
@@ -187,18 +201,18 @@ impl VisionTower {
                     &qkv[0][r.clone()],
                     &qkv[1][r.clone()],
                     &qkv[2][r.clone()],
-                    &mut attn[r],
+                    &mut normed[r],
                     &mut scores,
                 )
                 .stage(format!("{} attention", layer.q_proj.name))?;
             }
-            let o = layer.out_proj.forward(&attn, m, qa)?;
-            add_in_place(&mut x, &o).stage("vision residual")?;
-            let n2 = layer.layer_norm2.forward(&x)?;
-            let mut f = layer.fc1.forward(&n2, m, qa)?;
-            gelu_tanh(&mut f);
-            let f2 = layer.fc2.forward(&f, m, qa)?;
-            add_in_place(&mut x, &f2).stage("vision residual")?;
+            Linear::forward_shared_into(&[&layer.out_proj], &normed, m, qa, &mut residual)?;
+            add_in_place(&mut x, &residual[0]).stage("vision residual")?;
+            layer.layer_norm2.forward_into(&x, &mut normed)?;
+            Linear::forward_shared_into(&[&layer.fc1], &normed, m, qa, &mut hidden)?;
+            gelu_tanh(&mut hidden[0]);
+            Linear::forward_shared_into(&[&layer.fc2], &hidden[0], m, qa, &mut residual)?;
+            add_in_place(&mut x, &residual[0]).stage("vision residual")?;
         }
         Ok(x)
     }
