@@ -128,15 +128,20 @@ impl TernaryMatrix {
         }
         let mut packed = AlignedBytes::new(bytes.len(), 0);
         packed.as_mut_slice().copy_from_slice(bytes);
+        Ok(Self::single(n, k, packed, gamma))
+    }
+
+    /// One unfused tensor: every real column has γ, padding columns 0.
+    fn single(n: usize, k: usize, packed: AlignedBytes, gamma: f32) -> Self {
         let mut column_scales = vec![gamma; n];
-        column_scales.resize(n_padded, 0.0);
-        Ok(Self {
+        column_scales.resize(n.div_ceil(PANEL_COLS) * PANEL_COLS, 0.0);
+        Self {
             n,
             k,
             packed,
             column_scales,
             segments: vec![(0, gamma)],
-        })
+        }
     }
 
     /// γ of an unfused matrix.
@@ -184,15 +189,7 @@ impl TernaryMatrix {
             .par_chunks_mut(panel_bytes)
             .enumerate()
             .for_each(pack_panel);
-        let mut column_scales = vec![gamma; n];
-        column_scales.resize(n_padded, 0.0);
-        Ok(Self {
-            n,
-            k,
-            packed,
-            column_scales,
-            segments: vec![(0, gamma)],
-        })
+        Ok(Self::single(n, k, packed, gamma))
     }
 
     /// Fuses matrices with the same K along N (e.g. q, k, v into one operand). Every part but the

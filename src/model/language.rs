@@ -104,35 +104,22 @@ impl LanguageModel {
                         LinearKind::Ternary,
                     )
                 };
+                let norm =
+                    |name: &str, width| RmsNorm::load(store, &format!("{l}.{name}"), width, eps);
                 Ok(DecoderLayer {
-                    input_layernorm: RmsNorm::load(store, &format!("{l}.input_layernorm"), h, eps)?,
+                    input_layernorm: norm("input_layernorm", h)?,
                     self_attn: SelfAttention {
                         q_proj: lin("self_attn.q_proj", h, h)?,
                         k_proj: lin("self_attn.k_proj", kv, h)?,
                         v_proj: lin("self_attn.v_proj", kv, h)?,
-                        attn_sub_norm: RmsNorm::load(
-                            store,
-                            &format!("{l}.self_attn.attn_sub_norm"),
-                            h,
-                            eps,
-                        )?,
+                        attn_sub_norm: norm("self_attn.attn_sub_norm", h)?,
                         o_proj: lin("self_attn.o_proj", h, h)?,
                     },
-                    post_attention_layernorm: RmsNorm::load(
-                        store,
-                        &format!("{l}.post_attention_layernorm"),
-                        h,
-                        eps,
-                    )?,
+                    post_attention_layernorm: norm("post_attention_layernorm", h)?,
                     mlp: Mlp {
                         gate_proj: lin("mlp.gate_proj", f, h)?,
                         up_proj: lin("mlp.up_proj", f, h)?,
-                        ffn_sub_norm: RmsNorm::load(
-                            store,
-                            &format!("{l}.mlp.ffn_sub_norm"),
-                            f,
-                            eps,
-                        )?,
+                        ffn_sub_norm: norm("mlp.ffn_sub_norm", f)?,
                         down_proj: lin("mlp.down_proj", h, f)?,
                     },
                 })

@@ -352,15 +352,7 @@ impl TensorStore {
             );
             Ok(())
         })?;
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(ModelError::tensor(
-                name,
-                format!(
-                    "non-finite value {} at flat index {i}; the checkpoint is corrupt",
-                    values[i]
-                ),
-            ));
-        }
+        first_non_finite(name, &values, |v| v.is_finite())?;
         Ok(values)
     }
 
@@ -416,14 +408,22 @@ pub(crate) fn decode_f32(name: &str, bytes: &[u8], dtype: DType) -> Result<Vec<f
 }
 
 pub(crate) fn check_finite(name: &str, values: &[f32]) -> Result<()> {
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(ModelError::tensor(
+    first_non_finite(name, values, |v| v.is_finite())
+}
+
+fn first_non_finite<T: std::fmt::Display>(
+    name: &str,
+    values: &[T],
+    finite: impl Fn(&T) -> bool,
+) -> Result<()> {
+    match values.iter().position(|v| !finite(v)) {
+        Some(i) => Err(ModelError::tensor(
             name,
             format!(
                 "non-finite value {} at flat index {i}; the checkpoint is corrupt",
                 values[i]
             ),
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
