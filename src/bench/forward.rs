@@ -37,6 +37,11 @@ pub struct Report {
     pub peak_gops: Option<f64>,
     /// Compute floor of the ternary work at the calibrated peak / measured forward time.
     pub efficiency: Option<f64>,
+    /// f32 FLOPs of the attention products, which the ternary floor leaves out.
+    pub attention_gflop: f64,
+    pub f32_peak_gflops: Option<f64>,
+    /// (ternary work at the int8 peak + attention at the f32 FMA peak) / forward time.
+    pub efficiency_with_attention: Option<f64>,
     pub weight_bytes: usize,
     /// `VmHWM` after loading and the ternary runs (before the f32 path is built).
     pub peak_rss_bytes: Option<u64>,
@@ -115,6 +120,11 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let stages = stage_medians(&timings);
     let ops = policy.ternary_ops(warm.tokens, obs.images.len());
     let peak_gops = (!peaks.is_empty()).then(|| median(&mut peaks));
+    let mut f32_peaks: Vec<f64> = (0..3)
+        .filter_map(|_| calibrate(PeakLoop::F32Fma, &pool, opts.calib_seconds))
+        .collect();
+    let f32_peak_gflops = (!f32_peaks.is_empty()).then(|| median(&mut f32_peaks));
+    let attention = policy.attention_flops(warm.tokens, obs.images.len());
     let seconds = stages.total_ms / 1e3;
 
     let (mut f32_median_ms, mut ratio, mut diff) = (None, None, None);
@@ -156,6 +166,11 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         achieved_gops: ops / seconds / 1e9,
         peak_gops,
         efficiency: peak_gops.map(|p| ops / 1e9 / p / seconds),
+        attention_gflop: attention / 1e9,
+        f32_peak_gflops,
+        efficiency_with_attention: peak_gops
+            .zip(f32_peak_gflops)
+            .map(|(p, f)| (ops / 1e9 / p + attention / 1e9 / f) / seconds),
         weight_bytes: policy.weight_bytes(),
         peak_rss_bytes,
         rss_after_load_bytes,

@@ -316,6 +316,16 @@ fn bench_forward(args: ForwardArgs) -> anyhow::Result<()> {
             report.efficiency.map_or("?".into(), |e| format!("{e:.3}"))
         );
         println!(
+            "  attention {:.0} GFLOP f32 (f32 peak {} GFLOP/s); efficiency counting it {}",
+            report.attention_gflop,
+            report
+                .f32_peak_gflops
+                .map_or("?".into(), |p| format!("{p:.0}")),
+            report
+                .efficiency_with_attention
+                .map_or("?".into(), |e| format!("{e:.3}"))
+        );
+        println!(
             "  load {:.2} s; weights {:.0} MB; peak RSS {}",
             report.load_s,
             report.weight_bytes as f64 / 1e6,

@@ -357,6 +357,27 @@ impl Policy {
             .sum()
     }
 
+    /// f32 FLOPs of the attention products (Q·Kᵀ and P·V) in one call.
+    pub fn attention_flops(&self, tokens: usize, images: usize) -> f64 {
+        let t = &self.config.text_config;
+        let v = &self.config.vision_config;
+        let p = self.vision.patches_per_image();
+        let llm = t.num_hidden_layers
+            * t.num_attention_heads
+            * 4
+            * tokens
+            * tokens
+            * self.config.text_head_dim();
+        let vit = v.num_hidden_layers
+            * images
+            * v.num_attention_heads
+            * 4
+            * p
+            * p
+            * self.config.vision_head_dim();
+        (llm + vit) as f64
+    }
+
     pub fn predict(&self, obs: &Observation) -> Result<ActionChunk> {
         Ok(self.predict_stages(obs)?.0)
     }
