@@ -6,15 +6,16 @@
 #
 #   scripts/make_golden.sh            # then: cargo test --test golden_reference
 #
-# Needs python3 (>= 3.10) with venv and the package registry. CI does not run this; it runs the
+# Needs python3 (>= 3.10; installed with apt when missing) and the package registry. CI does not run this; it runs the
 # comparison against the committed golden files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=.venv-reference
 if [ ! -x "$venv/bin/python" ]; then
-  if ! python3 -m venv "$venv" 2>/dev/null; then
-    apt-get update -qq && apt-get install -y -qq python3-venv
+  if ! command -v python3 >/dev/null || ! python3 -m venv "$venv" 2>/dev/null; then
+    rm -rf "$venv"
+    apt-get update -qq && apt-get install -y -qq python3 python3-venv
     python3 -m venv "$venv"
   fi
 fi
