@@ -8,7 +8,9 @@
 //! - [`bench`]: the benchmark harness behind `bitvla bench` (peak calibration, interleaving, JSON).
 
 pub mod bench;
+pub mod control;
 pub mod kernels;
 pub mod model;
 pub mod obs;
 pub mod process;
+pub mod runtime;
