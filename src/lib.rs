@@ -5,6 +5,9 @@
 //!   the f32 operations of the model.
 //! - [`obs`]: observation preprocessing (camera images to the policy's tensors).
 //! - [`model`]: the BitVLA policy: checkpoints, forward pass, `Policy::predict`.
+//! - [`runtime`]: the dedicated inference thread (latest-observation mailbox, results channel).
+//! - [`control`]: chunk scheduling, the safety gate and command mapping, shared by the ROS node
+//!   and the offline replay.
 //! - [`bench`]: the benchmark harness behind `bitvla bench` (peak calibration, interleaving, JSON).
 
 pub mod bench;
