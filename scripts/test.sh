@@ -4,7 +4,9 @@
 #
 # On a fresh Debian machine it installs what the aarch64 run needs (rust-std for the target, the
 # cross linker, qemu-user) when it can (root + apt). Without them it says loudly that the aarch64
-# kernels were not tested; with BITVLA_REQUIRE_AARCH64=1 (CI) that is a failure.
+# kernels were not tested; with BITVLA_REQUIRE_AARCH64=1 (CI) that is a failure. Last, it sets up
+# ROS 2 Jazzy from the Python wheels and tests bitvla_node in a real graph (BITVLA_REQUIRE_ROS=1
+# makes a setup failure fatal).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,8 +17,27 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 run_tests() { cargo test --quiet --all-targets "$@" 2>&1 | tee -a "$log"; }
 summary() {
-  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  awk '/^test result:/ || /^ros: [0-9]+ passed/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
        END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
+}
+
+# bitvla_node in a real ROS 2 graph (ROS 2 Jazzy from the Python wheels; needs x86_64 + CPython
+# 3.11 for the wheels). With BITVLA_REQUIRE_ROS=1 (CI) a setup failure is a failure.
+ros_tests() {
+  step "bitvla_node against a real ROS 2 graph"
+  if ! scripts/setup_ros.sh; then
+    if [ "${BITVLA_REQUIRE_ROS:-0}" = "1" ]; then
+      echo "error: ROS 2 could not be set up (BITVLA_REQUIRE_ROS=1)" >&2
+      exit 1
+    fi
+    echo "WARNING: ROS 2 node NOT tested: setup_ros.sh failed (see above)." >&2
+    return 0
+  fi
+  if ! scripts/test_ros.sh 2>&1 | tee -a "$log"; then
+    echo "error: the ROS 2 node tests failed" >&2
+    summary
+    exit 1
+  fi
 }
 
 step "cargo fmt --check"
@@ -35,8 +56,9 @@ if ! scripts/setup_cross.sh; then
     exit 1
   fi
   echo "WARNING: aarch64 kernels NOT tested: cross toolchain unavailable (see above)." >&2
-  summary
-  exit 0
+else
+  run_tests --target aarch64-unknown-linux-gnu
 fi
-run_tests --target aarch64-unknown-linux-gnu
+
+ros_tests
 summary

@@ -16,4 +16,6 @@ pub mod kernels;
 pub mod model;
 pub mod obs;
 pub mod process;
+#[cfg(feature = "ros")]
+pub mod ros;
 pub mod runtime;

@@ -28,6 +28,25 @@ impl Default for ImageOptions {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ImageError {
+    #[error("unsupported image encoding {0:?} (rgb8, bgr8, rgba8, bgra8, mono8)")]
+    Encoding(String),
+    #[error("image {width}x{height} exceeds the {max}-pixel side limit")]
+    TooLarge { width: u32, height: u32, max: u32 },
+    #[error("row step {step} is smaller than {width} pixels x {channels} bytes")]
+    Step {
+        step: usize,
+        width: u32,
+        channels: usize,
+    },
+    #[error("image data has {got} bytes, {height} rows of step {step} need {expected}")]
+    Truncated {
+        got: usize,
+        expected: usize,
+        height: u32,
+        step: usize,
+    },
+    #[error("cannot decode the compressed image: {0}")]
+    Compressed(String),
     #[error("image is empty ({width}x{height})")]
     Empty { width: u32, height: u32 },
     #[error("image buffer has {got} bytes, {width}x{height} RGB needs {expected}")]
@@ -52,6 +71,82 @@ pub fn rgb_from_raw(width: u32, height: u32, data: Vec<u8>) -> Result<RgbImage, 
         expected,
         got,
     })
+}
+
+/// Largest accepted image side: bounds the memory a malformed message can make us allocate.
+pub const MAX_SIDE: u32 = 8192;
+
+/// Decodes a raw `sensor_msgs/Image` (rgb8, bgr8, rgba8, bgra8, mono8; rows of `step` bytes,
+/// padding ignored) to RGB.
+pub fn decode_raw(
+    encoding: &str,
+    width: u32,
+    height: u32,
+    step: usize,
+    data: &[u8],
+) -> Result<RgbImage, ImageError> {
+    let (channels, order): (usize, [usize; 3]) = match encoding {
+        "rgb8" => (3, [0, 1, 2]),
+        "bgr8" => (3, [2, 1, 0]),
+        "rgba8" => (4, [0, 1, 2]),
+        "bgra8" => (4, [2, 1, 0]),
+        "mono8" | "8UC1" => (1, [0, 0, 0]),
+        other => return Err(ImageError::Encoding(other.to_owned())),
+    };
+    if width == 0 || height == 0 {
+        return Err(ImageError::Empty { width, height });
+    }
+    if width > MAX_SIDE || height > MAX_SIDE {
+        return Err(ImageError::TooLarge {
+            width,
+            height,
+            max: MAX_SIDE,
+        });
+    }
+    let row = width as usize * channels;
+    if step < row {
+        return Err(ImageError::Step {
+            step,
+            width,
+            channels,
+        });
+    }
+    let expected = step * (height as usize - 1) + row;
+    if data.len() < expected {
+        return Err(ImageError::Truncated {
+            got: data.len(),
+            expected,
+            height,
+            step,
+        });
+    }
+    let mut out = Vec::with_capacity(width as usize * height as usize * 3);
+    for y in 0..height as usize {
+        for px in data[y * step..y * step + row].chunks_exact(channels) {
+            out.extend(order.iter().map(|&c| px[c]));
+        }
+    }
+    rgb_from_raw(width, height, out)
+}
+
+/// Decodes a `sensor_msgs/CompressedImage` (JPEG or PNG) to RGB.
+pub fn decode_compressed(data: &[u8]) -> Result<RgbImage, ImageError> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(data))
+        .with_guessed_format()
+        .map_err(|e| ImageError::Compressed(e.to_string()))?;
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| ImageError::Compressed(e.to_string()))?;
+    if w > MAX_SIDE || h > MAX_SIDE {
+        return Err(ImageError::TooLarge {
+            width: w,
+            height: h,
+            max: MAX_SIDE,
+        });
+    }
+    image::load_from_memory(data)
+        .map(|i| i.to_rgb8())
+        .map_err(|e| ImageError::Compressed(e.to_string()))
 }
 
 /// The uint8 image the vision tower sees (after rotation, resize and crop), `size`×`size`.
@@ -162,6 +257,43 @@ mod tests {
                 "column {i}"
             );
         }
+    }
+
+    #[test]
+    fn ros_encodings_and_padding() {
+        // 2x2, bgra8 with 4 bytes of row padding.
+        let data = [
+            1, 2, 3, 255, 4, 5, 6, 255, 0, 0, 0, 0, //
+            7, 8, 9, 255, 10, 11, 12, 255, 0, 0, 0, 0,
+        ];
+        let img = decode_raw("bgra8", 2, 2, 12, &data).unwrap();
+        assert_eq!(img.as_raw(), &[3, 2, 1, 6, 5, 4, 9, 8, 7, 12, 11, 10]);
+        let mono = decode_raw("mono8", 2, 1, 2, &[5, 9]).unwrap();
+        assert_eq!(mono.as_raw(), &[5, 5, 5, 9, 9, 9]);
+        assert!(matches!(
+            decode_raw("yuv422", 2, 2, 4, &data),
+            Err(ImageError::Encoding(_))
+        ));
+        assert!(matches!(
+            decode_raw("rgb8", 2, 2, 5, &data),
+            Err(ImageError::Step { .. })
+        ));
+        assert!(matches!(
+            decode_raw("rgb8", 2, 2, 6, &data[..8]),
+            Err(ImageError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode_raw("rgb8", 100_000, 2, 300_000, &data),
+            Err(ImageError::TooLarge { .. })
+        ));
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        assert_eq!(decode_compressed(&png).unwrap(), img);
+        assert!(matches!(
+            decode_compressed(&png[..20]),
+            Err(ImageError::Compressed(_))
+        ));
     }
 
     #[test]

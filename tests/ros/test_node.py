@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""bitvla_node in a real ROS 2 graph (rclpy peers from the Jazzy wheels).
+
+Run by scripts/test_ros.sh (after scripts/setup_ros.sh): starts the node on the tiny model as a
+separate process, feeds it camera frames and an instruction, and checks what it publishes.
+Prints 'N passed, M failed'.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from geometry_msgs.msg import TwistStamped
+from PIL import Image as PilImage
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Bool, Float32MultiArray, String
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
+INSTRUCTION = "pick up the black bowl and place it on the plate"
+
+
+def raw_image(arr):
+    msg = Image()
+    msg.height, msg.width = arr.shape[:2]
+    msg.encoding = "rgb8"
+    msg.step = msg.width * 3
+    msg.data = arr.tobytes()
+    return msg
+
+
+class Peer:
+    def __init__(self):
+        self.node = rclpy.create_node("bitvla_test_peer")
+        self.cam = self.node.create_publisher(Image, "/test/cam", qos_profile_sensor_data)
+        self.wrist = self.node.create_publisher(CompressedImage, "/test/wrist/compressed", qos_profile_sensor_data)
+        self.instruction = self.node.create_publisher(String, "/test/instruction", 10)
+        self.estop = self.node.create_publisher(Bool, "/test/estop", 10)
+        self.twists, self.chunks = [], []
+        self.node.create_subscription(TwistStamped, "/test/twist", lambda m: self.twists.append((time.monotonic(), m)), 10)
+        self.node.create_subscription(Float32MultiArray, "/bitvla_node/action_chunk", self.chunks.append, 10)
+
+    def spin_for(self, seconds, publish=None):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if publish:
+                publish()
+            rclpy.spin_once(self.node, timeout_sec=0.05)
+
+    def wait(self, what, seconds, cond, publish=None):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if cond():
+                return
+            self.spin_for(0.1, publish)
+        raise AssertionError(f"timed out waiting for {what}")
+
+
+def main():
+    third = np.asarray(PilImage.open(ROOT / "tests/golden/third_person.png").convert("RGB"))
+    wrist_png = (ROOT / "tests/golden/wrist.png").read_bytes()
+    work = Path(tempfile.mkdtemp(prefix="bitvla-ros-"))
+    model = work / "tiny"
+    subprocess.run([BIN / "bitvla", "make-tiny", "--out", model], check=True, capture_output=True)
+    expected = json.loads(subprocess.run(
+        [BIN / "bitvla", "run", "--model", model, "--image", ROOT / "tests/golden/third_person.png",
+         "--wrist-image", ROOT / "tests/golden/wrist.png", "--instruction", INSTRUCTION,
+         "--proprio", ",".join(["0"] * 8), "--threads", "1", "--json"],
+        check=True, capture_output=True, text=True).stdout)
+
+    log = open(work / "node.log", "w")
+    node = subprocess.Popen(
+        [BIN / "bitvla_node", "--ros-args", "-p", f"model_path:={model}", "-p", "threads:=1",
+         "-p", "camera_topic:=/test/cam", "-p", "wrist_camera_topic:=/test/wrist/compressed",
+         "-p", "wrist_camera_transport:=compressed", "-p", "instruction_topic:=/test/instruction",
+         "-p", "estop_topic:=/test/estop", "-p", "command_topic:=/test/twist", "-p", "dry_run:=false",
+         "-p", "frame_id:=tool0", "-p", "stale_after_s:=2.0"],
+        stdout=log, stderr=subprocess.STDOUT)
+    rclpy.init()
+    peer = Peer()
+    frames = lambda: (peer.cam.publish(raw_image(third)),
+                      peer.wrist.publish(CompressedImage(format="png", data=wrist_png)))
+    results = []
+
+    def check(name, fn):
+        try:
+            fn()
+            results.append((name, None))
+            print(f"ok   {name}")
+        except Exception:  # noqa: BLE001 - report every failure, keep going
+            results.append((name, traceback.format_exc()))
+            print(f"FAIL {name}\n{traceback.format_exc()}")
+
+    def first_chunk_equals_bitvla_run():
+        peer.wait("the node's subscriptions", 20, lambda: peer.node.count_subscribers("/test/instruction") > 0)
+        peer.spin_for(1.0, frames)
+        peer.instruction.publish(String(data=INSTRUCTION))
+        peer.wait("an action chunk", 60, lambda: peer.chunks, frames)
+        got = np.array(peer.chunks[0].data, dtype=np.float32)
+        want = np.array(expected["actions"], dtype=np.float32)
+        assert got.shape == want.shape, (got.shape, want.shape)
+        assert np.array_equal(got, want), np.abs(got - want).max()
+        dims = [(d.label, d.size) for d in peer.chunks[0].layout.dim]
+        assert dims == [("step", 8), ("action", 7)], dims
+
+    def commands_are_the_mapped_actions():
+        peer.wait("twist commands", 30, lambda: len(peer.twists) >= 5, frames)
+        rows = np.array(expected["actions"], dtype=np.float64).reshape(8, 7)
+        for _, m in peer.twists[:5]:
+            assert m.header.frame_id == "tool0"
+            v = np.array([m.twist.linear.x, m.twist.linear.y, m.twist.linear.z,
+                          m.twist.angular.x, m.twist.angular.y, m.twist.angular.z])
+            # 20 Hz: 0.05 m and 0.5 rad per unit and step -> x1 m/s and x10 rad/s per unit.
+            mapped = np.hstack([rows[:, :3] * 1.0, rows[:, 3:6] * 10.0])
+            assert np.min(np.abs(mapped - v).max(axis=1)) < 1e-4, v
+
+    def rate_is_20_hz():
+        peer.twists.clear()
+        peer.spin_for(3.0, frames)
+        t = np.array([s for s, _ in peer.twists])
+        assert len(t) > 40, len(t)
+        gaps = np.diff(t)
+        assert 0.04 < np.median(gaps) < 0.06, np.median(gaps)
+
+    def estop_holds_output():
+        peer.estop.publish(Bool(data=True))
+        peer.spin_for(0.5, frames)
+        peer.twists.clear()
+        peer.spin_for(1.0, frames)
+        assert not peer.twists, len(peer.twists)
+        peer.estop.publish(Bool(data=False))
+        peer.wait("commands after the e-stop is released", 30, lambda: peer.twists, frames)
+
+    def malformed_frames_are_rejected_and_the_node_keeps_serving():
+        bad = raw_image(third)
+        bad.encoding = "yuv422"
+        short = raw_image(third)
+        short.data = short.data[:1000]
+        for m in (bad, short):
+            peer.cam.publish(m)
+        peer.wrist.publish(CompressedImage(format="jpeg", data=b"\xff\xd8 not a jpeg"))
+        peer.spin_for(0.5)
+        peer.twists.clear()
+        peer.wait("commands after malformed frames", 30, lambda: peer.twists, frames)
+        assert node.poll() is None
+        text = (work / "node.log").read_text()
+        assert "yuv422" in text and "rejected frame" in text, text[-2000:]
+
+    def stale_camera_holds_output():
+        peer.spin_for(2.5)  # no frames for longer than stale_after_s
+        peer.twists.clear()
+        peer.spin_for(0.5)
+        assert not peer.twists, len(peer.twists)
+
+    def sigint_stops_within_2_s():
+        node.send_signal(signal.SIGINT)
+        node.wait(timeout=2.0)
+
+    for name, fn in [
+        ("first chunk equals bitvla run", first_chunk_equals_bitvla_run),
+        ("commands are the mapped actions", commands_are_the_mapped_actions),
+        ("control rate 20 Hz", rate_is_20_hz),
+        ("e-stop holds output", estop_holds_output),
+        ("malformed frames are rejected, the node keeps serving", malformed_frames_are_rejected_and_the_node_keeps_serving),
+        ("stale camera holds output", stale_camera_holds_output),
+        ("SIGINT stops within 2 s", sigint_stops_within_2_s),
+    ]:
+        check(name, fn)
+    if node.poll() is None:
+        node.kill()
+    log.close()
+    failed = [n for n, e in results if e]
+    if failed:
+        print((work / "node.log").read_text()[-3000:])
+    print(f"ros: {len(results) - len(failed)} passed, {len(failed)} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
