@@ -349,14 +349,17 @@ pub fn run_node() -> anyhow::Result<()> {
                             .map(<[f32]>::to_vec)
                             .collect();
                         sched.accept(r.id, rows, r.stamp, now_s, r.latency_s);
-                        r2r::log_info!(&log, "chunk {} after {:.0} ms", r.id, r.latency_s * 1e3);
+                        r2r::log_debug!(&log, "chunk {} after {:.0} ms", r.id, r.latency_s * 1e3);
                     }
                     Err(e) => r2r::log_error!(&log, "policy call {} failed: {e}", r.id),
                 }
             }
             let tick = sched.tick();
             let s = state.borrow();
-            let ready = s.frames[0].is_some() && s.instruction.is_some() && !s.estop;
+            let newest = s.frames.iter().flatten().map(|f| f.1).reduce(f64::min);
+            // Ask for a chunk only from fresh frames, with an instruction and no e-stop.
+            let fresh = newest.is_some_and(|t| now_s - t <= safety.stale_after_s);
+            let ready = s.frames[0].is_some() && fresh && s.instruction.is_some() && !s.estop;
             if tick.request_observation && ready {
                 let images: Vec<RgbImage> =
                     s.frames.iter().flatten().map(|f| f.0.clone()).collect();
@@ -384,7 +387,6 @@ pub fn run_node() -> anyhow::Result<()> {
                 });
                 sched.requested();
             }
-            let newest = s.frames.iter().flatten().map(|f| f.1).reduce(f64::min);
             let gate = safety.gate(
                 now_s,
                 SafetyInputs {
@@ -423,7 +425,10 @@ pub fn run_node() -> anyhow::Result<()> {
                     }
                 }
                 Err(hold) => {
-                    if last_hold.as_ref() != Some(&hold) {
+                    let changed = last_hold
+                        .as_ref()
+                        .is_none_or(|h| std::mem::discriminant(h) != std::mem::discriminant(&hold));
+                    if changed {
                         r2r::log_info!(&log, "holding: {hold}");
                         last_hold = Some(hold);
                     }

@@ -165,6 +165,54 @@ def main():
         node.send_signal(signal.SIGINT)
         node.wait(timeout=2.0)
 
+    def config_files_declare_only_known_parameters_and_real_arm_is_dry_run():
+        from rcl_interfaces.srv import GetParameters, ListParameters
+        for config in ("config/real_arm.yaml", "config/sim_arm.yaml"):
+            keys = {}
+            for line in (ROOT / config).read_text().splitlines():
+                line = line.split("#")[0].rstrip()
+                if line.startswith("    ") and ":" in line:
+                    k, v = line.strip().split(":", 1)
+                    keys[k] = v.strip().strip('"')
+            proc = subprocess.Popen(
+                [BIN / "bitvla_node", "--ros-args", "--params-file", ROOT / config,
+                 "-p", f"model_path:={model}", "-p", "camera_topic:=/test/cam",
+                 "-p", "wrist_camera_topic:=/test/wrist/compressed", "-p", "wrist_camera_transport:=compressed",
+                 "-p", "instruction_topic:=/test/instruction", "-p", "command_topic:=/test/twist"],
+                stdout=log, stderr=subprocess.STDOUT)
+            try:
+                def call(client, request):
+                    # The previous node's services can linger in the graph for a moment:
+                    # retry until the new node answers.
+                    end = time.monotonic() + 30
+                    while time.monotonic() < end:
+                        if client.wait_for_service(timeout_sec=2):
+                            fut = client.call_async(request)
+                            rclpy.spin_until_future_complete(peer.node, fut, timeout_sec=2)
+                            if fut.result() is not None:
+                                return fut.result()
+                    raise AssertionError("no answer from the parameter services")
+
+                client = peer.node.create_client(ListParameters, "/bitvla_node/list_parameters")
+                declared = set(call(client, ListParameters.Request()).result.names)
+                unknown = set(keys) - declared
+                assert not unknown, f"{config}: undeclared parameters {unknown}"
+                get = peer.node.create_client(GetParameters, "/bitvla_node/get_parameters")
+                dry, rate = call(get, GetParameters.Request(names=["dry_run", "control_rate_hz"])).values
+                assert dry.bool_value == (keys["dry_run"] == "true"), (config, dry)
+                assert rate.double_value == float(keys["control_rate_hz"]), (config, rate)
+                if config.endswith("real_arm.yaml"):
+                    # Dry run: commands appear on ~/dry_run/command, never on the command topic.
+                    preview = []
+                    peer.node.create_subscription(TwistStamped, "/bitvla_node/dry_run/command", preview.append, 10)
+                    peer.twists.clear()
+                    peer.instruction.publish(String(data=INSTRUCTION))
+                    peer.wait("dry-run commands", 60, lambda: preview, frames)
+                    assert not peer.twists, "a dry-run node published on the command topic"
+            finally:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=5)
+
     for name, fn in [
         ("first chunk equals bitvla run", first_chunk_equals_bitvla_run),
         ("commands are the mapped actions", commands_are_the_mapped_actions),
@@ -173,6 +221,8 @@ def main():
         ("malformed frames are rejected, the node keeps serving", malformed_frames_are_rejected_and_the_node_keeps_serving),
         ("stale camera holds output", stale_camera_holds_output),
         ("SIGINT stops within 2 s", sigint_stops_within_2_s),
+        ("config files: known parameters; the real-arm profile is a dry run",
+         config_files_declare_only_known_parameters_and_real_arm_is_dry_run),
     ]:
         check(name, fn)
     if node.poll() is None:
