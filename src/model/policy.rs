@@ -257,6 +257,9 @@ impl Policy {
         };
         let horizon = options.horizon.unwrap_or(config.num_actions_chunk);
         let head = ActionHead::load(&store, hidden, horizon)?;
+        // The sidecars' decoded tensors now live in the heads.
+        let mut store = store;
+        store.drop_owned();
         let (unnorm_key, statistics) = statistics.select(
             options.unnorm_key.as_deref(),
             head.action_dim,

@@ -219,6 +219,18 @@ impl TensorStore {
         Ok(())
     }
 
+    /// Frees the tensors decoded into memory (the `.pt` sidecars) once the model holds its own
+    /// copies; memory-mapped tensors stay available.
+    pub fn drop_owned(&mut self) {
+        let owned: Vec<usize> = (0..self.buffers.len())
+            .filter(|&i| matches!(self.buffers[i].1, Buffer::Owned(_)))
+            .collect();
+        self.entries.retain(|_, e| !owned.contains(&e.buffer));
+        for i in owned {
+            self.buffers[i].1 = Buffer::Owned(Vec::new());
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
