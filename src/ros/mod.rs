@@ -3,8 +3,9 @@
 //! `obs` decodes frames, `runtime` runs the policy on its own thread, `control` schedules chunks,
 //! gates them and maps them to commands.
 
+use crate::control::mapping::clamp_to_workspace;
 use crate::control::{
-    ChunkScheduler, EeScales, Hold, SafetyConfig, SafetyInputs, SchedulerConfig, twist,
+    ChunkScheduler, EeScales, Hold, SafetyConfig, SafetyInputs, SchedulerConfig, pose_target, twist,
 };
 use crate::model::{GripperMapping, Observation, Policy, PolicyOptions};
 use crate::obs::{self, ImageOptions};
@@ -45,8 +46,13 @@ pub struct NodeParams {
     pub proprio_source: String,
     /// sensor_msgs/JointState topic when proprio_source is joint_states
     pub joint_states_topic: String,
-    /// ee_delta_twist: geometry_msgs/TwistStamped (MoveIt Servo, speed units)
+    /// ee_delta_twist: geometry_msgs/TwistStamped (MoveIt Servo, speed units); ee_pose:
+    /// geometry_msgs/PoseStamped target = current pose (ee_pose_topic) + the predicted delta
     pub command_mode: String,
+    /// Current end-effector pose (geometry_msgs/PoseStamped, base frame) for ee_pose
+    pub ee_pose_topic: String,
+    /// Workspace box for ee_pose targets (base frame)
+    pub workspace: Workspace,
     /// Command topic
     pub command_topic: String,
     /// Frame of the commands
@@ -71,6 +77,36 @@ pub struct NodeParams {
     pub gripper: String,
 }
 
+/// An axis-aligned box in the base frame [m].
+#[derive(RosParams, Debug, Clone)]
+pub struct Workspace {
+    /// [m]
+    pub min_x: f64,
+    /// [m]
+    pub min_y: f64,
+    /// [m]
+    pub min_z: f64,
+    /// [m]
+    pub max_x: f64,
+    /// [m]
+    pub max_y: f64,
+    /// [m]
+    pub max_z: f64,
+}
+
+impl Default for Workspace {
+    fn default() -> Self {
+        Self {
+            min_x: -1.0,
+            min_y: -1.0,
+            min_z: 0.0,
+            max_x: 1.0,
+            max_y: 1.0,
+            max_z: 1.5,
+        }
+    }
+}
+
 impl Default for NodeParams {
     fn default() -> Self {
         Self {
@@ -86,6 +122,8 @@ impl Default for NodeParams {
             proprio_source: "none".into(),
             joint_states_topic: "/joint_states".into(),
             command_mode: "ee_delta_twist".into(),
+            ee_pose_topic: "/ee_pose".into(),
+            workspace: Workspace::default(),
             command_topic: "/servo_node/delta_twist_cmds".into(),
             frame_id: "base_link".into(),
             control_rate_hz: 20.0,
@@ -107,7 +145,9 @@ struct Inputs {
     instruction: Option<String>,
     estop: bool,
     joints: Option<Vec<f32>>,
+    ee_pose: Option<nalgebra::Isometry3<f64>>,
     rejected_frames: u64,
+    frames_received: u64,
 }
 
 /// Runs `bitvla_node` until the process is stopped.
@@ -125,15 +165,16 @@ pub fn run_node() -> anyhow::Result<()> {
         !p.model_path.is_empty(),
         "parameter model_path is empty: set it (a checkpoint directory or a .bitvla file)"
     );
+    let pose_mode = match p.command_mode.as_str() {
+        "ee_delta_twist" => false,
+        "ee_pose" => true,
+        other => anyhow::bail!("command_mode {other:?} is not supported (ee_delta_twist, ee_pose)"),
+    };
+    let w = &p.workspace;
+    let (ws_min, ws_max) = ([w.min_x, w.min_y, w.min_z], [w.max_x, w.max_y, w.max_z]);
     anyhow::ensure!(
-        p.command_mode == "ee_delta_twist",
-        "command_mode {:?} is not supported yet (ee_delta_twist)",
-        p.command_mode
-    );
-    anyhow::ensure!(
-        p.control_rate_hz > 0.0 && p.control_rate_hz <= 1000.0,
-        "control_rate_hz {} must be in (0, 1000]",
-        p.control_rate_hz
+        (0..3).all(|i| ws_min[i] <= ws_max[i]),
+        "workspace: min {ws_min:?} must not exceed max {ws_max:?}"
     );
     let gripper: GripperMapping = p.gripper.parse().map_err(anyhow::Error::msg)?;
     let image_options = ImageOptions {
@@ -187,7 +228,9 @@ pub fn run_node() -> anyhow::Result<()> {
             Ok(img) => {
                 let now = clock.lock().ok().and_then(|mut c| c.get_now().ok());
                 let t = now.map_or(0.0, |d| d.as_secs_f64());
-                state.borrow_mut().frames[slot] = Some((img, t));
+                let mut s = state.borrow_mut();
+                s.frames[slot] = Some((img, t));
+                s.frames_received += 1;
             }
             Err(e) => {
                 state.borrow_mut().rejected_frames += 1;
@@ -275,13 +318,42 @@ pub fn run_node() -> anyhow::Result<()> {
         other => anyhow::bail!("proprio_source {other:?}: none or joint_states"),
     }
 
+    if pose_mode {
+        let sub = node.subscribe::<r2r::geometry_msgs::msg::PoseStamped>(
+            &p.ee_pose_topic,
+            QosProfile::default(),
+        )?;
+        let state = Rc::clone(&inputs);
+        spawner.spawn_local(sub.for_each(move |m| {
+            let (t, q) = (m.pose.position, m.pose.orientation);
+            let rotation = nalgebra::UnitQuaternion::from_quaternion(nalgebra::Quaternion::new(
+                q.w, q.x, q.y, q.z,
+            ));
+            state.borrow_mut().ee_pose = Some(nalgebra::Isometry3::from_parts(
+                nalgebra::Translation3::new(t.x, t.y, t.z),
+                rotation,
+            ));
+            future::ready(())
+        }))?;
+    }
+
     let command_topic = if p.dry_run {
         "~/dry_run/command".to_owned()
     } else {
         p.command_topic.clone()
     };
-    let command_pub = node.create_publisher::<r2r::geometry_msgs::msg::TwistStamped>(
-        &command_topic,
+    let qos = QosProfile::default();
+    let (twist_pub, pose_pub) = if pose_mode {
+        let publisher =
+            node.create_publisher::<r2r::geometry_msgs::msg::PoseStamped>(&command_topic, qos)?;
+        (None, Some(publisher))
+    } else {
+        let publisher =
+            node.create_publisher::<r2r::geometry_msgs::msg::TwistStamped>(&command_topic, qos)?;
+        (Some(publisher), None)
+    };
+    let diagnostics_pub = node.create_publisher::<r2r::diagnostic_msgs::msg::DiagnosticArray>(
+        "/diagnostics",
         QosProfile::default(),
     )?;
     let chunk_pub = node.create_publisher::<r2r::std_msgs::msg::Float32MultiArray>(
@@ -304,11 +376,17 @@ pub fn run_node() -> anyhow::Result<()> {
     let dt = 1.0 / p.control_rate_hz;
     let mut timer = node.create_wall_timer(Duration::from_secs_f64(dt))?;
     let frame_id = p.frame_id.clone();
+    let dry_run = p.dry_run;
+    let diag_every = (p.control_rate_hz.round() as u64).max(1);
     let log = logger.clone();
     let state = Rc::clone(&inputs);
     spawner.spawn_local(async move {
         let mut sequence = 0u64;
         let mut last_hold: Option<Hold> = None;
+        let mut status = String::from("starting");
+        let (mut ticks, mut chunks, mut failed_calls, mut published) = (0u64, 0u64, 0u64, 0u64);
+        let mut latencies: Vec<f64> = Vec::new();
+        let mut last_error = String::new();
         loop {
             if timer.tick().await.is_err() {
                 break;
@@ -343,6 +421,11 @@ pub fn run_node() -> anyhow::Result<()> {
                         if let Err(e) = chunk_pub.publish(&msg) {
                             r2r::log_error!(&log, "publishing the chunk: {e}");
                         }
+                        chunks += 1;
+                        latencies.push(r.latency_s);
+                        if latencies.len() > 100 {
+                            latencies.remove(0);
+                        }
                         let rows = chunk
                             .actions
                             .chunks(chunk.action_dim)
@@ -351,7 +434,11 @@ pub fn run_node() -> anyhow::Result<()> {
                         sched.accept(r.id, rows, r.stamp, now_s, r.latency_s);
                         r2r::log_debug!(&log, "chunk {} after {:.0} ms", r.id, r.latency_s * 1e3);
                     }
-                    Err(e) => r2r::log_error!(&log, "policy call {} failed: {e}", r.id),
+                    Err(e) => {
+                        failed_calls += 1;
+                        r2r::log_error!(&log, "policy call {} failed: {e}", r.id);
+                        last_error = e;
+                    }
                 }
             }
             let tick = sched.tick();
@@ -400,12 +487,15 @@ pub fn run_node() -> anyhow::Result<()> {
             match gate {
                 Ok(action) => {
                     last_hold = None;
-                    if let Some((v, w)) = twist(&action, scales, dt) {
+                    let header = r2r::std_msgs::msg::Header {
+                        stamp: r2r::Clock::to_builtin_time(&now),
+                        frame_id: frame_id.clone(),
+                    };
+                    if let (Some(publisher), Some((v, w))) =
+                        (&twist_pub, twist(&action, scales, dt))
+                    {
                         let msg = r2r::geometry_msgs::msg::TwistStamped {
-                            header: r2r::std_msgs::msg::Header {
-                                stamp: r2r::Clock::to_builtin_time(&now),
-                                frame_id: frame_id.clone(),
-                            },
+                            header,
                             twist: r2r::geometry_msgs::msg::Twist {
                                 linear: r2r::geometry_msgs::msg::Vector3 {
                                     x: v[0],
@@ -419,12 +509,46 @@ pub fn run_node() -> anyhow::Result<()> {
                                 },
                             },
                         };
-                        if let Err(e) = command_pub.publish(&msg) {
+                        if let Err(e) = publisher.publish(&msg) {
                             r2r::log_error!(&log, "publishing the command: {e}");
+                        }
+                        published += 1;
+                    } else if let Some(publisher) = &pose_pub {
+                        let current = state.borrow().ee_pose;
+                        match current.and_then(|c| pose_target(&c, &action, scales)) {
+                            Some(mut target) => {
+                                clamp_to_workspace(&mut target, ws_min, ws_max);
+                                let (t, q) = (target.translation.vector, target.rotation);
+                                let msg = r2r::geometry_msgs::msg::PoseStamped {
+                                    header,
+                                    pose: r2r::geometry_msgs::msg::Pose {
+                                        position: r2r::geometry_msgs::msg::Point {
+                                            x: t.x,
+                                            y: t.y,
+                                            z: t.z,
+                                        },
+                                        orientation: r2r::geometry_msgs::msg::Quaternion {
+                                            x: q.i,
+                                            y: q.j,
+                                            z: q.k,
+                                            w: q.w,
+                                        },
+                                    },
+                                };
+                                if let Err(e) = publisher.publish(&msg) {
+                                    r2r::log_error!(&log, "publishing the command: {e}");
+                                }
+                                published += 1;
+                            }
+                            None => r2r::log_warn!(
+                                &log,
+                                "ee_pose mode: no current pose on the ee_pose topic yet; holding"
+                            ),
                         }
                     }
                 }
                 Err(hold) => {
+                    status = hold.to_string();
                     let changed = last_hold
                         .as_ref()
                         .is_none_or(|h| std::mem::discriminant(h) != std::mem::discriminant(&hold));
@@ -434,11 +558,89 @@ pub fn run_node() -> anyhow::Result<()> {
                     }
                 }
             }
+            if last_hold.is_none() {
+                status = if dry_run {
+                    "executing (dry run)".into()
+                } else {
+                    "executing".into()
+                };
+            }
+            ticks += 1;
+            if ticks % diag_every == 0 {
+                let s = state.borrow();
+                let mut sorted = latencies.clone();
+                sorted.sort_by(f64::total_cmp);
+                let pct = |q: f64| {
+                    sorted
+                        .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+                        .copied()
+                };
+                let fmt =
+                    |v: Option<f64>| v.map_or("n/a".to_owned(), |x| format!("{:.1}", x * 1e3));
+                let kv = |key: &str, value: String| r2r::diagnostic_msgs::msg::KeyValue {
+                    key: key.into(),
+                    value,
+                };
+                let level = if last_hold.is_some() { 1 } else { 0 };
+                let newest = s.frames.iter().flatten().map(|f| f.1).reduce(f64::min);
+                let msg = r2r::diagnostic_msgs::msg::DiagnosticArray {
+                    header: r2r::std_msgs::msg::Header {
+                        stamp: r2r::Clock::to_builtin_time(&now),
+                        frame_id: String::new(),
+                    },
+                    status: vec![r2r::diagnostic_msgs::msg::DiagnosticStatus {
+                        level,
+                        name: "bitvla_node: policy".into(),
+                        message: status.clone(),
+                        hardware_id: String::new(),
+                        values: vec![
+                            kv("inference_latency_p50_ms", fmt(pct(0.5))),
+                            kv("inference_latency_p95_ms", fmt(pct(0.95))),
+                            kv("chunks", chunks.to_string()),
+                            kv("failed_calls", failed_calls.to_string()),
+                            kv("commands_published", published.to_string()),
+                            kv("frames_received", s.frames_received.to_string()),
+                            kv("frames_rejected", s.rejected_frames.to_string()),
+                            kv("observations_superseded", worker.superseded().to_string()),
+                            kv("stale_chunks", sched.stale_chunks.to_string()),
+                            kv(
+                                "camera_age_s",
+                                newest.map_or("n/a".into(), |t| format!("{:.3}", now_s - t)),
+                            ),
+                            kv("last_error", last_error.clone()),
+                            kv("dry_run", dry_run.to_string()),
+                        ],
+                    }],
+                };
+                if let Err(e) = diagnostics_pub.publish(&msg) {
+                    r2r::log_error!(&log, "publishing diagnostics: {e}");
+                }
+            }
         }
     })?;
 
-    loop {
+    let stop = shutdown_flag();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         node.spin_once(Duration::from_millis(2));
         pool.run_until_stalled();
     }
+    r2r::log_info!(&logger, "shutting down");
+    // Commands stop with the process (MoveIt Servo halts after its command timeout); an
+    // inference in flight is not waited for.
+    std::process::exit(0)
+}
+
+/// Set by SIGINT / SIGTERM.
+fn shutdown_flag() -> &'static std::sync::atomic::AtomicBool {
+    use std::sync::atomic::AtomicBool;
+    static STOP: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    &STOP
 }

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
-from geometry_msgs.msg import TwistStamped
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PoseStamped, TwistStamped
 from PIL import Image as PilImage
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
@@ -45,7 +46,10 @@ class Peer:
         self.wrist = self.node.create_publisher(CompressedImage, "/test/wrist/compressed", qos_profile_sensor_data)
         self.instruction = self.node.create_publisher(String, "/test/instruction", 10)
         self.estop = self.node.create_publisher(Bool, "/test/estop", 10)
-        self.twists, self.chunks = [], []
+        self.twists, self.chunks, self.diagnostics, self.poses = [], [], [], []
+        self.ee_pose = self.node.create_publisher(PoseStamped, "/test/ee_pose", 10)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
+        self.node.create_subscription(PoseStamped, "/test/pose", self.poses.append, 10)
         self.node.create_subscription(TwistStamped, "/test/twist", lambda m: self.twists.append((time.monotonic(), m)), 10)
         self.node.create_subscription(Float32MultiArray, "/bitvla_node/action_chunk", self.chunks.append, 10)
 
@@ -155,6 +159,17 @@ def main():
         text = (work / "node.log").read_text()
         assert "yuv422" in text and "rejected frame" in text, text[-2000:]
 
+    def diagnostics_report_latency_and_rejections():
+        peer.diagnostics.clear()
+        peer.wait("diagnostics", 5, lambda: peer.diagnostics, frames)
+        status = peer.diagnostics[-1].status[0]
+        values = {kv.key: kv.value for kv in status.values}
+        assert status.name == "bitvla_node: policy", status.name
+        assert status.message == "executing", status.message
+        assert float(values["inference_latency_p50_ms"]) > 0, values
+        assert int(values["frames_rejected"]) >= 3, values
+        assert int(values["chunks"]) >= 1 and int(values["commands_published"]) >= 5, values
+
     def stale_camera_holds_output():
         peer.spin_for(2.5)  # no frames for longer than stale_after_s
         peer.twists.clear()
@@ -163,7 +178,37 @@ def main():
 
     def sigint_stops_within_2_s():
         node.send_signal(signal.SIGINT)
-        node.wait(timeout=2.0)
+        assert node.wait(timeout=2.0) == 0
+
+    def ee_pose_mode_moves_the_current_pose_by_the_delta():
+        proc = subprocess.Popen(
+            [BIN / "bitvla_node", "--ros-args", "-p", f"model_path:={model}", "-p", "threads:=1",
+             "-p", "camera_topic:=/test/cam", "-p", "wrist_camera_topic:=/test/wrist/compressed",
+             "-p", "wrist_camera_transport:=compressed", "-p", "instruction_topic:=/test/instruction",
+             "-p", "command_mode:=ee_pose", "-p", "ee_pose_topic:=/test/ee_pose",
+             "-p", "command_topic:=/test/pose", "-p", "dry_run:=false", "-p", "stale_after_s:=2.0"],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            current = PoseStamped()
+            current.pose.position.x, current.pose.position.z = 0.4, 0.3
+            current.pose.orientation.w = 1.0
+            peer.poses.clear()
+            publish = lambda: (frames(), peer.ee_pose.publish(current))
+            peer.wait("the node", 20, lambda: peer.node.count_subscribers("/test/ee_pose") > 0)
+            peer.spin_for(1.0, publish)
+            peer.instruction.publish(String(data=INSTRUCTION))
+            peer.wait("pose targets", 60, lambda: len(peer.poses) >= 3, publish)
+            rows = np.array(expected["actions"], dtype=np.float64).reshape(8, 7)
+            for m in peer.poses[:3]:
+                p = np.array([m.pose.position.x, m.pose.position.y, m.pose.position.z])
+                want = np.array([0.4, 0.0, 0.3]) + 0.05 * rows[:, :3]
+                assert np.min(np.abs(want - p).max(axis=1)) < 1e-5, p
+                q = m.pose.orientation
+                angle = 2 * np.arccos(min(1.0, abs(q.w)))
+                assert np.min(np.abs(0.5 * np.linalg.norm(rows[:, 3:6], axis=1) - angle)) < 1e-4, angle
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=5) == 0
 
     def config_files_declare_only_known_parameters_and_real_arm_is_dry_run():
         from rcl_interfaces.srv import GetParameters, ListParameters
@@ -219,8 +264,10 @@ def main():
         ("control rate 20 Hz", rate_is_20_hz),
         ("e-stop holds output", estop_holds_output),
         ("malformed frames are rejected, the node keeps serving", malformed_frames_are_rejected_and_the_node_keeps_serving),
+        ("diagnostics report latency and rejections", diagnostics_report_latency_and_rejections),
         ("stale camera holds output", stale_camera_holds_output),
         ("SIGINT stops within 2 s", sigint_stops_within_2_s),
+        ("ee_pose mode: current pose + delta", ee_pose_mode_moves_the_current_pose_by_the_delta),
         ("config files: known parameters; the real-arm profile is a dry run",
          config_files_declare_only_known_parameters_and_real_arm_is_dry_run),
     ]:
