@@ -465,17 +465,29 @@ fn gather(t: &TensorRef, storage: &[u8]) -> Pr<Vec<u8>> {
             t.shape, t.stride
         ));
     }
-    let numel: usize = t.shape.iter().product();
+    let overflow = || format!("shape {:?} / stride {:?} overflow", t.shape, t.stride);
+    let numel = t
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(overflow)?;
     if numel == 0 {
         return Ok(Vec::new());
     }
-    let last = t.offset
-        + t.shape
-            .iter()
-            .zip(&t.stride)
-            .map(|(&n, &s)| (n - 1) * s)
-            .sum::<usize>();
-    if (last + 1) * es > storage.len() {
+    // Largest element index the view touches, with checked arithmetic (shapes come from the file).
+    let last = t
+        .shape
+        .iter()
+        .zip(&t.stride)
+        .try_fold(t.offset, |a, (&n, &s)| {
+            a.checked_add((n - 1).checked_mul(s)?)
+        })
+        .ok_or_else(overflow)?;
+    if last
+        .checked_add(1)
+        .and_then(|l| l.checked_mul(es))
+        .is_none_or(|end| end > storage.len())
+    {
         return Err(format!(
             "view (offset {}, shape {:?}, stride {:?}) exceeds its storage of {} bytes",
             t.offset,
@@ -638,8 +650,17 @@ mod tests {
             stride: vec![1, 2],
         };
         assert_eq!(gather(&t, &storage).unwrap(), vec![0, 2, 4, 1, 3, 5]);
-        let bad = TensorRef { offset: 3, ..t };
+        let bad = TensorRef {
+            offset: 3,
+            ..t.clone()
+        };
         assert!(gather(&bad, &storage).is_err());
+        let huge = TensorRef {
+            shape: vec![1 << 40, 1 << 40],
+            stride: vec![1 << 40, 1],
+            ..t
+        };
+        assert!(gather(&huge, &storage).unwrap_err().contains("overflow"));
     }
 
     #[test]
