@@ -69,6 +69,33 @@ class Peer:
         raise AssertionError(f"timed out waiting for {what}")
 
 
+def check_launch_files(declared):
+    """ros2 launch is not installable from the wheels: check the launch files statically against
+    what the running node declares (executable, parameter names and types, files they name)."""
+    import ast
+    for path in sorted((ROOT / "launch").glob("*.launch.py")):
+        tree = ast.parse(path.read_text())
+        nodes = [c for c in ast.walk(tree) if isinstance(c, ast.Call) and getattr(c.func, "id", "") == "Node"]
+        assert nodes, f"{path.name}: no Node action"
+        for call in nodes:
+            kw = {k.arg: k.value for k in call.keywords}
+            assert ast.literal_eval(kw["package"]) == "bitvla_ros", path.name
+            assert ast.literal_eval(kw["executable"]) == "bitvla_node", path.name
+            assert (BIN / "bitvla_node").exists()
+            for item in kw["parameters"].elts:
+                if isinstance(item, ast.Dict):
+                    for key in item.keys:
+                        name = ast.literal_eval(key)
+                        assert name in declared, f"{path.name}: parameter {name} is not declared by the node"
+        for call in ast.walk(tree):
+            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "DeclareLaunchArgument":
+                for k in call.keywords:
+                    if k.arg == "default_value" and isinstance(k.value, ast.Call):
+                        # os.path.join(share, "config", "X.yaml")
+                        parts = [ast.literal_eval(a) for a in k.value.args[1:]]
+                        assert (ROOT.joinpath(*parts)).is_file(), f"{path.name}: {parts} missing"
+
+
 def main():
     third = np.asarray(PilImage.open(ROOT / "tests/golden/third_person.png").convert("RGB"))
     wrist_png = (ROOT / "tests/golden/wrist.png").read_bytes()
@@ -242,6 +269,7 @@ def main():
                 declared = set(call(client, ListParameters.Request()).result.names)
                 unknown = set(keys) - declared
                 assert not unknown, f"{config}: undeclared parameters {unknown}"
+                check_launch_files(declared)
                 get = peer.node.create_client(GetParameters, "/bitvla_node/get_parameters")
                 dry, rate = call(get, GetParameters.Request(names=["dry_run", "control_rate_hz"])).values
                 assert dry.bool_value == (keys["dry_run"] == "true"), (config, dry)
@@ -268,7 +296,7 @@ def main():
         ("stale camera holds output", stale_camera_holds_output),
         ("SIGINT stops within 2 s", sigint_stops_within_2_s),
         ("ee_pose mode: current pose + delta", ee_pose_mode_moves_the_current_pose_by_the_delta),
-        ("config files: known parameters; the real-arm profile is a dry run",
+        ("config and launch files: known parameters; the real-arm profile is a dry run",
          config_files_declare_only_known_parameters_and_real_arm_is_dry_run),
     ]:
         check(name, fn)

@@ -1,0 +1,51 @@
+"""bitvla_node driving a simulated arm (LIBERO-like cameras rotated by 180 degrees, commands
+published for real).
+
+    ros2 launch bitvla_ros bitvla_sim.launch.py model_path:=/models/libero_spatial.bitvla
+
+Arguments:
+    model_path     checkpoint directory or packed .bitvla file (required)
+    config         parameter file (default: the package's config/sim_arm.yaml)
+    camera_topic   third-person camera (sensor_msgs/Image)
+    wrist_camera_topic  wrist camera (sensor_msgs/Image)
+    command_topic  twist command input of the simulated arm
+    dry_run        false in simulation
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+
+
+def generate_launch_description():
+    share = get_package_share_directory("bitvla_ros")
+    arg = LaunchConfiguration
+    return LaunchDescription([
+        DeclareLaunchArgument("model_path", description="checkpoint directory or .bitvla file"),
+        DeclareLaunchArgument("config", default_value=os.path.join(share, "config", "sim_arm.yaml")),
+        DeclareLaunchArgument("camera_topic", default_value="/sim/agentview/image_raw"),
+        DeclareLaunchArgument("wrist_camera_topic", default_value="/sim/wrist/image_raw"),
+        DeclareLaunchArgument("command_topic", default_value="/servo_node/delta_twist_cmds"),
+        DeclareLaunchArgument("dry_run", default_value="false"),
+        Node(
+            package="bitvla_ros",
+            executable="bitvla_node",
+            name="bitvla_node",
+            output="screen",
+            parameters=[
+                arg("config"),
+                {
+                    "model_path": arg("model_path"),
+                    "camera_topic": arg("camera_topic"),
+                    "wrist_camera_topic": arg("wrist_camera_topic"),
+                    "command_topic": arg("command_topic"),
+                    "dry_run": ParameterValue(arg("dry_run"), value_type=bool),
+                },
+            ],
+        ),
+    ])
