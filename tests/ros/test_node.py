@@ -22,7 +22,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from PIL import Image as PilImage
 from rclpy.qos import qos_profile_sensor_data
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Bool, Float32MultiArray, String
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,7 +133,8 @@ def main():
 
     def first_chunk_equals_bitvla_run():
         peer.wait("the node's subscriptions", 20, lambda: peer.node.count_subscribers("/test/instruction") > 0)
-        peer.spin_for(1.0, frames)
+        peer.spin_for(1.5, frames)
+        assert not peer.twists and not peer.chunks, "output before any instruction"
         peer.instruction.publish(String(data=INSTRUCTION))
         peer.wait("an action chunk", 60, lambda: peer.chunks, frames)
         got = np.array(peer.chunks[0].data, dtype=np.float32)
@@ -186,6 +187,21 @@ def main():
         text = (work / "node.log").read_text()
         assert "yuv422" in text and "rejected frame" in text, text[-2000:]
 
+    def a_new_instruction_replaces_the_chunk():
+        other = "open the top drawer"
+        want = json.loads(subprocess.run(
+            [BIN / "bitvla", "run", "--model", model, "--image", ROOT / "tests/golden/third_person.png",
+             "--wrist-image", ROOT / "tests/golden/wrist.png", "--instruction", other,
+             "--proprio", ",".join(["0"] * 8), "--threads", "1", "--json"],
+            check=True, capture_output=True, text=True).stdout)["actions"]
+        peer.chunks.clear()
+        peer.instruction.publish(String(data=other))
+        want = np.array(want, dtype=np.float32)
+        peer.wait("a chunk for the new instruction", 30,
+                  lambda: any(np.array_equal(np.array(c.data, dtype=np.float32), want) for c in peer.chunks), frames)
+        peer.instruction.publish(String(data=INSTRUCTION))
+        peer.spin_for(0.5, frames)
+
     def diagnostics_report_latency_and_rejections():
         peer.diagnostics.clear()
         peer.wait("diagnostics", 5, lambda: peer.diagnostics, frames)
@@ -233,6 +249,33 @@ def main():
                 q = m.pose.orientation
                 angle = 2 * np.arccos(min(1.0, abs(q.w)))
                 assert np.min(np.abs(0.5 * np.linalg.norm(rows[:, 3:6], axis=1) - angle)) < 1e-4, angle
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=5) == 0
+
+    def one_camera_with_joint_states_proprio():
+        joints = [0.1, -0.2, 0.3, 0.05, -0.4, 0.6, 0.02, -0.02, 9.9]  # a ninth joint is ignored
+        want = json.loads(subprocess.run(
+            [BIN / "bitvla", "run", "--model", model, "--image", ROOT / "tests/golden/third_person.png",
+             "--instruction", INSTRUCTION, "--proprio", ",".join(str(v) for v in joints[:8]),
+             "--threads", "1", "--json"], check=True, capture_output=True, text=True).stdout)["actions"]
+        js = peer.node.create_publisher(JointState, "/test/joint_states", qos_profile_sensor_data)
+        proc = subprocess.Popen(
+            [BIN / "bitvla_node", "--ros-args", "-p", f"model_path:={model}", "-p", "threads:=1",
+             "-p", "camera_topic:=/test/cam", "-p", "instruction_topic:=/test/instruction",
+             "-p", "proprio_source:=joint_states", "-p", "joint_states_topic:=/test/joint_states",
+             "-p", "command_topic:=/test/twist", "-p", "stale_after_s:=2.0"],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            peer.chunks.clear()
+            publish = lambda: (peer.cam.publish(raw_image(third)),
+                               js.publish(JointState(name=[f"j{i}" for i in range(9)], position=joints)))
+            peer.wait("the node", 20, lambda: peer.node.count_subscribers("/test/joint_states") > 0)
+            peer.spin_for(1.0, publish)
+            peer.instruction.publish(String(data=INSTRUCTION))
+            peer.wait("a chunk", 60, lambda: peer.chunks, publish)
+            got = np.array(peer.chunks[0].data, dtype=np.float32)
+            assert np.array_equal(got, np.array(want, dtype=np.float32)), np.abs(got - np.array(want)).max()
         finally:
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=5) == 0
@@ -292,10 +335,12 @@ def main():
         ("control rate 20 Hz", rate_is_20_hz),
         ("e-stop holds output", estop_holds_output),
         ("malformed frames are rejected, the node keeps serving", malformed_frames_are_rejected_and_the_node_keeps_serving),
+        ("a new instruction replaces the chunk", a_new_instruction_replaces_the_chunk),
         ("diagnostics report latency and rejections", diagnostics_report_latency_and_rejections),
         ("stale camera holds output", stale_camera_holds_output),
         ("SIGINT stops within 2 s", sigint_stops_within_2_s),
         ("ee_pose mode: current pose + delta", ee_pose_mode_moves_the_current_pose_by_the_delta),
+        ("one camera, joint_states proprio: chunk equals bitvla run", one_camera_with_joint_states_proprio),
         ("config and launch files: known parameters; the real-arm profile is a dry run",
          config_files_declare_only_known_parameters_and_real_arm_is_dry_run),
     ]:
