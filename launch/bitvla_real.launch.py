@@ -9,6 +9,7 @@ Arguments:
     camera_topic   third-person camera (sensor_msgs/Image)
     wrist_camera_topic  wrist camera (sensor_msgs/CompressedImage)
     command_topic  MoveIt Servo twist input
+    use_sim_time   false: wall clock on a real robot
     dry_run        true: publish only on ~/dry_run/command
 """
 
@@ -32,6 +33,7 @@ def generate_launch_description():
         DeclareLaunchArgument("wrist_camera_topic", default_value="/wrist_camera/color/image_raw/compressed"),
         DeclareLaunchArgument("command_topic", default_value="/servo_node/delta_twist_cmds"),
         DeclareLaunchArgument("dry_run", default_value="true"),
+        DeclareLaunchArgument("use_sim_time", default_value="false"),
         Node(
             package="bitvla_ros",
             executable="bitvla_node",
@@ -45,6 +47,7 @@ def generate_launch_description():
                     "wrist_camera_topic": arg("wrist_camera_topic"),
                     "command_topic": arg("command_topic"),
                     "dry_run": ParameterValue(arg("dry_run"), value_type=bool),
+                    "use_sim_time": ParameterValue(arg("use_sim_time"), value_type=bool),
                 },
             ],
         ),

@@ -9,6 +9,7 @@ Arguments:
     camera_topic   third-person camera (sensor_msgs/Image)
     wrist_camera_topic  wrist camera (sensor_msgs/Image)
     command_topic  twist command input of the simulated arm
+    use_sim_time   true: follow /clock
     dry_run        false in simulation
 """
 
@@ -32,6 +33,7 @@ def generate_launch_description():
         DeclareLaunchArgument("wrist_camera_topic", default_value="/sim/wrist/image_raw"),
         DeclareLaunchArgument("command_topic", default_value="/servo_node/delta_twist_cmds"),
         DeclareLaunchArgument("dry_run", default_value="false"),
+        DeclareLaunchArgument("use_sim_time", default_value="true"),
         Node(
             package="bitvla_ros",
             executable="bitvla_node",
@@ -45,6 +47,7 @@ def generate_launch_description():
                     "wrist_camera_topic": arg("wrist_camera_topic"),
                     "command_topic": arg("command_topic"),
                     "dry_run": ParameterValue(arg("dry_run"), value_type=bool),
+                    "use_sim_time": ParameterValue(arg("use_sim_time"), value_type=bool),
                 },
             ],
         ),

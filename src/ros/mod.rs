@@ -75,6 +75,8 @@ pub struct NodeParams {
     pub rotation_scale_rad: f64,
     /// raw or libero
     pub gripper: String,
+    /// Follow /clock (simulation time) for stamps and staleness
+    pub use_sim_time: bool,
 }
 
 /// An axis-aligned box in the base frame [m].
@@ -135,6 +137,7 @@ impl Default for NodeParams {
             position_scale_m: 0.05,
             rotation_scale_rad: 0.5,
             gripper: "raw".into(),
+            use_sim_time: false,
         }
     }
 }

@@ -23,6 +23,7 @@ from geometry_msgs.msg import PoseStamped, TwistStamped
 from PIL import Image as PilImage
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
+from rosgraph_msgs.msg import Clock
 from std_msgs.msg import Bool, Float32MultiArray, String
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,6 +254,35 @@ def main():
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=5) == 0
 
+    def sim_time_stamps_follow_clock():
+        clock = peer.node.create_publisher(Clock, "/clock", 10)
+        proc = subprocess.Popen(
+            [BIN / "bitvla_node", "--ros-args", "-p", f"model_path:={model}", "-p", "threads:=1",
+             "-p", "camera_topic:=/test/cam", "-p", "wrist_camera_topic:=/test/wrist/compressed",
+             "-p", "wrist_camera_transport:=compressed", "-p", "instruction_topic:=/test/instruction",
+             "-p", "command_topic:=/test/twist", "-p", "dry_run:=false", "-p", "use_sim_time:=true"],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            sim = [1000.0]
+
+            def publish():
+                sim[0] += 0.01
+                msg = Clock()
+                msg.clock.sec, msg.clock.nanosec = int(sim[0]), int((sim[0] % 1) * 1e9)
+                clock.publish(msg)
+                frames()
+
+            peer.twists.clear()
+            peer.wait("the node", 20, lambda: peer.node.count_subscribers("/clock") > 0)
+            peer.spin_for(1.0, publish)
+            peer.instruction.publish(String(data=INSTRUCTION))
+            peer.wait("commands in simulation time", 60, lambda: peer.twists, publish)
+            stamp = peer.twists[-1][1].header.stamp
+            assert 1000 <= stamp.sec < 2000, stamp
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=5) == 0
+
     def one_camera_with_joint_states_proprio():
         joints = [0.1, -0.2, 0.3, 0.05, -0.4, 0.6, 0.02, -0.02, 9.9]  # a ninth joint is ignored
         want = json.loads(subprocess.run(
@@ -341,6 +371,7 @@ def main():
         ("SIGINT stops within 2 s", sigint_stops_within_2_s),
         ("ee_pose mode: current pose + delta", ee_pose_mode_moves_the_current_pose_by_the_delta),
         ("one camera, joint_states proprio: chunk equals bitvla run", one_camera_with_joint_states_proprio),
+        ("use_sim_time: stamps follow /clock", sim_time_stamps_follow_clock),
         ("config and launch files: known parameters; the real-arm profile is a dry run",
          config_files_declare_only_known_parameters_and_real_arm_is_dry_run),
     ]:
