@@ -10,8 +10,11 @@ pub struct SchedulerConfig {
     pub control_dt: f64,
     /// Execute at most this many actions of a chunk (0: all).
     pub actions_per_chunk: usize,
-    /// Skip the actions whose time (observation stamp + i·dt) has already passed when a chunk
-    /// arrives, as real-time chunking does; off replays a chunk from its first action.
+    /// Skip, in a new chunk, as many actions as the arm executed since its observation was
+    /// taken (the previous chunk kept running during inference), as real-time chunking does. An
+    /// arm that held still during inference skips nothing, however long inference took: on a
+    /// CPU a full-size call takes seconds, far longer than a chunk lasts. Off replays every
+    /// chunk from its first action.
     pub align_to_observation: bool,
     /// Extra seconds of lead when deciding to ask for the next chunk.
     pub replan_margin_s: f64,
@@ -51,6 +54,8 @@ pub struct ChunkScheduler {
     config: SchedulerConfig,
     active: Option<Active>,
     outstanding: bool,
+    /// Actions output since the last observation was requested.
+    executed_since_request: usize,
     latencies: VecDeque<f64>,
     /// Chunks that arrived with every action already in the past.
     pub stale_chunks: u64,
@@ -62,6 +67,7 @@ impl ChunkScheduler {
             config,
             active: None,
             outstanding: false,
+            executed_since_request: 0,
             latencies: VecDeque::new(),
             stale_chunks: 0,
         }
@@ -76,18 +82,11 @@ impl ChunkScheduler {
     /// The caller submitted an observation for a new chunk.
     pub fn requested(&mut self) {
         self.outstanding = true;
+        self.executed_since_request = 0;
     }
 
-    /// A new chunk (`actions[i]` meant for `obs_stamp + (i + 1)·dt`, i.e. the first action is the
-    /// tick after the observation) arriving at `now`, `latency_s` after its call started.
-    pub fn accept(
-        &mut self,
-        id: u64,
-        actions: Vec<Vec<f32>>,
-        obs_stamp: f64,
-        now: f64,
-        latency_s: f64,
-    ) {
+    /// A new chunk for the observation requested last, `latency_s` after its call started.
+    pub fn accept(&mut self, id: u64, actions: Vec<Vec<f32>>, latency_s: f64) {
         self.outstanding = false;
         if latency_s.is_finite() && latency_s >= 0.0 {
             self.latencies.push_back(latency_s);
@@ -100,8 +99,7 @@ impl ChunkScheduler {
             n => n.min(actions.len()),
         };
         let skip = if self.config.align_to_observation {
-            let elapsed = (now - obs_stamp).max(0.0);
-            (elapsed / self.config.control_dt).floor() as usize
+            self.executed_since_request
         } else {
             0
         };
@@ -139,6 +137,7 @@ impl ChunkScheduler {
             tick.action = Some(a.actions[a.next].clone());
             tick.source = Some((a.id, a.next));
             a.next += 1;
+            self.executed_since_request += 1;
             if a.next == a.actions.len() {
                 self.active = None;
             }
@@ -168,25 +167,35 @@ mod tests {
         assert!(t.request_observation && t.action.is_none());
         s.requested();
         assert!(!s.tick().request_observation, "one request at a time");
-        s.accept(1, chunk(8), 0.0, 0.0, 0.01);
+        s.accept(1, chunk(8), 0.01);
         let played: Vec<f32> = (0..8).map(|_| s.tick().action.unwrap()[0]).collect();
         assert_eq!(played, (0..8).map(|i| i as f32).collect::<Vec<_>>());
         assert_eq!(s.tick().action, None);
     }
 
     #[test]
-    fn late_chunks_are_aligned_to_their_observation() {
+    fn chunks_skip_what_the_arm_executed_since_their_observation() {
         let mut s = ChunkScheduler::new(SchedulerConfig::default());
         s.requested();
-        // Observed at t = 10.0, arrived 0.12 s later: two ticks (0.05 s each) already passed.
-        s.accept(1, chunk(8), 10.0, 10.12, 0.12);
-        assert_eq!(s.tick().source, Some((1, 2)));
-        // Arrived after the whole chunk's time: discarded.
-        s.accept(2, chunk(8), 10.0, 11.0, 1.0);
+        // The arm held still during a long first inference: nothing is skipped.
+        s.accept(1, chunk(8), 5.0);
+        assert_eq!(s.tick().source, Some((1, 0)));
+        // The next observation is taken now; two more actions run during its inference.
+        s.requested();
+        s.tick();
+        s.tick();
+        s.accept(2, chunk(8), 0.1);
+        assert_eq!(s.tick().source, Some((2, 2)));
+        // A chunk whose whole horizon was executed meanwhile is discarded.
+        s.requested();
+        for _ in 0..4 {
+            s.tick();
+        }
+        s.accept(3, chunk(4), 0.3);
         assert_eq!(s.stale_chunks, 1);
         assert_eq!(
             s.tick().source,
-            Some((1, 3)),
+            Some((2, 7)),
             "the previous chunk continues"
         );
     }
@@ -201,7 +210,7 @@ mod tests {
         let mut s = ChunkScheduler::new(config);
         s.requested();
         // 0.2 s latency at 20 Hz: ask when 4 ticks (0.2 s) or fewer remain.
-        s.accept(1, chunk(8), 0.0, 0.0, 0.2);
+        s.accept(1, chunk(8), 0.2);
         let requests: Vec<bool> = (0..8).map(|_| s.tick().request_observation).collect();
         assert_eq!(
             requests,
@@ -217,7 +226,7 @@ mod tests {
         };
         let mut s = ChunkScheduler::new(config);
         s.requested();
-        s.accept(7, chunk(8), 0.0, 0.0, 0.0);
+        s.accept(7, chunk(8), 0.0);
         assert_eq!(s.remaining(), 3);
         s.tick();
         s.cancel();

@@ -67,6 +67,9 @@ pub struct NodeParams {
     pub stale_after_s: f64,
     /// Clamp every action dimension to +-this before mapping (0 = no clamp)
     pub max_abs_action: f64,
+    /// ee_delta_twist: publish a zero twist each tick while waiting for the next chunk (keeps
+    /// the command stream at the control rate; safety holds publish nothing)
+    pub hold_zero_twist: bool,
     /// Rotate camera images by 180 degrees (LIBERO simulator cameras)
     pub rotate_180: bool,
     /// Metres per unit action per control step
@@ -133,6 +136,7 @@ impl Default for NodeParams {
             dry_run: true,
             stale_after_s: 0.5,
             max_abs_action: 0.0,
+            hold_zero_twist: true,
             rotate_180: false,
             position_scale_m: 0.05,
             rotation_scale_rad: 0.5,
@@ -379,6 +383,7 @@ pub fn run_node() -> anyhow::Result<()> {
     let dt = 1.0 / p.control_rate_hz;
     let mut timer = node.create_wall_timer(Duration::from_secs_f64(dt))?;
     let frame_id = p.frame_id.clone();
+    let hold_zero_twist = p.hold_zero_twist;
     let dry_run = p.dry_run;
     let diag_every = (p.control_rate_hz.round() as u64).max(1);
     let log = logger.clone();
@@ -434,7 +439,7 @@ pub fn run_node() -> anyhow::Result<()> {
                             .chunks(chunk.action_dim)
                             .map(<[f32]>::to_vec)
                             .collect();
-                        sched.accept(r.id, rows, r.stamp, now_s, r.latency_s);
+                        sched.accept(r.id, rows, r.latency_s);
                         r2r::log_debug!(&log, "chunk {} after {:.0} ms", r.id, r.latency_s * 1e3);
                     }
                     Err(e) => {
@@ -551,6 +556,21 @@ pub fn run_node() -> anyhow::Result<()> {
                     }
                 }
                 Err(hold) => {
+                    if hold == Hold::NoChunk
+                        && hold_zero_twist
+                        && let Some(publisher) = &twist_pub
+                    {
+                        let zero = r2r::geometry_msgs::msg::TwistStamped {
+                            header: r2r::std_msgs::msg::Header {
+                                stamp: r2r::Clock::to_builtin_time(&now),
+                                frame_id: frame_id.clone(),
+                            },
+                            twist: Default::default(),
+                        };
+                        if let Err(e) = publisher.publish(&zero) {
+                            r2r::log_error!(&log, "publishing the hold command: {e}");
+                        }
+                    }
                     status = hold.to_string();
                     let changed = last_hold
                         .as_ref()
