@@ -21,16 +21,22 @@ summary() {
        END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
 }
 
+# A setup step that could not run: fatal when $1 (e.g. BITVLA_REQUIRE_ROS) is 1, as in CI;
+# otherwise a loud warning that $2 was not tested.
+skipped() {
+  if [ "${!1:-0}" = "1" ]; then
+    echo "error: $2 is required ($1=1) but could not be set up (see above)" >&2
+    exit 1
+  fi
+  echo "WARNING: $2 NOT tested: setup failed (see above)." >&2
+}
+
 # bitvla_node in a real ROS 2 graph (ROS 2 Jazzy from the Python wheels; needs x86_64 + CPython
 # 3.11 for the wheels). With BITVLA_REQUIRE_ROS=1 (CI) a setup failure is a failure.
 ros_tests() {
   step "bitvla_node against a real ROS 2 graph"
   if ! scripts/setup_ros.sh; then
-    if [ "${BITVLA_REQUIRE_ROS:-0}" = "1" ]; then
-      echo "error: ROS 2 could not be set up (BITVLA_REQUIRE_ROS=1)" >&2
-      exit 1
-    fi
-    echo "WARNING: ROS 2 node NOT tested: setup_ros.sh failed (see above)." >&2
+    skipped BITVLA_REQUIRE_ROS "the ROS 2 node"
     return 0
   fi
   if ! scripts/test_ros.sh 2>&1 | tee -a "$log"; then
@@ -51,11 +57,7 @@ run_tests
 
 step "aarch64 kernels under qemu-user"
 if ! scripts/setup_cross.sh; then
-  if [ "${BITVLA_REQUIRE_AARCH64:-0}" = "1" ]; then
-    echo "error: the aarch64 cross toolchain is required (BITVLA_REQUIRE_AARCH64=1) but could not be set up" >&2
-    exit 1
-  fi
-  echo "WARNING: aarch64 kernels NOT tested: cross toolchain unavailable (see above)." >&2
+  skipped BITVLA_REQUIRE_AARCH64 "the aarch64 build (cross toolchain)"
 else
   run_tests --target aarch64-unknown-linux-gnu
 fi

@@ -64,6 +64,35 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
+impl DecoderLayer {
+    /// The layer's seven BitLinear layers.
+    pub fn bitlinears_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+
+    pub fn bitlinears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+}
+
 pub struct LanguageModel {
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
@@ -145,21 +174,11 @@ impl LanguageModel {
         self.layers
             .iter()
             .map(|l| {
-                let a = &l.self_attn;
-                let m = &l.mlp;
-                [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &m.gate_proj,
-                    &m.up_proj,
-                    &m.down_proj,
-                ]
-                .iter()
-                .map(|x| x.memory_bytes())
-                .sum::<usize>()
-                    + 4 * (3 * self.hidden + m.ffn_sub_norm.weight.len())
+                l.bitlinears()
+                    .iter()
+                    .map(|x| x.memory_bytes())
+                    .sum::<usize>()
+                    + 4 * (3 * self.hidden + l.mlp.ffn_sub_norm.weight.len())
             })
             .sum::<usize>()
             + self.hidden * 4

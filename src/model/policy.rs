@@ -314,32 +314,18 @@ impl Policy {
     /// Replaces every ternary layer by its dequantized f32 weights (γ·t) and f32 activations: the
     /// same graph on the f32 GEMM path, the baseline of `bitvla bench forward`.
     pub fn use_f32_gemms(&mut self) {
-        let to_dense = |l: &mut super::linear::Linear| *l = l.to_dense();
-        for layer in &mut self.vision.layers {
-            for l in [
-                &mut layer.q_proj,
-                &mut layer.k_proj,
-                &mut layer.v_proj,
-                &mut layer.out_proj,
-                &mut layer.fc1,
-                &mut layer.fc2,
-            ] {
-                to_dense(l);
-            }
-        }
-        for layer in &mut self.language.layers {
-            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
-            for l in [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ] {
-                to_dense(l);
-            }
+        let vision = self
+            .vision
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.bitlinears_mut());
+        let language = self
+            .language
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.bitlinears_mut());
+        for l in vision.chain(language) {
+            *l = l.to_dense();
         }
     }
 

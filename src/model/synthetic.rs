@@ -27,7 +27,6 @@ pub fn full_shape() -> TinyShape {
         heads: 20,
         kv_heads: 5,
         vocab: 128264,
-        horizon: 8,
         action_dim: 7,
         proprio_dim: 8,
     }

@@ -28,7 +28,6 @@ pub struct TinyShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub vocab: usize,
-    pub horizon: usize,
     pub action_dim: usize,
     pub proprio_dim: usize,
 }
@@ -46,7 +45,6 @@ impl Default for TinyShape {
             heads: 4,
             kv_heads: 2,
             vocab: 128264,
-            horizon: 8,
             action_dim: 7,
             proprio_dim: 8,
         }
@@ -311,7 +309,6 @@ pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
         &dir.join("proprio_projector--10000_checkpoint.pt"),
         &proprio,
     )?;
-    let _ = s.horizon; // the horizon is implied by the action slots the policy appends
 
     write_json(&dir.join("config.json"), &tiny_config(&s))?;
     write_json(

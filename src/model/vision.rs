@@ -50,6 +50,31 @@ pub struct EncoderLayer {
     pub fc2: Linear,
 }
 
+impl EncoderLayer {
+    /// The layer's BitLinear layers (ternary when the config says so).
+    pub fn bitlinears_mut(&mut self) -> [&mut Linear; 6] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.out_proj,
+            &mut self.fc1,
+            &mut self.fc2,
+        ]
+    }
+
+    pub fn bitlinears(&self) -> [&Linear; 6] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.out_proj,
+            &self.fc1,
+            &self.fc2,
+        ]
+    }
+}
+
 pub struct VisionTower {
     /// The patch convolution as a GEMM: [hidden, channels·patch·patch] in (c, ky, kx) order.
     pub patch_embedding: Linear,
@@ -125,7 +150,7 @@ impl VisionTower {
             .layers
             .iter()
             .map(|l| {
-                [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj, &l.fc1, &l.fc2]
+                l.bitlinears()
                     .iter()
                     .map(|x| x.memory_bytes())
                     .sum::<usize>()

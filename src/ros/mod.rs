@@ -458,12 +458,6 @@ pub fn run_node() -> anyhow::Result<()> {
             if tick.request_observation && ready {
                 let images: Vec<RgbImage> =
                     s.frames.iter().flatten().map(|f| f.0.clone()).collect();
-                let stamp = s
-                    .frames
-                    .iter()
-                    .flatten()
-                    .map(|f| f.1)
-                    .fold(f64::INFINITY, f64::min);
                 let proprio = proprio_dim.map(|d| {
                     let mut v = s.joints.clone().unwrap_or_default();
                     v.resize(d, 0.0);
@@ -472,8 +466,8 @@ pub fn run_node() -> anyhow::Result<()> {
                 sequence += 1;
                 worker.submit(Request {
                     id: sequence,
-                    // Chunks align to the (oldest camera's) frame arrival in the node's clock.
-                    stamp,
+                    // The (oldest camera's) frame arrival in the node's clock.
+                    stamp: newest.unwrap_or(now_s),
                     observation: Observation {
                         images,
                         instruction: s.instruction.clone().unwrap_or_default(),
@@ -492,13 +486,13 @@ pub fn run_node() -> anyhow::Result<()> {
                 tick.action.as_deref(),
             );
             drop(s);
+            let header = r2r::std_msgs::msg::Header {
+                stamp: r2r::Clock::to_builtin_time(&now),
+                frame_id: frame_id.clone(),
+            };
             match gate {
                 Ok(action) => {
                     last_hold = None;
-                    let header = r2r::std_msgs::msg::Header {
-                        stamp: r2r::Clock::to_builtin_time(&now),
-                        frame_id: frame_id.clone(),
-                    };
                     if let (Some(publisher), Some((v, w))) =
                         (&twist_pub, twist(&action, scales, dt))
                     {
@@ -561,10 +555,7 @@ pub fn run_node() -> anyhow::Result<()> {
                         && let Some(publisher) = &twist_pub
                     {
                         let zero = r2r::geometry_msgs::msg::TwistStamped {
-                            header: r2r::std_msgs::msg::Header {
-                                stamp: r2r::Clock::to_builtin_time(&now),
-                                frame_id: frame_id.clone(),
-                            },
+                            header: header.clone(),
                             twist: Default::default(),
                         };
                         if let Err(e) = publisher.publish(&zero) {
@@ -605,7 +596,6 @@ pub fn run_node() -> anyhow::Result<()> {
                     value,
                 };
                 let level = if last_hold.is_some() { 1 } else { 0 };
-                let newest = s.frames.iter().flatten().map(|f| f.1).reduce(f64::min);
                 let msg = r2r::diagnostic_msgs::msg::DiagnosticArray {
                     header: r2r::std_msgs::msg::Header {
                         stamp: r2r::Clock::to_builtin_time(&now),
