@@ -4,7 +4,8 @@
 #
 # On a fresh Debian machine it installs what the aarch64 run needs (rust-std for the target, the
 # cross linker, qemu-user) when it can (root + apt). Without them it says loudly that the aarch64
-# kernels were not tested; with BITVLA_REQUIRE_AARCH64=1 (CI) that is a failure. Last, it sets up
+# kernels were not tested; with BITVLA_REQUIRE_AARCH64=1 (CI) that is a failure. Then it replays
+# bags written by the independent `rosbags` package (a Python venv it creates). Last, it sets up
 # ROS 2 Jazzy from the Python wheels and tests bitvla_node in a real graph (BITVLA_REQUIRE_ROS=1
 # makes a setup failure fatal).
 set -euo pipefail
@@ -17,7 +18,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 run_tests() { cargo test --quiet --all-targets "$@" 2>&1 | tee -a "$log"; }
 summary() {
-  awk '/^test result:/ || /^ros: [0-9]+ passed/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  awk '/^test result:/ || /^ros: [0-9]+ passed/ || /^bags: [0-9]+ passed/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
        END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
 }
 
@@ -60,6 +61,13 @@ if ! scripts/setup_cross.sh; then
   skipped BITVLA_REQUIRE_AARCH64 "the aarch64 build (cross toolchain)"
 else
   run_tests --target aarch64-unknown-linux-gnu
+fi
+
+step "bitvla replay against bags written and read by rosbags"
+if ! scripts/test_bags.sh 2>&1 | tee -a "$log"; then
+  echo "error: the bag replay tests failed" >&2
+  summary
+  exit 1
 fi
 
 ros_tests

@@ -10,12 +10,15 @@
 //!   and the offline replay.
 //! - [`bench`]: the benchmark harness behind `bitvla bench` (peak calibration, interleaving, JSON).
 
+pub mod bag;
 pub mod bench;
 pub mod control;
 pub mod kernels;
 pub mod model;
 pub mod obs;
+pub mod params;
 pub mod process;
+pub mod replay;
 #[cfg(feature = "ros")]
 pub mod ros;
 pub mod runtime;

@@ -19,3 +19,22 @@ pub fn limit_malloc_arenas() {
         }
     }
 }
+
+/// A flag set by SIGINT / SIGTERM (handlers installed on the first call), for work that stops
+/// cleanly: the node exits, a replay finishes a valid partial output bag.
+pub fn stop_flag() -> &'static std::sync::atomic::AtomicBool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, Ordering::Relaxed);
+    }
+    INSTALL.call_once(|| {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        }
+    });
+    &STOP
+}

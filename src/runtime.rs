@@ -108,6 +108,20 @@ impl Drop for InferenceWorker {
     }
 }
 
+/// One policy call on `pool`, timed (the worker's, and the replay's when it runs calls inline).
+pub fn call(policy: &Policy, pool: &rayon::ThreadPool, request: &Request) -> Response {
+    let start = Instant::now();
+    let result = pool
+        .install(|| policy.predict(&request.observation))
+        .map_err(|e| e.to_string());
+    Response {
+        id: request.id,
+        stamp: request.stamp,
+        result,
+        latency_s: start.elapsed().as_secs_f64(),
+    }
+}
+
 fn serve(
     policy: &Policy,
     pool: &rayon::ThreadPool,
@@ -128,17 +142,7 @@ fn serve(
                 m = wake.wait(m).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let start = Instant::now();
-        let result = pool
-            .install(|| policy.predict(&request.observation))
-            .map_err(|e| e.to_string());
-        let response = Response {
-            id: request.id,
-            stamp: request.stamp,
-            result,
-            latency_s: start.elapsed().as_secs_f64(),
-        };
-        if results.send(response).is_err() {
+        if results.send(call(policy, pool, &request)).is_err() {
             return;
         }
     }

@@ -6,6 +6,7 @@ use bitvla_ros::kernels::KernelKind;
 use bitvla_ros::model::tiny::{TinyShape, make_tiny};
 use bitvla_ros::model::{GripperMapping, Observation, Policy, PolicyOptions};
 use bitvla_ros::obs::ImageOptions;
+use bitvla_ros::params::NodeParams;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -26,9 +27,9 @@ enum Command {
     /// Performance benchmarks (JSON lines with --json).
     #[command(subcommand)]
     Bench(Bench),
-    /// The main job on an embedded default: write the tiny random checkpoint (published
-    /// layout) to a temporary directory, load it, and run the policy on two embedded camera
-    /// images; `--model` runs a real checkpoint instead.
+    /// The main job on an embedded default: a tiny random checkpoint (published layout) and a
+    /// synthetic episode bag, replayed through the node's logic with the report printed;
+    /// `--model` runs a real checkpoint instead.
     Demo(DemoArgs),
     /// Run the policy once on image files and print the action chunk.
     Run(RunArgs),
@@ -39,6 +40,73 @@ enum Command {
     /// Convert a published checkpoint directory into one packed file (ternary codes
     /// pre-quantized, loads in about a second).
     Convert(ConvertArgs),
+    /// Replay a rosbag2 bag (MCAP or sqlite3) through the node's exact logic, offline: what
+    /// the node would have commanded, as an output bag and a report.
+    Replay(ReplayArgs),
+    /// Write a small synthetic episode bag (two cameras, instructions, joint states, expert
+    /// actions) for demos, tests and benchmarks.
+    MakeEpisode(MakeEpisodeArgs),
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The bag: a rosbag2 directory, a .mcap or a .db3 file.
+    #[arg(long)]
+    bag: PathBuf,
+    /// Checkpoint directory or packed .bitvla file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The node's parameter file (its `bitvla_node: ros__parameters:` block): topics, command
+    /// mode, rates, safety limits. Default: the node's defaults.
+    #[arg(long)]
+    params: Option<PathBuf>,
+    /// Output bag: a directory (rosbag2 MCAP with metadata.yaml), or a path ending in .mcap.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Pace by the bag clock and run inference on the node's worker thread (measured latency).
+    #[arg(long)]
+    realtime: bool,
+    /// When a chunk is used: fixed:MS after its observation (deterministic) or measured.
+    #[arg(long, default_value = "fixed:100")]
+    latency: bitvla_ros::replay::LatencyModel,
+    /// A previous output bag: exit non-zero when any command differs by more than --tolerance.
+    #[arg(long)]
+    expect: Option<PathBuf>,
+    #[arg(long, default_value_t = 1e-6)]
+    tolerance: f64,
+    /// Topic of the actions executed when the bag was recorded (compared with the predictions).
+    #[arg(long)]
+    recorded_topic: Option<String>,
+    /// An instruction in force from the start (for bags recorded without one).
+    #[arg(long)]
+    instruction: Option<String>,
+    /// Inference threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the report as JSON instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct MakeEpisodeArgs {
+    /// Output bag directory (or .mcap file).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 3.0)]
+    duration_s: f64,
+    #[arg(long, default_value_t = 320)]
+    width: u32,
+    #[arg(long, default_value_t = 240)]
+    height: u32,
+    #[arg(long, default_value_t = 10.0)]
+    camera_hz: f64,
+    /// Only the third-person camera.
+    #[arg(long)]
+    no_wrist: bool,
 }
 
 #[derive(Args)]
@@ -92,11 +160,10 @@ struct DemoArgs {
     /// A checkpoint directory or packed file (default: the tiny random model).
     #[arg(long)]
     model: Option<PathBuf>,
-    #[arg(
-        long,
-        default_value = "pick up the black bowl and place it on the plate"
-    )]
-    instruction: String,
+    /// Keep the replay's output bag here (default: a temporary directory, removed).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -217,6 +284,23 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Replay(args) => replay(args),
+        Command::MakeEpisode(args) => {
+            let spec = bitvla_ros::bag::episode::EpisodeSpec {
+                duration_s: args.duration_s,
+                width: args.width,
+                height: args.height,
+                camera_hz: args.camera_hz,
+                wrist: !args.no_wrist,
+                ..Default::default()
+            };
+            let (path, n) = bitvla_ros::bag::episode::write_episode(&args.out, &spec)?;
+            println!(
+                "wrote a synthetic episode ({n} messages) to {}",
+                path.display()
+            );
+            Ok(())
+        }
         Command::MakeTiny(MakeTinyCommand {
             common: args,
             full_size,
@@ -234,49 +318,143 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-const DEMO_THIRD_PERSON: &[u8] = include_bytes!("../../tests/golden/third_person.png");
-const DEMO_WRIST: &[u8] = include_bytes!("../../tests/golden/wrist.png");
+const DEMO_PARAMS: &str = include_str!("../../config/replay_demo.yaml");
 
+/// The main job on an embedded default: a tiny random checkpoint and a synthetic episode bag,
+/// replayed through the node's logic with the report printed.
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("bitvla-demo-{}", std::process::id()));
-    let model = match &args.model {
-        Some(m) => m.clone(),
-        None => {
-            make_tiny(&scratch, 0, TinyShape::default()).context("writing the tiny demo model")?;
-            println!(
-                "demo: a tiny random BitVLA checkpoint (published layout, random weights: the \
-                 actions mean nothing); use --model for a real one"
-            );
-            scratch.clone()
-        }
-    };
-    let images = [DEMO_THIRD_PERSON, DEMO_WRIST]
-        .iter()
-        .map(|b| Ok(image::load_from_memory(b)?.to_rgb8()))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let dim = {
-        let policy = Policy::load(&model, PolicyOptions::default())
-            .with_context(|| format!("loading {}", model.display()))?;
-        policy.proprio_dim()
-    };
-    let result = run_on(
-        RunArgs {
-            model,
-            image: PathBuf::from("third_person.png (embedded)"),
-            wrist_image: None,
-            instruction: args.instruction,
-            proprio: dim.map(|d| vec![0.0; d]),
-            unnorm_key: None,
-            gripper: GripperMapping::LiberoBinarizeInvert,
-            rotate_180: false,
-            no_center_crop: false,
-            threads: None,
-            json: args.json,
-        },
-        images,
-    );
+    std::fs::remove_dir_all(&scratch).ok();
+    let result = (|| {
+        let model = match &args.model {
+            Some(m) => m.clone(),
+            None => {
+                let dir = scratch.join("tiny-model");
+                make_tiny(&dir, 0, TinyShape::default()).context("writing the tiny demo model")?;
+                println!(
+                    "demo: a tiny random BitVLA checkpoint (published layout, random weights: the \
+                     actions mean nothing); --model runs a real one"
+                );
+                dir
+            }
+        };
+        let spec = bitvla_ros::bag::episode::EpisodeSpec::default();
+        let (bag, n) = bitvla_ros::bag::episode::write_episode(&scratch.join("episode"), &spec)?;
+        println!(
+            "demo: a synthetic {:.0} s episode ({n} messages: {}x{} rgb8 camera, JPEG wrist camera, \
+             two instructions, joint states, expert actions)",
+            spec.duration_s, spec.width, spec.height
+        );
+        let params = NodeParams::from_yaml_str(DEMO_PARAMS)
+            .map_err(|e| anyhow::anyhow!("embedded demo parameters: {e}"))?;
+        let out = args.out.clone().unwrap_or_else(|| scratch.join("replayed"));
+        replay_with(
+            ReplayArgs {
+                bag,
+                model,
+                params: None,
+                out: Some(out),
+                report: None,
+                realtime: false,
+                latency: "fixed:100".parse().map_err(anyhow::Error::msg)?,
+                expect: None,
+                tolerance: 1e-6,
+                recorded_topic: Some(bitvla_ros::bag::episode::ACTION_TOPIC.into()),
+                instruction: None,
+                threads: None,
+                json: args.json,
+            },
+            params,
+        )
+    })();
     std::fs::remove_dir_all(&scratch).ok();
     result
+}
+
+fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let params = match &args.params {
+        Some(path) => NodeParams::from_yaml_file(path)?,
+        None => NodeParams::default(),
+    };
+    replay_with(args, params)
+}
+
+fn replay_with(args: ReplayArgs, params: NodeParams) -> anyhow::Result<()> {
+    use bitvla_ros::replay::{ReplayOptions, compare_with, replay, summary};
+    let gripper: GripperMapping = params.gripper.parse().map_err(anyhow::Error::msg)?;
+    let unnorm_key = (!params.unnorm_key.is_empty()).then(|| params.unnorm_key.clone());
+    let image_options = ImageOptions {
+        rotate_180: params.rotate_180,
+        center_crop: true,
+    };
+    let policy = Policy::load(
+        &args.model,
+        PolicyOptions {
+            unnorm_key,
+            gripper,
+            image_options: vec![image_options; 2],
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("loading the policy from {}", args.model.display()))?;
+    let bag = bitvla_ros::bag::BagReader::open(&args.bag)?;
+    // Compare against the previous output before a new one could replace it.
+    let previous = args
+        .expect
+        .as_ref()
+        .map(|p| bitvla_ros::bag::BagReader::open(p))
+        .transpose()
+        .context("opening the --expect bag")?;
+    let mut writer = args
+        .out
+        .as_ref()
+        .map(|p| bitvla_ros::bag::BagWriter::create(p))
+        .transpose()?;
+    let threads = args
+        .threads
+        .or(usize::try_from(params.threads).ok().filter(|&t| t > 0))
+        .unwrap_or(0);
+    let opts = ReplayOptions {
+        params,
+        latency: args.latency,
+        realtime: args.realtime,
+        recorded_topic: args.recorded_topic.clone(),
+        instruction: args.instruction.clone(),
+        threads,
+        progress: !args.json,
+    };
+    let stop = bitvla_ros::process::stop_flag();
+    let outcome = replay(&bag, policy, &opts, writer.as_mut(), stop);
+    // Whatever happened, a started output bag is closed into a valid file.
+    let written = writer.map(|w| w.finish()).transpose();
+    let mut outcome = outcome?;
+    let written = written.context("finishing the output bag")?;
+    if let Some(previous) = &previous {
+        outcome.report.expect = Some(compare_with(previous, &outcome.commands, args.tolerance)?);
+    }
+    if let Some(path) = &written {
+        outcome.report.output = path.display().to_string();
+    }
+    let report = &outcome.report;
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(report)? + "\n")
+            .with_context(|| format!("writing the report {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        print!("{}", summary(report));
+        if let Some(path) = &written {
+            println!("output bag: {}", path.display());
+        }
+    }
+    if report.expect.as_ref().is_some_and(|e| !e.passed) {
+        anyhow::bail!("the commands differ from the expected output (see above)");
+    }
+    if report.interrupted {
+        anyhow::bail!("interrupted: the output bag holds the commands up to the interruption");
+    }
+    Ok(())
 }
 
 fn bench_forward(args: ForwardArgs) -> anyhow::Result<()> {

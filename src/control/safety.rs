@@ -34,9 +34,30 @@ pub enum Hold {
     EStop,
     NoInstruction,
     NoCamera,
-    StaleCamera { age_s: f64 },
+    StaleCamera {
+        age_s: f64,
+    },
     NoChunk,
-    NonFinite { dim: usize },
+    NonFinite {
+        dim: usize,
+    },
+    /// ee_pose mode without a current end-effector pose to apply the delta to.
+    NoPose,
+}
+
+impl Hold {
+    /// A stable name for counting holds (reports, diagnostics).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Hold::EStop => "estop",
+            Hold::NoInstruction => "no_instruction",
+            Hold::NoCamera => "no_camera",
+            Hold::StaleCamera { .. } => "stale_camera",
+            Hold::NoChunk => "no_chunk",
+            Hold::NonFinite { .. } => "non_finite",
+            Hold::NoPose => "no_ee_pose",
+        }
+    }
 }
 
 impl std::fmt::Display for Hold {
@@ -48,6 +69,7 @@ impl std::fmt::Display for Hold {
             Hold::StaleCamera { age_s } => write!(f, "camera frame is {age_s:.2} s old"),
             Hold::NoChunk => write!(f, "waiting for the first action chunk"),
             Hold::NonFinite { dim } => write!(f, "non-finite action value in dimension {dim}"),
+            Hold::NoPose => write!(f, "no current end-effector pose on the ee_pose topic yet"),
         }
     }
 }

@@ -122,8 +122,13 @@ pub fn decode_raw(
     }
     let mut out = Vec::with_capacity(width as usize * height as usize * 3);
     for y in 0..height as usize {
-        for px in data[y * step..y * step + row].chunks_exact(channels) {
-            out.extend(order.iter().map(|&c| px[c]));
+        let src = &data[y * step..y * step + row];
+        if encoding == "rgb8" {
+            out.extend_from_slice(src);
+        } else {
+            for px in src.chunks_exact(channels) {
+                out.extend(order.iter().map(|&c| px[c]));
+            }
         }
     }
     rgb_from_raw(width, height, out)

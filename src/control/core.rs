@@ -1,0 +1,630 @@
+//! The node's decision logic in one clock-agnostic state machine, shared by `bitvla_node` (ROS
+//! time) and `bitvla replay` (bag time): inputs are fed as they arrive, [`ControlCore::tick`] is
+//! called once per control period and says what to submit to the policy, which command to
+//! publish, why it holds, and when to publish diagnostics. Nothing here knows ROS or bags.
+
+use crate::control::mapping::clamp_to_workspace;
+use crate::control::{
+    ChunkScheduler, EeScales, Hold, SafetyConfig, SafetyInputs, SchedulerConfig, pose_target, twist,
+};
+use crate::model::{ActionChunk, Observation};
+use crate::params::NodeParams;
+use crate::runtime::{Request, Response};
+use image::RgbImage;
+use nalgebra::Isometry3;
+use std::collections::{BTreeMap, VecDeque};
+
+/// What the node publishes for an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandMode {
+    /// `geometry_msgs/TwistStamped` (MoveIt Servo, speed units).
+    EeDeltaTwist,
+    /// `geometry_msgs/PoseStamped`: the current end-effector pose plus the predicted delta.
+    EePose,
+}
+
+impl CommandMode {
+    pub fn ros_type(self) -> &'static str {
+        match self {
+            CommandMode::EeDeltaTwist => "geometry_msgs/msg/TwistStamped",
+            CommandMode::EePose => "geometry_msgs/msg/PoseStamped",
+        }
+    }
+}
+
+/// One command for the arm, in the command frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Linear [m/s] and angular [rad/s] velocity.
+    Twist { linear: [f64; 3], angular: [f64; 3] },
+    /// Target pose: position [m], orientation as a unit quaternion (x, y, z, w).
+    Pose {
+        position: [f64; 3],
+        orientation: [f64; 4],
+    },
+}
+
+impl Command {
+    /// The values in message field order (twist: linear, angular; pose: position, x y z w).
+    pub fn values(&self) -> Vec<f64> {
+        match self {
+            Command::Twist { linear, angular } => linear.iter().chain(angular).copied().collect(),
+            Command::Pose {
+                position,
+                orientation,
+            } => position.iter().chain(orientation).copied().collect(),
+        }
+    }
+}
+
+/// A chunk that the scheduler took this tick (published on `~/action_chunk`).
+#[derive(Debug, Clone)]
+pub struct ChunkEvent {
+    pub id: u64,
+    /// Time of the observation the chunk was predicted from (caller's clock, seconds).
+    pub observation_stamp: f64,
+    pub instruction: String,
+    pub latency_s: f64,
+    pub chunk: ActionChunk,
+}
+
+/// A `/diagnostics` status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Diagnostics {
+    /// 0 OK, 1 WARN (holding), 2 ERROR.
+    pub level: u8,
+    pub message: String,
+    pub values: Vec<(String, String)>,
+}
+
+/// Everything one control tick decided.
+#[derive(Debug, Default)]
+pub struct TickOutput {
+    /// An observation to run the policy on now (the caller submits it and later hands the
+    /// response to [`ControlCore::on_response`]).
+    pub request: Option<Request>,
+    /// Chunks accepted this tick.
+    pub chunks: Vec<ChunkEvent>,
+    /// Failed policy calls released this tick (id, message).
+    pub failures: Vec<(u64, String)>,
+    /// The command to publish.
+    pub command: Option<Command>,
+    /// The (gated, clamped) policy action behind `command`, when one was executed.
+    pub action: Option<Vec<f32>>,
+    /// Why no (real) command goes out.
+    pub hold: Option<Hold>,
+    /// The hold reason differs from the previous tick's (log it).
+    pub hold_changed: bool,
+    pub diagnostics: Option<Diagnostics>,
+}
+
+/// Counters over the whole run (the replay's report and the node's diagnostics).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CoreStats {
+    pub ticks: u64,
+    pub requests: u64,
+    pub chunks: u64,
+    pub failed_calls: u64,
+    pub commands: u64,
+    /// Responses that arrived after the fixed latency model had them due.
+    pub late_responses: u64,
+    pub stale_chunks: u64,
+    pub frames_received: u64,
+    pub frames_rejected: u64,
+    pub instructions: u64,
+    /// Ticks held, by reason ([`Hold::kind`]).
+    pub holds: BTreeMap<&'static str, u64>,
+    pub latencies_s: Vec<f64>,
+}
+
+#[derive(Default)]
+struct Inputs {
+    frames: [Option<(RgbImage, f64)>; 2],
+    instruction: Option<String>,
+    estop: bool,
+    joints: Option<Vec<f32>>,
+    ee_pose: Option<Isometry3<f64>>,
+}
+
+/// Settings the core derives from the node's parameters (validated once).
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub mode: CommandMode,
+    pub dt: f64,
+    pub safety: SafetyConfig,
+    pub scales: EeScales,
+    pub workspace: ([f64; 3], [f64; 3]),
+    pub hold_zero_twist: bool,
+    pub fixed_latency_s: Option<f64>,
+    pub dry_run: bool,
+    pub scheduler: SchedulerConfig,
+    pub proprio_dim: Option<usize>,
+    pub cameras: usize,
+}
+
+impl CoreConfig {
+    /// Checks the parameters that decide behaviour; the error names the parameter to fix.
+    pub fn from_params(
+        p: &NodeParams,
+        action_dim: usize,
+        proprio_dim: Option<usize>,
+    ) -> Result<Self, String> {
+        let mode = match p.command_mode.as_str() {
+            "ee_delta_twist" => CommandMode::EeDeltaTwist,
+            "ee_pose" => CommandMode::EePose,
+            other => {
+                return Err(format!(
+                    "command_mode {other:?} is not supported (ee_delta_twist, ee_pose)"
+                ));
+            }
+        };
+        if !(p.control_rate_hz.is_finite() && p.control_rate_hz > 0.0) {
+            return Err(format!(
+                "control_rate_hz must be > 0 (got {})",
+                p.control_rate_hz
+            ));
+        }
+        if !(p.stale_after_s.is_finite() && p.stale_after_s > 0.0) {
+            return Err(format!(
+                "stale_after_s must be > 0 (got {})",
+                p.stale_after_s
+            ));
+        }
+        if !(p.fixed_latency_s.is_finite() && p.fixed_latency_s >= 0.0) {
+            return Err(format!(
+                "fixed_latency_s must be >= 0 (got {})",
+                p.fixed_latency_s
+            ));
+        }
+        let w = &p.workspace;
+        let (min, max) = ([w.min_x, w.min_y, w.min_z], [w.max_x, w.max_y, w.max_z]);
+        if !(0..3).all(|i| min[i] <= max[i]) {
+            return Err(format!(
+                "workspace: min {min:?} must not exceed max {max:?}"
+            ));
+        }
+        match p.proprio_source.as_str() {
+            "none" | "joint_states" => {}
+            other => return Err(format!("proprio_source {other:?}: none or joint_states")),
+        }
+        for (name, transport) in [
+            ("camera_transport", &p.camera_transport),
+            ("wrist_camera_transport", &p.wrist_camera_transport),
+        ] {
+            if transport != "raw" && transport != "compressed" {
+                return Err(format!("{name} {transport:?}: raw or compressed"));
+            }
+        }
+        if p.camera_topic.is_empty() {
+            return Err("camera_topic is empty: the policy needs the third-person camera".into());
+        }
+        let dt = 1.0 / p.control_rate_hz;
+        Ok(Self {
+            mode,
+            dt,
+            safety: SafetyConfig {
+                max_abs: if p.max_abs_action > 0.0 {
+                    vec![p.max_abs_action as f32; action_dim]
+                } else {
+                    Vec::new()
+                },
+                stale_after_s: p.stale_after_s,
+            },
+            scales: EeScales {
+                position_m: p.position_scale_m,
+                rotation_rad: p.rotation_scale_rad,
+            },
+            workspace: (min, max),
+            hold_zero_twist: p.hold_zero_twist,
+            fixed_latency_s: (p.fixed_latency_s > 0.0).then_some(p.fixed_latency_s),
+            dry_run: p.dry_run,
+            scheduler: SchedulerConfig {
+                control_dt: dt,
+                actions_per_chunk: usize::try_from(p.actions_per_chunk).unwrap_or(0),
+                ..Default::default()
+            },
+            proprio_dim,
+            cameras: if p.wrist_camera_topic.is_empty() {
+                1
+            } else {
+                2
+            },
+        })
+    }
+}
+
+/// The node's state machine. Times are seconds in the caller's clock.
+pub struct ControlCore {
+    config: CoreConfig,
+    scheduler: ChunkScheduler,
+    inputs: Inputs,
+    /// Requests in flight: id -> (observation stamp, request time, instruction).
+    in_flight: BTreeMap<u64, (f64, f64, String)>,
+    /// Responses waiting for their release time (fixed latency model).
+    pending: VecDeque<(f64, Response)>,
+    sequence: u64,
+    last_hold: Option<Hold>,
+    status: String,
+    last_error: String,
+    stats: CoreStats,
+    diag_every: u64,
+}
+
+impl ControlCore {
+    pub fn new(config: CoreConfig) -> Self {
+        let diag_every = ((1.0 / config.dt).round() as u64).max(1);
+        Self {
+            scheduler: ChunkScheduler::new(config.scheduler.clone()),
+            config,
+            inputs: Inputs::default(),
+            in_flight: BTreeMap::new(),
+            pending: VecDeque::new(),
+            sequence: 0,
+            last_hold: None,
+            status: "starting".into(),
+            last_error: String::new(),
+            stats: CoreStats::default(),
+            diag_every,
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &CoreStats {
+        &self.stats
+    }
+
+    /// A decoded camera frame (slot 0: third-person, 1: wrist), timed by arrival.
+    pub fn on_frame(&mut self, slot: usize, frame: RgbImage, now: f64) {
+        if let Some(s) = self.inputs.frames.get_mut(slot) {
+            *s = Some((frame, now));
+            self.stats.frames_received += 1;
+        }
+    }
+
+    /// A frame that could not be decoded (counted; the previous frame stays).
+    pub fn on_rejected_frame(&mut self) {
+        self.stats.frames_rejected += 1;
+    }
+
+    /// A new instruction: cancels the current chunk. Returns false for an empty one (ignored).
+    pub fn on_instruction(&mut self, text: &str) -> bool {
+        let text = text.trim();
+        if text.is_empty() {
+            return false;
+        }
+        self.inputs.instruction = Some(text.to_owned());
+        self.stats.instructions += 1;
+        self.scheduler.cancel();
+        true
+    }
+
+    pub fn on_estop(&mut self, engaged: bool) {
+        self.inputs.estop = engaged;
+        if engaged {
+            self.scheduler.cancel();
+        }
+    }
+
+    pub fn on_joint_positions(&mut self, positions: &[f64]) {
+        self.inputs.joints = Some(positions.iter().map(|&v| v as f32).collect());
+    }
+
+    pub fn on_ee_pose(&mut self, pose: Isometry3<f64>) {
+        self.inputs.ee_pose = Some(pose);
+    }
+
+    /// A finished policy call arriving at `now`. Under the fixed latency model it is used at
+    /// the first tick at or after (request time + latency), or at arrival when that is later.
+    pub fn on_response(&mut self, response: Response, now: f64) {
+        let release = match (
+            self.config.fixed_latency_s,
+            self.in_flight.get(&response.id),
+        ) {
+            (Some(latency), Some(&(_, requested_at, _))) => {
+                let due = requested_at + latency;
+                if now > due + 1e-9 {
+                    self.stats.late_responses += 1;
+                }
+                due.max(now)
+            }
+            _ => now,
+        };
+        let at = self.pending.partition_point(|(t, _)| *t <= release);
+        self.pending.insert(at, (release, response));
+    }
+
+    /// One control period at `now`.
+    pub fn tick(&mut self, now: f64) -> TickOutput {
+        let mut out = TickOutput::default();
+        self.stats.ticks += 1;
+        while self.pending.front().is_some_and(|(t, _)| *t <= now + 1e-9) {
+            let Some((_, r)) = self.pending.pop_front() else {
+                break;
+            };
+            // The worker answers in order and drops requests superseded before they started.
+            self.in_flight.retain(|&id, _| id >= r.id);
+            let (observation_stamp, _, instruction) =
+                self.in_flight
+                    .remove(&r.id)
+                    .unwrap_or((r.stamp, now, String::new()));
+            match r.result {
+                Ok(chunk) => {
+                    self.stats.chunks += 1;
+                    self.stats.latencies_s.push(r.latency_s);
+                    let rows = chunk
+                        .actions
+                        .chunks(chunk.action_dim.max(1))
+                        .map(<[f32]>::to_vec)
+                        .collect();
+                    // A chunk for an instruction that was replaced meanwhile is not executed.
+                    if self.inputs.instruction.as_deref() == Some(instruction.as_str()) {
+                        self.scheduler.accept(r.id, rows, r.latency_s);
+                    }
+                    out.chunks.push(ChunkEvent {
+                        id: r.id,
+                        observation_stamp,
+                        instruction,
+                        latency_s: r.latency_s,
+                        chunk,
+                    });
+                }
+                Err(e) => {
+                    self.stats.failed_calls += 1;
+                    self.last_error.clone_from(&e);
+                    out.failures.push((r.id, e));
+                    // Let the scheduler ask again.
+                    self.scheduler.cancel();
+                }
+            }
+        }
+        self.stats.stale_chunks = self.scheduler.stale_chunks;
+
+        let tick = self.scheduler.tick();
+        let newest = self.newest_frame();
+        let s = &self.inputs;
+        let fresh = newest.is_some_and(|t| now - t <= self.config.safety.stale_after_s);
+        let ready = s.frames[0].is_some() && fresh && s.instruction.is_some() && !s.estop;
+        if tick.request_observation && ready {
+            let images: Vec<RgbImage> = s.frames.iter().flatten().map(|f| f.0.clone()).collect();
+            let proprio = self.config.proprio_dim.map(|d| {
+                let mut v = s.joints.clone().unwrap_or_default();
+                v.resize(d, 0.0);
+                v
+            });
+            let instruction = s.instruction.clone().unwrap_or_default();
+            self.sequence += 1;
+            let stamp = newest.unwrap_or(now);
+            self.in_flight
+                .insert(self.sequence, (stamp, now, instruction.clone()));
+            out.request = Some(Request {
+                id: self.sequence,
+                stamp,
+                observation: Observation {
+                    images,
+                    instruction,
+                    proprio,
+                },
+            });
+            self.stats.requests += 1;
+            self.scheduler.requested();
+        }
+        let gate = self.config.safety.gate(
+            now,
+            SafetyInputs {
+                newest_frame: newest,
+                has_instruction: s.instruction.is_some(),
+                estop: s.estop,
+            },
+            tick.action.as_deref(),
+        );
+        let hold = match gate {
+            Ok(action) => match self.map(&action) {
+                Some(command) => {
+                    out.command = Some(command);
+                    out.action = Some(action);
+                    self.stats.commands += 1;
+                    None
+                }
+                None => Some(Hold::NoPose),
+            },
+            Err(hold) => {
+                if hold == Hold::NoChunk
+                    && self.config.hold_zero_twist
+                    && self.config.mode == CommandMode::EeDeltaTwist
+                {
+                    out.command = Some(Command::Twist {
+                        linear: [0.0; 3],
+                        angular: [0.0; 3],
+                    });
+                    self.stats.commands += 1;
+                }
+                Some(hold)
+            }
+        };
+        if let Some(h) = &hold {
+            *self.stats.holds.entry(h.kind()).or_default() += 1;
+            self.status = h.to_string();
+        } else {
+            self.status = if self.config.dry_run {
+                "executing (dry run)".into()
+            } else {
+                "executing".into()
+            };
+        }
+        out.hold_changed = match (&hold, &self.last_hold) {
+            (Some(a), Some(b)) => a.kind() != b.kind(),
+            (None, None) => false,
+            _ => true,
+        };
+        self.last_hold.clone_from(&hold);
+        out.hold = hold;
+        if self.stats.ticks.is_multiple_of(self.diag_every) {
+            out.diagnostics = Some(self.diagnostics(now, newest));
+        }
+        out
+    }
+
+    /// Requests whose responses have not been used yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// The oldest of the cameras' newest frame times (all configured cameras must have one).
+    fn newest_frame(&self) -> Option<f64> {
+        let mut oldest: Option<f64> = None;
+        for f in &self.inputs.frames[..self.config.cameras] {
+            let t = f.as_ref()?.1;
+            oldest = Some(oldest.map_or(t, |o| o.min(t)));
+        }
+        oldest
+    }
+
+    fn map(&self, action: &[f32]) -> Option<Command> {
+        match self.config.mode {
+            CommandMode::EeDeltaTwist => twist(action, self.config.scales, self.config.dt)
+                .map(|(linear, angular)| Command::Twist { linear, angular }),
+            CommandMode::EePose => {
+                let current = self.inputs.ee_pose?;
+                let mut target = pose_target(&current, action, self.config.scales)?;
+                let (min, max) = self.config.workspace;
+                clamp_to_workspace(&mut target, min, max);
+                let (t, q) = (target.translation.vector, target.rotation);
+                Some(Command::Pose {
+                    position: [t.x, t.y, t.z],
+                    orientation: [q.i, q.j, q.k, q.w],
+                })
+            }
+        }
+    }
+
+    fn diagnostics(&self, now: f64, newest: Option<f64>) -> Diagnostics {
+        let recent = &self.stats.latencies_s[self.stats.latencies_s.len().saturating_sub(100)..];
+        let fmt = |v: Option<f64>| v.map_or("n/a".to_owned(), |x| format!("{:.1}", x * 1e3));
+        let kv = |k: &str, v: String| (k.to_owned(), v);
+        let s = &self.stats;
+        Diagnostics {
+            level: u8::from(self.last_hold.is_some()),
+            message: self.status.clone(),
+            values: vec![
+                kv("inference_latency_p50_ms", fmt(percentile(recent, 0.5))),
+                kv("inference_latency_p95_ms", fmt(percentile(recent, 0.95))),
+                kv("chunks", s.chunks.to_string()),
+                kv("failed_calls", s.failed_calls.to_string()),
+                kv("commands_published", s.commands.to_string()),
+                kv("frames_received", s.frames_received.to_string()),
+                kv("frames_rejected", s.frames_rejected.to_string()),
+                kv("stale_chunks", s.stale_chunks.to_string()),
+                kv(
+                    "camera_age_s",
+                    newest.map_or("n/a".into(), |t| format!("{:.3}", now - t)),
+                ),
+                kv("last_error", self.last_error.clone()),
+                kv("dry_run", self.config.dry_run.to_string()),
+            ],
+        }
+    }
+}
+
+/// The `q`-quantile (nearest rank) of unsorted values.
+pub fn percentile(values: &[f64], q: f64) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::StageTimings;
+
+    fn chunk(n: usize, dim: usize, v: f32) -> ActionChunk {
+        ActionChunk {
+            horizon: n,
+            action_dim: dim,
+            normalized: vec![v; n * dim],
+            actions: vec![v; n * dim],
+            unnorm_key: "k".into(),
+            gripper: "raw".into(),
+            tokens: 0,
+            timings: StageTimings::default(),
+        }
+    }
+
+    fn core(fixed_latency_s: f64) -> ControlCore {
+        let p = NodeParams {
+            fixed_latency_s,
+            ..Default::default()
+        };
+        ControlCore::new(CoreConfig::from_params(&p, 7, None).unwrap())
+    }
+
+    #[test]
+    fn holds_until_ready_then_executes_the_chunk_after_the_fixed_latency() {
+        let mut c = core(0.1);
+        let out = c.tick(0.0);
+        assert_eq!(out.hold, Some(Hold::NoInstruction));
+        assert!(out.request.is_none());
+        c.on_frame(0, RgbImage::new(4, 4), 0.01);
+        assert!(c.on_instruction(" pick "));
+        assert!(!c.on_instruction("  "));
+        let out = c.tick(0.05);
+        let req = out.request.expect("ready: asks for a chunk");
+        assert_eq!(req.observation.instruction, "pick");
+        assert_eq!(req.stamp, 0.01);
+        // Zero twist while the first chunk is computed.
+        assert_eq!(out.hold, Some(Hold::NoChunk));
+        assert_eq!(
+            out.command.as_ref().map(Command::values),
+            Some(vec![0.0; 6])
+        );
+        c.on_response(
+            Response {
+                id: req.id,
+                stamp: req.stamp,
+                result: Ok(chunk(4, 7, 0.5)),
+                latency_s: 0.01,
+            },
+            0.06,
+        );
+        c.on_frame(0, RgbImage::new(4, 4), 0.11);
+        // Due at 0.15, not at 0.10.
+        assert!(c.tick(0.10).chunks.is_empty());
+        let out = c.tick(0.15);
+        assert_eq!(out.chunks.len(), 1);
+        assert_eq!(out.hold, None);
+        assert!(out.hold_changed);
+        let v = out.command.unwrap().values();
+        assert!((v[0] - 0.5 * 0.05 / 0.05).abs() < 1e-12, "{v:?}");
+        assert_eq!(c.stats().late_responses, 0);
+        assert_eq!(c.stats().holds.get("no_chunk"), Some(&2));
+    }
+
+    #[test]
+    fn failed_calls_and_stale_cameras_hold_without_stopping() {
+        let mut c = core(0.0);
+        c.on_frame(0, RgbImage::new(4, 4), 0.0);
+        c.on_instruction("go");
+        let req = c.tick(0.0).request.unwrap();
+        c.on_response(
+            Response {
+                id: req.id,
+                stamp: 0.0,
+                result: Err("non-finite action".into()),
+                latency_s: 0.01,
+            },
+            0.02,
+        );
+        let out = c.tick(0.05);
+        assert_eq!(out.failures.len(), 1);
+        assert!(out.request.is_some(), "asks again after a failure");
+        let out = c.tick(1.0);
+        assert!(matches!(out.hold, Some(Hold::StaleCamera { .. })));
+        assert!(out.command.is_none());
+        assert_eq!(c.stats().failed_calls, 1);
+    }
+}

@@ -1,0 +1,246 @@
+//! The node's parameters, shared by `bitvla_node` (declared to ROS through r2r's `RosParams`
+//! derive under the `ros` feature) and `bitvla replay`, which reads the same YAML parameter file
+//! (the `ros__parameters` block) so that a replay is what the node would do on that robot.
+
+use std::path::Path;
+
+/// The node's parameters (`ros2 param` shows these descriptions).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[cfg_attr(feature = "ros", derive(r2r::RosParams))]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeParams {
+    /// Checkpoint directory (published layout) or packed .bitvla file
+    pub model_path: String,
+    /// dataset_statistics.json key; empty selects the only one
+    pub unnorm_key: String,
+    /// Inference threads (0 = all cores)
+    pub threads: i64,
+    /// Third-person camera topic
+    pub camera_topic: String,
+    /// raw (sensor_msgs/Image) or compressed (sensor_msgs/CompressedImage)
+    pub camera_transport: String,
+    /// Wrist camera topic; empty for a one-camera checkpoint
+    pub wrist_camera_topic: String,
+    /// raw or compressed
+    pub wrist_camera_transport: String,
+    /// Instruction topic (std_msgs/String); a new instruction cancels the current chunk
+    pub instruction_topic: String,
+    /// E-stop topic (std_msgs/Bool); true holds all output
+    pub estop_topic: String,
+    /// none (zeros, out of distribution for LIBERO checkpoints) or joint_states
+    pub proprio_source: String,
+    /// sensor_msgs/JointState topic when proprio_source is joint_states
+    pub joint_states_topic: String,
+    /// ee_delta_twist: geometry_msgs/TwistStamped (MoveIt Servo, speed units); ee_pose:
+    /// geometry_msgs/PoseStamped target = current pose (ee_pose_topic) + the predicted delta
+    pub command_mode: String,
+    /// Current end-effector pose (geometry_msgs/PoseStamped, base frame) for ee_pose
+    pub ee_pose_topic: String,
+    /// Workspace box for ee_pose targets (base frame)
+    pub workspace: Workspace,
+    /// Command topic
+    pub command_topic: String,
+    /// Frame of the commands
+    pub frame_id: String,
+    /// Control rate [Hz]; LIBERO policies were trained at 20 Hz
+    pub control_rate_hz: f64,
+    /// Execute at most this many actions of a chunk (0 = all)
+    pub actions_per_chunk: i64,
+    /// Publish commands on ~/dry_run/command instead of command_topic
+    pub dry_run: bool,
+    /// Hold when the newest camera frame is older than this [s]
+    pub stale_after_s: f64,
+    /// Clamp every action dimension to +-this before mapping (0 = no clamp)
+    pub max_abs_action: f64,
+    /// ee_delta_twist: publish a zero twist each tick while waiting for the next chunk (keeps
+    /// the command stream at the control rate; safety holds publish nothing)
+    pub hold_zero_twist: bool,
+    /// Rotate camera images by 180 degrees (LIBERO simulator cameras)
+    pub rotate_180: bool,
+    /// Metres per unit action per control step
+    pub position_scale_m: f64,
+    /// Radians per unit action per control step
+    pub rotation_scale_rad: f64,
+    /// raw or libero
+    pub gripper: String,
+    /// Follow /clock (simulation time) for stamps and staleness
+    pub use_sim_time: bool,
+    /// Latency model of the scheduler: 0 uses each chunk when it arrives; > 0 uses it exactly
+    /// this many seconds after its observation (or when it arrives, if later): deterministic
+    /// command streams for replays and simulation tests [s]
+    pub fixed_latency_s: f64,
+}
+
+/// An axis-aligned box in the base frame [m].
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[cfg_attr(feature = "ros", derive(r2r::RosParams))]
+#[serde(default, deny_unknown_fields)]
+pub struct Workspace {
+    /// [m]
+    pub min_x: f64,
+    /// [m]
+    pub min_y: f64,
+    /// [m]
+    pub min_z: f64,
+    /// [m]
+    pub max_x: f64,
+    /// [m]
+    pub max_y: f64,
+    /// [m]
+    pub max_z: f64,
+}
+
+impl Default for Workspace {
+    fn default() -> Self {
+        Self {
+            min_x: -1.0,
+            min_y: -1.0,
+            min_z: 0.0,
+            max_x: 1.0,
+            max_y: 1.0,
+            max_z: 1.5,
+        }
+    }
+}
+
+impl Default for NodeParams {
+    fn default() -> Self {
+        Self {
+            model_path: String::new(),
+            unnorm_key: String::new(),
+            threads: 0,
+            camera_topic: "/camera/image_raw".into(),
+            camera_transport: "raw".into(),
+            wrist_camera_topic: String::new(),
+            wrist_camera_transport: "raw".into(),
+            instruction_topic: "/instruction".into(),
+            estop_topic: "/estop".into(),
+            proprio_source: "none".into(),
+            joint_states_topic: "/joint_states".into(),
+            command_mode: "ee_delta_twist".into(),
+            ee_pose_topic: "/ee_pose".into(),
+            workspace: Workspace::default(),
+            command_topic: "/servo_node/delta_twist_cmds".into(),
+            frame_id: "base_link".into(),
+            control_rate_hz: 20.0,
+            actions_per_chunk: 0,
+            dry_run: true,
+            stale_after_s: 0.5,
+            max_abs_action: 0.0,
+            hold_zero_twist: true,
+            rotate_180: false,
+            position_scale_m: 0.05,
+            rotation_scale_rad: 0.5,
+            gripper: "raw".into(),
+            use_sim_time: false,
+            fixed_latency_s: 0.0,
+        }
+    }
+}
+
+/// The name the node runs under (the key of its block in a parameter file).
+pub const NODE_NAME: &str = "bitvla_node";
+
+/// A parameter file that cannot be used, naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ParamsError {
+    #[error("reading the parameter file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parameter file {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl NodeParams {
+    /// Reads the `ros__parameters` of `bitvla_node` from a ROS 2 parameter file: the block under
+    /// `bitvla_node`, `/bitvla_node` or the wildcard `/**` (the node's own block wins, as in
+    /// rcl). Parameters not in the file keep their defaults; an unknown parameter or a value of
+    /// the wrong type is an error that names it.
+    pub fn from_yaml_file(path: &Path) -> Result<Self, ParamsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ParamsError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml_str(&text).map_err(|message| ParamsError::Invalid {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    pub fn from_yaml_str(text: &str) -> Result<Self, String> {
+        let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        let top = doc
+            .as_mapping()
+            .ok_or("expected a mapping of node names to `ros__parameters` blocks")?;
+        let mut merged = serde_yaml::Mapping::new();
+        // Wildcard first, then the node's own block overrides key by key.
+        for key in ["/**", NODE_NAME, &format!("/{NODE_NAME}")] {
+            let Some(block) = top.get(key) else { continue };
+            let params = block
+                .get("ros__parameters")
+                .and_then(serde_yaml::Value::as_mapping)
+                .ok_or_else(|| format!("`{key}` has no `ros__parameters` mapping"))?;
+            merge(&mut merged, params);
+        }
+        if merged.is_empty() && !top.is_empty() {
+            let names: Vec<String> = top
+                .keys()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect();
+            return Err(format!(
+                "no block for {NODE_NAME} (or `/**`); the file has {names:?}"
+            ));
+        }
+        serde_path_to_error::deserialize(serde_yaml::Value::Mapping(merged))
+            .map_err(|e| format!("parameter `{}`: {}", e.path(), e.inner()))
+    }
+}
+
+/// Merges nested mappings key by key (the node's own values over the wildcard's).
+fn merge(into: &mut serde_yaml::Mapping, from: &serde_yaml::Mapping) {
+    for (k, v) in from {
+        match (into.get_mut(k), v) {
+            (Some(serde_yaml::Value::Mapping(a)), serde_yaml::Value::Mapping(b)) => merge(a, b),
+            _ => {
+                into.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_parameter_files_load() {
+        for file in ["config/real_arm.yaml", "config/sim_arm.yaml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let p = NodeParams::from_yaml_file(&path).unwrap();
+            assert_ne!(p, NodeParams::default(), "{file}");
+        }
+    }
+
+    #[test]
+    fn node_block_overrides_wildcard_and_errors_name_the_parameter() {
+        let text = "/**:\n  ros__parameters:\n    control_rate_hz: 10.0\n    dry_run: false\n\
+                    bitvla_node:\n  ros__parameters:\n    control_rate_hz: 5\n    workspace:\n      max_z: 0.9\n";
+        let p = NodeParams::from_yaml_str(text).unwrap();
+        assert_eq!(p.control_rate_hz, 5.0);
+        assert!(!p.dry_run);
+        assert_eq!(p.workspace.max_z, 0.9);
+        assert_eq!(p.workspace.min_z, Workspace::default().min_z);
+
+        let e = NodeParams::from_yaml_str("bitvla_node:\n  ros__parameters:\n    dry_run: 3\n")
+            .unwrap_err();
+        assert!(e.contains("dry_run"), "{e}");
+        let e =
+            NodeParams::from_yaml_str("bitvla_node:\n  ros__parameters:\n    camera_topik: /x\n")
+                .unwrap_err();
+        assert!(e.contains("camera_topik"), "{e}");
+        let e = NodeParams::from_yaml_str("other_node:\n  ros__parameters: {}\n").unwrap_err();
+        assert!(e.contains("other_node"), "{e}");
+    }
+}

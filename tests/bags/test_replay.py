@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""`bitvla replay` against bags written and read by an independent implementation (rosbags).
+
+Run by scripts/test_bags.sh (which makes the venv with rosbags and Pillow): writes episodes with
+rosbags in MCAP and sqlite3 (both image transports, an instruction change mid-episode, joint
+states, a recorded action topic, a topic the node ignores), replays them with the release
+`bitvla`, reads the outputs back with rosbags and checks schemas, types and values. Also: the
+`--expect` regression check, determinism across thread counts, damaged and mistyped input, and a
+valid partial output bag after Ctrl-C. Prints 'bags: N passed, M failed'.
+"""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PilImage
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "bitvla"
+TS = get_typestore(Stores.ROS2_JAZZY)
+T = TS.types
+FIRST = "pick up the black bowl and place it on the plate"
+SECOND = "put the cream cheese in the bowl"
+START = 1_750_000_000_000_000_000
+PARAMS = """bitvla_node:
+  ros__parameters:
+    camera_topic: /cam/image_raw
+    camera_transport: raw
+    wrist_camera_topic: /wrist/image_raw/compressed
+    wrist_camera_transport: compressed
+    instruction_topic: /task
+    proprio_source: joint_states
+    joint_states_topic: /joint_states
+    command_mode: ee_delta_twist
+    control_rate_hz: 20.0
+    dry_run: false
+    command_topic: /servo_node/delta_twist_cmds
+    frame_id: base_link
+    gripper: libero
+"""
+
+
+def header(t):
+    return T["std_msgs/msg/Header"](
+        stamp=T["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=t % 10**9), frame_id="cam"
+    )
+
+
+def scene(h, w, phase):
+    img = np.full((h, w, 3), 180, np.uint8)
+    x = int((0.2 + 0.6 * phase) * w)
+    img[h // 2 : h // 2 + 12, x : x + 12] = (200, 30, 30)
+    return img
+
+
+def write_episode(path, plugin, *, seconds=3.0, bad_step_at=None, camera_type=None, out_of_order=False,
+                  encoding="bgr8", size=(96, 128)):
+    """A two-camera episode: raw camera (padded rows), JPEG wrist, instructions at 0 and 1.5 s."""
+    h, w = size
+    with Writer(path, version=9, storage_plugin=plugin) as bag:
+        cam_type = camera_type or "sensor_msgs/msg/Image"
+        cam = bag.add_connection("/cam/image_raw", cam_type, typestore=TS)
+        wrist = bag.add_connection("/wrist/image_raw/compressed", "sensor_msgs/msg/CompressedImage", typestore=TS)
+        task = bag.add_connection("/task", "std_msgs/msg/String", typestore=TS)
+        joints = bag.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=TS)
+        action = bag.add_connection("/expert/action", "std_msgs/msg/Float64MultiArray", typestore=TS)
+        other = bag.add_connection("/other", "std_msgs/msg/Int32", typestore=TS)
+        events = []
+        events.append((START, task, T["std_msgs/msg/String"](data=FIRST)))
+        events.append((START + 1_500_000_000, task, T["std_msgs/msg/String"](data=SECOND)))
+        n = int(seconds * 10) + 1
+        for i in range(n):
+            t = START + 7_000_000 + i * 100_000_000
+            phase = i / max(n - 1, 1)
+            img = scene(h, w, phase)
+            if cam_type == "std_msgs/msg/String":
+                events.append((t, cam, T["std_msgs/msg/String"](data="not an image")))
+            else:
+                pad = 5
+                rows = img[:, :, ::-1] if encoding == "bgr8" else img
+                padded = np.zeros((h, w * 3 + pad), np.uint8)
+                padded[:, : w * 3] = rows.reshape(h, w * 3)
+                step = w * 3 + pad
+                data = padded.reshape(-1)
+                if bad_step_at is not None and i == bad_step_at:
+                    data = data[: step * (h // 2)]  # shorter than height x step
+                events.append((t, cam, T["sensor_msgs/msg/Image"](
+                    header=header(t), height=h, width=w, encoding=encoding, is_bigendian=0,
+                    step=step, data=data)))
+            buf = io.BytesIO()
+            PilImage.fromarray(scene(h // 2, w // 2, 1 - phase)).save(buf, format="JPEG", quality=90)
+            events.append((t + 1_000_000, wrist, T["sensor_msgs/msg/CompressedImage"](
+                header=header(t), format="jpeg", data=np.frombuffer(buf.getvalue(), np.uint8))))
+            events.append((t + 2_000_000, joints, T["sensor_msgs/msg/JointState"](
+                header=header(t), name=[f"j{k}" for k in range(8)],
+                position=np.linspace(0, 1, 8) * phase, velocity=np.zeros(0), effort=np.zeros(0))))
+            events.append((t + 3_000_000, other, T["std_msgs/msg/Int32"](data=i)))
+        for i in range(int(seconds * 20) + 1):
+            t = START + 1_000_000 + i * 50_000_000
+            layout = T["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
+            events.append((t, action, T["std_msgs/msg/Float64MultiArray"](
+                layout=layout, data=np.array([0.1, 0.0, -0.1, 0.0, 0.0, 0.05, -1.0]))))
+        events.sort(key=lambda e: e[0])
+        if out_of_order:
+            # One camera message written 0.3 s late (its timestamp is in the past).
+            k = next(i for i, e in enumerate(events) if e[1] is cam and e[0] > START + 1_000_000_000)
+            ev = events.pop(k)
+            events.insert(k + 12, ev)
+        for t, conn, msg in events:
+            bag.write(conn, t, TS.serialize_cdr(msg, conn.msgtype))
+    return path
+
+
+def read_bag(path):
+    """{topic: [(t, msgtype, message)]}, registering types from the bag's own definitions."""
+    out = {}
+    store = get_typestore(Stores.ROS2_JAZZY)
+    with Reader(path) as r:
+        for c in r.connections:
+            if c.msgtype not in store.types:
+                store.register(get_types_from_msg(c.msgdef.data, c.msgtype))
+        for c, t, raw in r.messages():
+            out.setdefault(c.topic, []).append((t, c.msgtype, store.deserialize_cdr(raw, c.msgtype)))
+        conns = {c.topic: c for c in r.connections}
+    return out, conns
+
+
+def bitvla(*args, check=True, timeout=600):
+    p = subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"bitvla {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+class Ctx:
+    def __init__(self, tmp):
+        self.tmp = Path(tmp)
+        self.model = self.tmp / "tiny"
+        bitvla("make-tiny", "--out", self.model)
+        self.params = self.tmp / "params.yaml"
+        self.params.write_text(PARAMS)
+        self.mcap = write_episode(self.tmp / "ep_mcap", StoragePlugin.MCAP)
+        self.sqlite = write_episode(self.tmp / "ep_sqlite", StoragePlugin.SQLITE3)
+        self.n = 0
+
+    def replay(self, bag, *extra, check=True, name=None):
+        self.n += 1
+        out = self.tmp / (name or f"out{self.n}")
+        report = self.tmp / f"report{self.n}.json"
+        p = bitvla("replay", "--bag", bag, "--model", self.model, "--params", self.params, "--out", out,
+                   "--report", report, "--recorded-topic", "/expert/action", *extra, check=check)
+        rep = json.loads(report.read_text()) if report.exists() else None
+        return out, rep, p
+
+
+def commands(out):
+    msgs, _ = read_bag(out)
+    return [(t, m.header.stamp.sec, m.header.stamp.nanosec,
+             (m.twist.linear.x, m.twist.linear.y, m.twist.linear.z,
+              m.twist.angular.x, m.twist.angular.y, m.twist.angular.z))
+            for t, _, m in msgs["/servo_node/delta_twist_cmds"]]
+
+
+def test_mcap_replay_output_reads_back_with_rosbags(c):
+    out, rep, _ = c.replay(c.mcap)
+    msgs, conns = read_bag(out)
+    assert set(msgs) == {"/servo_node/delta_twist_cmds", "/bitvla_node/action_chunk", "/diagnostics"}, set(msgs)
+    assert conns["/servo_node/delta_twist_cmds"].msgtype == "geometry_msgs/msg/TwistStamped"
+    assert conns["/bitvla_node/action_chunk"].msgtype == "bitvla_ros/msg/ActionChunk"
+    assert conns["/diagnostics"].msgtype == "diagnostic_msgs/msg/DiagnosticArray"
+    # Commands on the 20 Hz grid of bag time, stamped with their log time.
+    cmds = msgs["/servo_node/delta_twist_cmds"]
+    for t, _, m in cmds:
+        assert t % 50_000_000 == 0, t
+        assert m.header.stamp.sec * 10**9 + m.header.stamp.nanosec == t
+        assert m.header.frame_id == "base_link"
+    moving = [m for _, _, m in cmds if any([m.twist.linear.x, m.twist.linear.y, m.twist.angular.z])]
+    assert len(moving) > 20, len(moving)
+    chunks = [m for _, _, m in msgs["/bitvla_node/action_chunk"]]
+    assert chunks[0].instruction == FIRST and chunks[-1].instruction == SECOND
+    assert [ch.sequence for ch in chunks] == sorted(ch.sequence for ch in chunks)
+    for ch in chunks:
+        dims = len(ch.dimension_names)
+        assert dims == 7 and len(ch.actions) == ch.horizon * dims == len(ch.normalized)
+        assert np.all(np.isfinite(ch.actions))
+        # Stamped with the observation: a camera frame time (7 ms past a 100 ms boundary) or
+        # the wrist's (8 ms): the oldest of the two cameras' newest frames.
+        assert (ch.header.stamp.nanosec % 100_000_000) in (7_000_000, 8_000_000), ch.header.stamp
+    # Report.
+    assert rep["episodes"] == 2 and [i["text"] for i in rep["instructions"]] == [FIRST, SECOND]
+    assert abs(rep["instructions"][1]["t_s"] - 1.5) < 1e-9
+    # The last call may still be within its latency when the bag ends.
+    assert rep["chunks"] > 3 and rep["chunks"] <= rep["inferences"] <= rep["chunks"] + 1, rep
+    assert rep["commands"]["/servo_node/delta_twist_cmds"] == len(cmds)
+    assert rep["frames_received"] == 62 and rep["frames_rejected"] == 0
+    assert rep["messages_per_topic"]["/other"] == 31 and rep["messages_skipped"] >= 31
+    assert rep["latency"]["p50_ms"] > 0
+    cmp = rep["recorded_vs_predicted"]
+    assert cmp["pairs"] > 20 and len(cmp["l1"]) == 7 and len(cmp["rmse"]) == 7
+    assert all(r >= l - 1e-12 for l, r in zip(cmp["l1"], cmp["rmse"]))
+
+
+def test_sqlite3_and_mcap_give_the_same_commands(c):
+    a, _, _ = c.replay(c.mcap)
+    b, _, _ = c.replay(c.sqlite)
+    assert commands(a) == commands(b)
+
+
+def test_deterministic_across_threads_and_expect_catches_a_change(c):
+    a, _, _ = c.replay(c.mcap, "--threads", "1")
+    b, rep, p = c.replay(c.mcap, "--threads", "2", "--expect", a, "--tolerance", "0")
+    assert rep["expect"]["passed"] and rep["expect"]["compared"] > 40, rep["expect"]
+    assert commands(a) == commands(b)
+    changed = c.tmp / "changed.yaml"
+    changed.write_text(PARAMS + "    position_scale_m: 0.06\n")
+    n = c.n + 1
+    p = bitvla("replay", "--bag", c.mcap, "--model", c.model, "--params", changed, "--out", c.tmp / "chg",
+               "--expect", a, "--report", c.tmp / f"chg{n}.json", check=False)
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    rep = json.loads((c.tmp / f"chg{n}.json").read_text())
+    assert not rep["expect"]["passed"] and rep["expect"]["differences"]
+    assert "differ" in p.stderr
+
+
+def test_measured_latency_runs(c):
+    _, rep, _ = c.replay(c.mcap, "--latency", "measured")
+    assert rep["latency_model"] == "measured" and rep["chunks"] > 3
+
+
+def test_damaged_and_mistyped_input(c):
+    # A truncated MCAP: replayed up to the damage, with a warning.
+    src = next(Path(c.mcap).glob("*.mcap"))
+    cut = c.tmp / "truncated.mcap"
+    data = src.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    _, rep, p = c.replay(cut, check=False)
+    assert p.returncode == 0, p.stderr
+    assert any("damaged" in w for w in rep["warnings"]), rep["warnings"]
+    assert 0 < rep["bag_messages"] < 300
+    # Garbage where a sqlite3 file should be: a clear error, no panic.
+    junk = c.tmp / "junk.db3"
+    junk.write_bytes(b"this is not a database" * 100)
+    _, _, p = c.replay(junk, check=False)
+    assert p.returncode == 1 and "junk.db3" in p.stderr and "panicked" not in p.stderr, p.stderr
+    # Not a bag at all.
+    p = bitvla("replay", "--bag", c.params, "--model", c.model, check=False)
+    assert p.returncode == 1 and "not a bag" in p.stderr, p.stderr
+    # A frame whose data is shorter than height x step: rejected, the replay goes on.
+    bad = write_episode(c.tmp / "badstep", StoragePlugin.MCAP, bad_step_at=5)
+    _, rep, _ = c.replay(bad)
+    assert rep["frames_rejected"] == 1 and rep["chunks"] > 3, rep
+    assert any("/cam/image_raw" in w and "0.507" in w for w in rep["warnings"]), rep["warnings"]
+    # The camera topic with the wrong type: its messages are skipped, the node holds.
+    wrong = write_episode(c.tmp / "wrongtype", StoragePlugin.MCAP, camera_type="std_msgs/msg/String")
+    _, rep, _ = c.replay(wrong)
+    assert any("std_msgs/msg/String" in w for w in rep["warnings"]), rep["warnings"]
+    assert rep["inferences"] == 0 and rep["holds"].get("no_camera", 0) > 0
+    # Out-of-order timestamps: a warning, and the message used at the current time.
+    ooo = write_episode(c.tmp / "ooo", StoragePlugin.SQLITE3, out_of_order=True)
+    _, rep, _ = c.replay(ooo)
+    assert rep["chunks"] > 3
+    # sqlite3 returns rows ordered by timestamp, so only MCAP keeps the late write; check MCAP.
+    ooo = write_episode(c.tmp / "ooo_mcap", StoragePlugin.MCAP, out_of_order=True)
+    _, rep, _ = c.replay(ooo)
+    assert any("goes back" in w for w in rep["warnings"]), rep["warnings"]
+    # A missing camera topic: a clear error naming the parameter.
+    p = bitvla("replay", "--bag", c.mcap, "--model", c.model, check=False)
+    assert p.returncode == 1 and "camera_topic" in p.stderr, p.stderr
+
+
+def test_ctrl_c_leaves_a_valid_partial_bag(c):
+    long = write_episode(c.tmp / "long", StoragePlugin.MCAP, seconds=20.0)
+    out = c.tmp / "partial"
+    proc = subprocess.Popen([str(BIN), "replay", "--bag", str(long), "--model", str(c.model), "--params",
+                             str(c.params), "--out", str(out), "--realtime"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "interrupted" in stderr, (proc.returncode, stderr)
+    msgs, _ = read_bag(out)
+    n = len(msgs["/servo_node/delta_twist_cmds"])
+    # Real time at 20 Hz: about 4 s of commands, far fewer than the 20 s episode's 400.
+    assert 20 < n < 200, n
+
+
+def test_make_episode_bags_decode_with_rosbags(c):
+    out = c.tmp / "made"
+    bitvla("make-episode", "--out", out, "--duration-s", "1")
+    msgs, conns = read_bag(out)
+    assert conns["/camera/image_raw"].msgtype == "sensor_msgs/msg/Image"
+    img = msgs["/camera/image_raw"][0][2]
+    assert (img.height, img.width, img.encoding, img.step) == (240, 320, "rgb8", 960)
+    assert len(img.data) == 240 * 960
+    jpeg = msgs["/camera/wrist/image_raw/compressed"][0][2]
+    assert PilImage.open(io.BytesIO(jpeg.data.tobytes())).size == (160, 120)
+    assert msgs["/instruction"][0][2].data
+    assert len(msgs["/expert/action"][0][2].data) == 7
+    meta = (out / "metadata.yaml").read_text()
+    assert "storage_identifier: mcap" in meta and "version: 9" in meta
+
+
+def main():
+    tests = [v for k, v in globals().items() if k.startswith("test_")]
+    only = sys.argv[1:]
+    passed = failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Ctx(tmp)
+        for t in tests:
+            if only and t.__name__ not in only:
+                continue
+            start = time.monotonic()
+            try:
+                t(ctx)
+                passed += 1
+                print(f"ok   {t.__name__} ({time.monotonic() - start:.1f} s)")
+            except Exception:
+                failed += 1
+                print(f"FAIL {t.__name__}")
+                traceback.print_exc()
+    print(f"bags: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
