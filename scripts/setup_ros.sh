@@ -51,7 +51,8 @@ venv="$root/.ros/venv"
 "$venv/bin/pip" install --quiet \
   ros-jazzy-rcl ros-jazzy-rcl-action ros-jazzy-std-msgs ros-jazzy-sensor-msgs \
   ros-jazzy-geometry-msgs ros-jazzy-trajectory-msgs ros-jazzy-diagnostic-msgs \
-  ros-jazzy-rosgraph-msgs ros-jazzy-rmw-fastrtps-cpp ros-jazzy-rclpy numpy pillow
+  ros-jazzy-rosgraph-msgs ros-jazzy-rmw-fastrtps-cpp ros-jazzy-rclpy numpy pillow \
+  rosbags==0.11.9
 
 # Fix 1: the wheels ship no librmw_implementation; r2r links it. A shim prefix points it at Fast DDS.
 shim="$root/.ros/shim"

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-bags
-if ! "$venv/bin/python" -c "import rosbags, PIL, numpy" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import rosbags, PIL, numpy, mcap_ros2, lz4" 2>/dev/null; then
   echo "creating $venv (rosbags, Pillow, numpy)"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/bags/requirements.txt

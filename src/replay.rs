@@ -136,8 +136,12 @@ pub struct ReplayReport {
     pub warning_count: u64,
     pub warnings: Vec<String>,
     pub wall_s: f64,
+    /// Wall time of the policy calls (preprocessing included).
     pub inference_s: f64,
-    /// Share of the wall time not spent in policy calls (reading, decoding, scheduling, writing).
+    /// The image preprocessing (rotation, resize, crop, normalization) inside those calls.
+    pub preprocess_s: f64,
+    /// Share of the wall time outside the network: reading, decoding, preprocessing,
+    /// scheduling, writing.
     pub overhead_fraction: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expect: Option<ExpectResult>,
@@ -424,6 +428,7 @@ impl Replayer<'_> {
         let p = &self.opts.params;
         let header = Header::new(t_ns as i64, &p.frame_id);
         for c in &out.chunks {
+            self.report.preprocess_s += c.chunk.timings.preprocess_ms / 1e3;
             let stamp = self.base_ns as i128 + (c.observation_stamp * 1e9).round() as i128;
             let msg = ActionChunkMsg {
                 header: Header::new(stamp as i64, &p.frame_id),
@@ -730,7 +735,7 @@ pub fn replay(
     }
     report.wall_s = r.wall_start.elapsed().as_secs_f64();
     report.overhead_fraction = if report.wall_s > 0.0 {
-        ((report.wall_s - report.inference_s) / report.wall_s).max(0.0)
+        ((report.wall_s - report.inference_s + report.preprocess_s) / report.wall_s).clamp(0.0, 1.0)
     } else {
         0.0
     };
@@ -900,8 +905,9 @@ pub fn summary(report: &ReplayReport) -> String {
         }
     }
     line(format!(
-        "time: {:.2} s inference, overhead {:.1}% of wall time",
+        "time: {:.2} s in policy calls ({:.2} s of it preprocessing); outside the network {:.1}% of wall time",
         report.inference_s,
+        report.preprocess_s,
         report.overhead_fraction * 100.0
     ));
     if let Some(e) = &report.expect {

@@ -261,6 +261,156 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap, BagError> {
 
 type Intern<'x> = dyn FnMut(&str, &str, &str) -> Arc<Connection> + 'x;
 
+/// Per-file state of the MCAP record walk.
+struct McapWalk<'p> {
+    path: &'p Path,
+    schemas: HashMap<u16, String>,
+    by_channel: HashMap<u16, Arc<Connection>>,
+    count: u64,
+    /// Damage was found: the rest of the file is skipped.
+    ended: bool,
+    /// The damage that ended the fast pass (the salvage pass reports its own).
+    damage: Option<String>,
+    /// Messages to pass over (already visited by the fast pass).
+    skip: u64,
+}
+
+impl McapWalk<'_> {
+    fn damaged(&self, e: &dyn std::fmt::Display) -> String {
+        format!(
+            "{}: damaged after {} messages ({e}); the rest of this file is skipped",
+            self.path.display(),
+            self.count
+        )
+    }
+
+    /// One schema, channel or message record; Err(warning) ends the file.
+    fn record(
+        &mut self,
+        record: mcap::records::Record<'_>,
+        intern: &mut Intern<'_>,
+        visit: &mut dyn FnMut(BagMessage<'_>) -> ControlFlow<()>,
+        summary: &mut ReadSummary,
+    ) -> ControlFlow<()> {
+        use mcap::records::Record;
+        match record {
+            Record::Schema { header, .. } => {
+                self.schemas.insert(header.id, header.name);
+            }
+            Record::Channel(c) => {
+                let ty = self.schemas.get(&c.schema_id).map_or("", String::as_str);
+                self.by_channel
+                    .insert(c.id, intern(&c.topic, ty, &c.message_encoding));
+            }
+            Record::Message { header, data } => {
+                let Some(connection) = self.by_channel.get(&header.channel_id) else {
+                    summary.warnings.push(format!(
+                        "{}: message {} names unknown channel {}; skipped",
+                        self.path.display(),
+                        self.count,
+                        header.channel_id
+                    ));
+                    return ControlFlow::Continue(());
+                };
+                self.count += 1;
+                if self.skip > 0 {
+                    self.skip -= 1;
+                    return ControlFlow::Continue(());
+                }
+                summary.messages += 1;
+                summary.bytes += data.len() as u64;
+                return visit(BagMessage {
+                    connection,
+                    log_time: header.log_time,
+                    data: &data,
+                });
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// A chunk's records, decompressed in one call (the `mcap` crate's streaming decompressor
+/// reads zstd at about half the speed).
+fn decompress_chunk(
+    header: &mcap::records::ChunkHeader,
+    data: &[u8],
+    limit: usize,
+    scratch: &mut Vec<u8>,
+) -> Result<(), String> {
+    {
+        let size = usize::try_from(header.uncompressed_size)
+            .ok()
+            .filter(|&n| n <= limit)
+            .ok_or_else(|| {
+                format!(
+                    "chunk claims {} uncompressed bytes, over the {limit}-byte limit",
+                    header.uncompressed_size
+                )
+            })?;
+        scratch.clear();
+        match header.compression.as_str() {
+            "" => scratch.extend_from_slice(data),
+            "zstd" => {
+                scratch.reserve(size);
+                let mut d = zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?;
+                d.decompress_to_buffer(data, scratch)
+                    .map_err(|e| format!("zstd chunk: {e}"))?;
+            }
+            "lz4" => {
+                use std::io::Read;
+                let mut d = lz4::Decoder::new(data).map_err(|e| format!("lz4 chunk: {e}"))?;
+                (&mut d)
+                    .take(size as u64 + 1)
+                    .read_to_end(scratch)
+                    .map_err(|e| format!("lz4 chunk: {e}"))?;
+            }
+            other => return Err(format!("chunk compression {other:?} is not supported")),
+        }
+        if scratch.len() != size {
+            return Err(format!(
+                "chunk decompressed to {} bytes, its header says {size}",
+                scratch.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Splits a chunk's records: opcode (u8), length (u64 LE), body.
+fn chunk_records(buf: &[u8]) -> impl Iterator<Item = Result<(u8, &[u8]), String>> {
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        if pos >= buf.len() {
+            return None;
+        }
+        let head = buf.get(pos..pos + 9);
+        let Some(head) = head else {
+            pos = buf.len();
+            return Some(Err("truncated record header in a chunk".into()));
+        };
+        let len = u64::from_le_bytes(head[1..9].try_into().unwrap_or([0xff; 8]));
+        let start = pos + 9;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| start.checked_add(l))
+            .filter(|&e| e <= buf.len());
+        match end {
+            Some(end) => {
+                pos = end;
+                Some(Ok((head[0], &buf[start..end])))
+            }
+            None => {
+                pos = buf.len();
+                Some(Err(format!(
+                    "chunk record of {len} bytes overruns its chunk"
+                )))
+            }
+        }
+    })
+}
+
 /// The largest record (or decompressed chunk) accepted from a file of `len` bytes: a damaged
 /// chunk header claiming terabytes must be an error, not an allocation that aborts the process.
 fn record_limit(len: usize) -> usize {
@@ -282,21 +432,26 @@ fn read_mcap(
             "not an MCAP file (no MCAP magic at the start)",
         ));
     }
+    let limit = record_limit(map.len());
     let mut reader = LinearReader::new_with_options(
         LinearReaderOptions::default()
             .with_skip_end_magic(true)
-            .with_record_length_limit(record_limit(map.len())),
+            .with_emit_chunks(true)
+            .with_record_length_limit(limit),
     );
     let mut rest: &[u8] = &map;
-    let mut schemas: HashMap<u16, String> = HashMap::new();
-    let mut by_channel: HashMap<u16, Arc<Connection>> = HashMap::new();
-    let mut count = 0u64;
-    let damaged = |count: u64, e: &dyn std::fmt::Display| {
-        format!(
-            "{}: damaged after {count} messages ({e}); the rest of this file is skipped",
-            path.display()
-        )
+    let mut walk = McapWalk {
+        path,
+        schemas: HashMap::new(),
+        by_channel: HashMap::new(),
+        count: 0,
+        ended: false,
+        damage: None,
+        skip: 0,
     };
+    let mut scratch: Vec<Vec<u8>> = Vec::new();
+    let mut pending: Vec<(mcap::records::ChunkHeader, Vec<u8>)> = Vec::new();
+    let batch = 2 * rayon::current_num_threads();
     while let Some(event) = reader.next_event() {
         let (opcode, data) = match event {
             Ok(LinearReadEvent::ReadRequest(need)) => {
@@ -308,48 +463,197 @@ fn read_mcap(
             }
             Ok(LinearReadEvent::Record { opcode, data }) => (opcode, data),
             Err(e) => {
-                summary.warnings.push(damaged(count, &e));
-                break;
+                let flow = walk_chunks(
+                    &mut walk,
+                    &mut pending,
+                    limit,
+                    &mut scratch,
+                    intern,
+                    visit,
+                    summary,
+                )?;
+                if walk.damage.is_none() {
+                    walk.damage = Some(walk.damaged(&e));
+                }
+                return salvage(path, walk, flow, intern, visit, summary);
             }
         };
         let record = match mcap::parse_record(opcode, data) {
             Ok(r) => r,
             Err(e) => {
-                summary.warnings.push(damaged(count, &e));
-                break;
+                let flow = walk_chunks(
+                    &mut walk,
+                    &mut pending,
+                    limit,
+                    &mut scratch,
+                    intern,
+                    visit,
+                    summary,
+                )?;
+                if walk.damage.is_none() {
+                    walk.damage = Some(walk.damaged(&e));
+                }
+                return salvage(path, walk, flow, intern, visit, summary);
             }
         };
         match record {
-            Record::Schema { header, .. } => {
-                schemas.insert(header.id, header.name);
-            }
-            Record::Channel(c) => {
-                let ty = schemas.get(&c.schema_id).map_or("", String::as_str);
-                by_channel.insert(c.id, intern(&c.topic, ty, &c.message_encoding));
-            }
-            Record::Message { header, data } => {
-                let Some(connection) = by_channel.get(&header.channel_id) else {
-                    summary.warnings.push(format!(
-                        "{}: message {count} names unknown channel {}; skipped",
-                        path.display(),
-                        header.channel_id
-                    ));
-                    continue;
-                };
-                count += 1;
-                summary.messages += 1;
-                summary.bytes += data.len() as u64;
-                let flow = visit(BagMessage {
-                    connection,
-                    log_time: header.log_time,
-                    data: &data,
-                });
-                if flow.is_break() {
-                    return Ok(flow);
+            Record::Chunk { header, data } => {
+                // Chunks are decompressed in parallel batches, walked in order.
+                pending.push((header, data.into_owned()));
+                if pending.len() >= batch {
+                    let flow = walk_chunks(
+                        &mut walk,
+                        &mut pending,
+                        limit,
+                        &mut scratch,
+                        intern,
+                        visit,
+                        summary,
+                    )?;
+                    if flow.is_break() || walk.ended {
+                        return salvage(path, walk, flow, intern, visit, summary);
+                    }
                 }
             }
             Record::DataEnd(_) | Record::Footer(_) => break,
-            _ => {}
+            other => {
+                let flow = walk_chunks(
+                    &mut walk,
+                    &mut pending,
+                    limit,
+                    &mut scratch,
+                    intern,
+                    visit,
+                    summary,
+                )?;
+                if flow.is_break() || walk.ended {
+                    return salvage(path, walk, flow, intern, visit, summary);
+                }
+                if walk.record(other, intern, visit, summary).is_break() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+        }
+    }
+    let flow = walk_chunks(
+        &mut walk,
+        &mut pending,
+        limit,
+        &mut scratch,
+        intern,
+        visit,
+        summary,
+    )?;
+    salvage(path, walk, flow, intern, visit, summary)
+}
+
+/// After damage in the fast pass: reads the file again with the streaming reader, which also
+/// yields the records of a chunk cut short, passing over the messages already visited.
+fn salvage(
+    path: &Path,
+    fast: McapWalk<'_>,
+    flow: ControlFlow<()>,
+    intern: &mut Intern<'_>,
+    visit: &mut dyn FnMut(BagMessage<'_>) -> ControlFlow<()>,
+    summary: &mut ReadSummary,
+) -> Result<ControlFlow<()>, BagError> {
+    let Some(damage) = fast.damage else {
+        return Ok(flow);
+    };
+    if flow.is_break() {
+        return Ok(flow);
+    }
+    use mcap::sans_io::{LinearReadEvent, LinearReader, LinearReaderOptions};
+    let map = map_file(path)?;
+    let mut reader = LinearReader::new_with_options(
+        LinearReaderOptions::default()
+            .with_skip_end_magic(true)
+            .with_record_length_limit(record_limit(map.len())),
+    );
+    let mut walk = McapWalk {
+        path,
+        schemas: HashMap::new(),
+        by_channel: HashMap::new(),
+        count: 0,
+        ended: false,
+        damage: None,
+        skip: fast.count,
+    };
+    let mut rest: &[u8] = &map;
+    while let Some(event) = reader.next_event() {
+        let record = match event {
+            Ok(LinearReadEvent::ReadRequest(need)) => {
+                let n = need.min(rest.len());
+                reader.insert(n).copy_from_slice(&rest[..n]);
+                reader.notify_read(n);
+                rest = &rest[n..];
+                continue;
+            }
+            Ok(LinearReadEvent::Record { opcode, data }) => mcap::parse_record(opcode, data),
+            Err(e) => Err(e),
+        };
+        match record {
+            Ok(mcap::records::Record::DataEnd(_) | mcap::records::Record::Footer(_)) => break,
+            Ok(r) => {
+                if walk.record(r, intern, visit, summary).is_break() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+            Err(e) => {
+                summary.warnings.push(walk.damaged(&e));
+                return Ok(ControlFlow::Continue(()));
+            }
+        }
+    }
+    // The streaming reader got past what stopped the fast one: report the first damage.
+    summary.warnings.push(damage);
+    Ok(ControlFlow::Continue(()))
+}
+
+/// Decompresses the pending chunks in parallel, then visits their records in order. A damaged
+/// chunk ends the file (warning) after the records of the chunks before it.
+fn walk_chunks(
+    walk: &mut McapWalk<'_>,
+    pending: &mut Vec<(mcap::records::ChunkHeader, Vec<u8>)>,
+    limit: usize,
+    scratch: &mut Vec<Vec<u8>>,
+    intern: &mut Intern<'_>,
+    visit: &mut dyn FnMut(BagMessage<'_>) -> ControlFlow<()>,
+    summary: &mut ReadSummary,
+) -> Result<ControlFlow<()>, BagError> {
+    use rayon::prelude::*;
+    if pending.is_empty() {
+        return Ok(ControlFlow::Continue(()));
+    }
+    scratch.resize_with(pending.len().max(scratch.len()), Vec::new);
+    let results: Vec<Result<(), String>> = pending
+        .par_iter()
+        .zip(scratch.par_iter_mut())
+        .map(|((header, data), buf)| decompress_chunk(header, data, limit, buf))
+        .collect();
+    let n = pending.len();
+    pending.clear();
+    for (result, buf) in results.into_iter().zip(scratch.iter()).take(n) {
+        if let Err(e) = result {
+            walk.damage = Some(walk.damaged(&e));
+            walk.ended = true;
+            return Ok(ControlFlow::Continue(()));
+        }
+        for item in chunk_records(buf) {
+            let inner =
+                item.and_then(|(op, body)| mcap::parse_record(op, body).map_err(|e| e.to_string()));
+            match inner {
+                Ok(r) => {
+                    if walk.record(r, intern, visit, summary).is_break() {
+                        return Ok(ControlFlow::Break(()));
+                    }
+                }
+                Err(e) => {
+                    walk.damage = Some(walk.damaged(&e));
+                    walk.ended = true;
+                    return Ok(ControlFlow::Continue(()));
+                }
+            }
         }
     }
     Ok(ControlFlow::Continue(()))

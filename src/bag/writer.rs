@@ -95,6 +95,11 @@ impl BagWriter {
     /// Creates `path`: a bare MCAP file when it ends in `.mcap`, else a bag directory (which must
     /// not exist yet, or be empty) holding `<name>_0.mcap` and `metadata.yaml`.
     pub fn create(path: &Path) -> Result<Self, WriteError> {
+        Self::create_with(path, true)
+    }
+
+    /// [`BagWriter::create`], choosing whether chunks are zstd-compressed.
+    pub fn create_with(path: &Path, zstd: bool) -> Result<Self, WriteError> {
         let err = |message: String| WriteError::Bag {
             path: path.display().to_string(),
             message,
@@ -121,7 +126,7 @@ impl BagWriter {
         let mcap = mcap::WriteOptions::new()
             .profile("ros2")
             .library(concat!("bitvla_ros-", env!("CARGO_PKG_VERSION")))
-            .compression(Some(mcap::Compression::Zstd))
+            .compression(zstd.then_some(mcap::Compression::Zstd))
             .create(BufWriter::new(f))
             .map_err(|e| err(e.to_string()))?;
         Ok(Self {

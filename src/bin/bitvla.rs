@@ -70,8 +70,9 @@ struct ReplayArgs {
     #[arg(long)]
     realtime: bool,
     /// When a chunk is used: fixed:MS after its observation (deterministic) or measured.
-    #[arg(long, default_value = "fixed:100")]
-    latency: bitvla_ros::replay::LatencyModel,
+    /// Default: the parameter file's fixed_latency_s when set, else fixed:100.
+    #[arg(long)]
+    latency: Option<bitvla_ros::replay::LatencyModel>,
     /// A previous output bag: exit non-zero when any command differs by more than --tolerance.
     #[arg(long)]
     expect: Option<PathBuf>,
@@ -194,6 +195,20 @@ enum Bench {
     /// efficiency against the calibrated int8 peak, peak RSS, and the f32-GEMM path of the same
     /// graph for comparison.
     Forward(ForwardArgs),
+    /// Reading and decoding a bag's 640x480 rgb8 image stream (uncompressed and zstd chunks).
+    Bag(BagBenchArgs),
+}
+
+#[derive(Args)]
+struct BagBenchArgs {
+    /// Size of the image stream [MB].
+    #[arg(long, default_value_t = 1024)]
+    size_mb: usize,
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -253,6 +268,35 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
         Command::Bench(Bench::Forward(args)) => bench_forward(args),
+        Command::Bench(Bench::Bag(args)) => {
+            let report = bitvla_ros::bench::bag::run(&bitvla_ros::bench::bag::Options {
+                size_mb: args.size_mb,
+                reps: args.reps,
+                dir: std::env::temp_dir().join(format!("bitvla-bench-bag-{}", std::process::id())),
+            })?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "{} MB image stream of {}x{} rgb8 frames, median of {} passes (warm cache):",
+                    report.image_stream_mb.round(),
+                    report.width,
+                    report.height,
+                    report.reps
+                );
+                for v in &report.variants {
+                    println!(
+                        "  {:>4} chunks: file {:.0} MB; write {:.0} MB/s; read {:.0} MB/s; read + decode to RGB {:.0} MB/s",
+                        v.chunks,
+                        v.file_mb,
+                        v.write_mb_per_s,
+                        v.read_mb_per_s,
+                        v.read_decode_mb_per_s
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::MakeSynthetic(args) => {
             let t = std::time::Instant::now();
             let bytes = bitvla_ros::model::synthetic::make_synthetic(&args.out, args.seed)
@@ -356,7 +400,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 out: Some(out),
                 report: None,
                 realtime: false,
-                latency: "fixed:100".parse().map_err(anyhow::Error::msg)?,
+                latency: None,
                 expect: None,
                 tolerance: 1e-6,
                 recorded_topic: Some(bitvla_ros::bag::episode::ACTION_TOPIC.into()),
@@ -414,9 +458,14 @@ fn replay_with(args: ReplayArgs, params: NodeParams) -> anyhow::Result<()> {
         .threads
         .or(usize::try_from(params.threads).ok().filter(|&t| t > 0))
         .unwrap_or(0);
+    let latency = args.latency.unwrap_or(if params.fixed_latency_s > 0.0 {
+        bitvla_ros::replay::LatencyModel::Fixed(params.fixed_latency_s)
+    } else {
+        bitvla_ros::replay::LatencyModel::Fixed(0.1)
+    });
     let opts = ReplayOptions {
         params,
-        latency: args.latency,
+        latency,
         realtime: args.realtime,
         recorded_topic: args.recorded_topic.clone(),
         instruction: args.instruction.clone(),

@@ -14,6 +14,10 @@ use image::RgbImage;
 use nalgebra::Isometry3;
 use std::collections::{BTreeMap, VecDeque};
 
+/// Times closer than this are the same instant: absolute ROS times in f64 seconds carry about
+/// 0.2 µs of rounding, and a response due at a tick must be used at that tick in every clock.
+const TIME_EPS: f64 = 1e-6;
+
 /// What the node publishes for an action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommandMode {
@@ -325,7 +329,7 @@ impl ControlCore {
         ) {
             (Some(latency), Some(&(_, requested_at, _))) => {
                 let due = requested_at + latency;
-                if now > due + 1e-9 {
+                if now > due + TIME_EPS {
                     self.stats.late_responses += 1;
                 }
                 due.max(now)
@@ -340,7 +344,11 @@ impl ControlCore {
     pub fn tick(&mut self, now: f64) -> TickOutput {
         let mut out = TickOutput::default();
         self.stats.ticks += 1;
-        while self.pending.front().is_some_and(|(t, _)| *t <= now + 1e-9) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|(t, _)| *t <= now + TIME_EPS)
+        {
             let Some((_, r)) = self.pending.pop_front() else {
                 break;
             };

@@ -19,6 +19,9 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Under simulation time, at most this much missed time is caught up tick by tick [s].
+const MAX_CATCH_UP_S: u64 = 2;
+
 /// Runs `bitvla_node` until the process is stopped.
 pub fn run_node() -> anyhow::Result<()> {
     let ctx = r2r::Context::create()?;
@@ -203,106 +206,141 @@ pub fn run_node() -> anyhow::Result<()> {
         "~/action_chunk",
         QosProfile::default(),
     )?;
-    let mut timer = node.create_wall_timer(Duration::from_secs_f64(dt))?;
+    let sim_time = p.use_sim_time;
+    // Wall time: one tick per timer period. Simulation time: poll the clock often and run the
+    // ticks that came due.
+    let period = if sim_time { dt.min(0.005) } else { dt };
+    let mut timer = node.create_wall_timer(Duration::from_secs_f64(period))?;
     let frame_id = p.frame_id.clone();
     let log = logger.clone();
     spawner.spawn_local(async move {
+        // Under simulation time, control ticks sit on the grid of multiples of the period in
+        // sim time, however /clock advances (a bag player, a paused simulator): the same ticks
+        // `bitvla replay` runs, so a replayed bag gives the same commands.
+        let dt_ns = (dt * 1e9).round().max(1.0) as u64;
+        let mut next_tick: Option<u64> = None;
         loop {
             if timer.tick().await.is_err() {
                 break;
             }
-            let Some(now_d) = now_time() else { continue };
-            let now = now_d.as_secs_f64();
-            let mut core = core.borrow_mut();
-            while let Some(r) = worker.try_recv() {
-                core.on_response(r, now);
-            }
-            let out = core.tick(now);
-            drop(core);
-            if let Some(request) = out.request {
-                worker.submit(request);
-            }
-            for (id, e) in &out.failures {
-                r2r::log_error!(&log, "policy call {id} failed: {e}");
-            }
-            for c in &out.chunks {
-                r2r::log_debug!(&log, "chunk {} after {:.0} ms", c.id, c.latency_s * 1e3);
-                if let Err(e) = chunk_pub.publish(&chunk_message(&c.chunk)) {
-                    r2r::log_error!(&log, "publishing the chunk: {e}");
-                }
-            }
-            let header = r2r::std_msgs::msg::Header {
-                stamp: r2r::Clock::to_builtin_time(&now_d),
-                frame_id: frame_id.clone(),
+            let Some(clock_now) = now_time() else {
+                continue;
             };
-            let published = match (&out.command, &twist_pub, &pose_pub) {
-                (Some(Command::Twist { linear, angular }), Some(publisher), _) => publisher
-                    .publish(&r2r::geometry_msgs::msg::TwistStamped {
-                        header,
-                        twist: r2r::geometry_msgs::msg::Twist {
-                            linear: vector3(linear),
-                            angular: vector3(angular),
-                        },
-                    }),
-                (
-                    Some(Command::Pose {
-                        position: t,
-                        orientation: q,
-                    }),
-                    _,
-                    Some(publisher),
-                ) => publisher.publish(&r2r::geometry_msgs::msg::PoseStamped {
-                    header,
-                    pose: r2r::geometry_msgs::msg::Pose {
-                        position: r2r::geometry_msgs::msg::Point {
-                            x: t[0],
-                            y: t[1],
-                            z: t[2],
-                        },
-                        orientation: r2r::geometry_msgs::msg::Quaternion {
-                            x: q[0],
-                            y: q[1],
-                            z: q[2],
-                            w: q[3],
-                        },
-                    },
-                }),
-                _ => Ok(()),
-            };
-            if let Err(e) = published {
-                r2r::log_error!(&log, "publishing the command: {e}");
-            }
-            if out.hold_changed {
-                match &out.hold {
-                    Some(hold) => r2r::log_info!(&log, "holding: {hold}"),
-                    None => r2r::log_info!(&log, "executing"),
+            let ticks: Vec<Duration> = if sim_time {
+                let now_ns = clock_now.as_nanos() as u64;
+                if now_ns == 0 {
+                    continue; // no /clock yet
                 }
-            }
-            if let Some(d) = out.diagnostics {
-                let mut values: Vec<_> = d
-                    .values
-                    .into_iter()
-                    .map(|(key, value)| r2r::diagnostic_msgs::msg::KeyValue { key, value })
-                    .collect();
-                values.push(r2r::diagnostic_msgs::msg::KeyValue {
-                    key: "observations_superseded".into(),
-                    value: worker.superseded().to_string(),
-                });
-                let msg = r2r::diagnostic_msgs::msg::DiagnosticArray {
-                    header: r2r::std_msgs::msg::Header {
-                        stamp: r2r::Clock::to_builtin_time(&now_d),
-                        frame_id: String::new(),
-                    },
-                    status: vec![r2r::diagnostic_msgs::msg::DiagnosticStatus {
-                        level: d.level,
-                        name: "bitvla_node: policy".into(),
-                        message: d.message,
-                        hardware_id: String::new(),
-                        values,
-                    }],
+                let next = next_tick.get_or_insert(now_ns.div_ceil(dt_ns) * dt_ns);
+                if now_ns.saturating_sub(*next) > MAX_CATCH_UP_S * 1_000_000_000 {
+                    r2r::log_warn!(
+                        &log,
+                        "simulation time jumped ahead; skipping the missed ticks"
+                    );
+                    *next = now_ns.div_ceil(dt_ns) * dt_ns;
+                }
+                let mut due = Vec::new();
+                while *next <= now_ns {
+                    due.push(Duration::from_nanos(*next));
+                    *next += dt_ns;
+                }
+                due
+            } else {
+                vec![clock_now]
+            };
+            for now_d in ticks {
+                let now = now_d.as_secs_f64();
+                let mut core = core.borrow_mut();
+                while let Some(r) = worker.try_recv() {
+                    core.on_response(r, now);
+                }
+                let out = core.tick(now);
+                drop(core);
+                if let Some(request) = out.request {
+                    worker.submit(request);
+                }
+                for (id, e) in &out.failures {
+                    r2r::log_error!(&log, "policy call {id} failed: {e}");
+                }
+                for c in &out.chunks {
+                    r2r::log_debug!(&log, "chunk {} after {:.0} ms", c.id, c.latency_s * 1e3);
+                    if let Err(e) = chunk_pub.publish(&chunk_message(&c.chunk)) {
+                        r2r::log_error!(&log, "publishing the chunk: {e}");
+                    }
+                }
+                let header = r2r::std_msgs::msg::Header {
+                    stamp: r2r::Clock::to_builtin_time(&now_d),
+                    frame_id: frame_id.clone(),
                 };
-                if let Err(e) = diagnostics_pub.publish(&msg) {
-                    r2r::log_error!(&log, "publishing diagnostics: {e}");
+                let published = match (&out.command, &twist_pub, &pose_pub) {
+                    (Some(Command::Twist { linear, angular }), Some(publisher), _) => publisher
+                        .publish(&r2r::geometry_msgs::msg::TwistStamped {
+                            header,
+                            twist: r2r::geometry_msgs::msg::Twist {
+                                linear: vector3(linear),
+                                angular: vector3(angular),
+                            },
+                        }),
+                    (
+                        Some(Command::Pose {
+                            position: t,
+                            orientation: q,
+                        }),
+                        _,
+                        Some(publisher),
+                    ) => publisher.publish(&r2r::geometry_msgs::msg::PoseStamped {
+                        header,
+                        pose: r2r::geometry_msgs::msg::Pose {
+                            position: r2r::geometry_msgs::msg::Point {
+                                x: t[0],
+                                y: t[1],
+                                z: t[2],
+                            },
+                            orientation: r2r::geometry_msgs::msg::Quaternion {
+                                x: q[0],
+                                y: q[1],
+                                z: q[2],
+                                w: q[3],
+                            },
+                        },
+                    }),
+                    _ => Ok(()),
+                };
+                if let Err(e) = published {
+                    r2r::log_error!(&log, "publishing the command: {e}");
+                }
+                if out.hold_changed {
+                    match &out.hold {
+                        Some(hold) => r2r::log_info!(&log, "holding: {hold}"),
+                        None => r2r::log_info!(&log, "executing"),
+                    }
+                }
+                if let Some(d) = out.diagnostics {
+                    let mut values: Vec<_> = d
+                        .values
+                        .into_iter()
+                        .map(|(key, value)| r2r::diagnostic_msgs::msg::KeyValue { key, value })
+                        .collect();
+                    values.push(r2r::diagnostic_msgs::msg::KeyValue {
+                        key: "observations_superseded".into(),
+                        value: worker.superseded().to_string(),
+                    });
+                    let msg = r2r::diagnostic_msgs::msg::DiagnosticArray {
+                        header: r2r::std_msgs::msg::Header {
+                            stamp: r2r::Clock::to_builtin_time(&now_d),
+                            frame_id: String::new(),
+                        },
+                        status: vec![r2r::diagnostic_msgs::msg::DiagnosticStatus {
+                            level: d.level,
+                            name: "bitvla_node: policy".into(),
+                            message: d.message,
+                            hardware_id: String::new(),
+                            values,
+                        }],
+                    };
+                    if let Err(e) = diagnostics_pub.publish(&msg) {
+                        r2r::log_error!(&log, "publishing diagnostics: {e}");
+                    }
                 }
             }
         }

@@ -289,6 +289,53 @@ def main():
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=5) == 0
 
+    def a_bag_played_into_the_node_matches_the_offline_replay():
+        from rosbags.rosbag2 import Reader
+        from rosbags.typesys import Stores, get_typestore
+        bag = work / "episode"
+        subprocess.run([BIN / "bitvla", "make-episode", "--out", bag, "--duration-s", "3"],
+                       check=True, capture_output=True)
+        params = work / "live.yaml"
+        params.write_text((ROOT / "config/replay_demo.yaml").read_text().replace(
+            "    dry_run: true", "    dry_run: false\n    use_sim_time: true\n    fixed_latency_s: 0.1\n"
+            "    threads: 1").replace("/servo_node/delta_twist_cmds", "/test/live_twist"))
+        offline = work / "offline"
+        subprocess.run([BIN / "bitvla", "replay", "--bag", bag, "--model", model, "--params", params,
+                        "--out", offline, "--json"], check=True, capture_output=True)
+        ts = get_typestore(Stores.ROS2_JAZZY)
+        want = []
+        with Reader(offline) as r:
+            for c, t, raw in r.messages():
+                if c.topic == "/test/live_twist":
+                    m = ts.deserialize_cdr(raw, c.msgtype)
+                    want.append((m.header.stamp.sec * 10**9 + m.header.stamp.nanosec,
+                                 (m.twist.linear.x, m.twist.linear.y, m.twist.linear.z,
+                                  m.twist.angular.x, m.twist.angular.y, m.twist.angular.z)))
+        assert len(want) > 50, len(want)
+        got = []
+        sub = peer.node.create_subscription(TwistStamped, "/test/live_twist", lambda m: got.append(
+            (m.header.stamp.sec * 10**9 + m.header.stamp.nanosec,
+             (m.twist.linear.x, m.twist.linear.y, m.twist.linear.z,
+              m.twist.angular.x, m.twist.angular.y, m.twist.angular.z))), 100)
+        proc = subprocess.Popen([BIN / "bitvla_node", "--ros-args", "--params-file", params,
+                                 "-p", f"model_path:={model}"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            peer.wait("the node", 20, lambda: peer.node.count_subscribers("/camera/image_raw") > 0
+                      and peer.node.count_publishers("/test/live_twist") > 0)
+            player = subprocess.Popen([sys.executable, ROOT / "scripts/play_bag.py", bag, "--rate", "0.25",
+                                       "--settle-ms", "10", "--clock"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            while player.poll() is None:
+                peer.spin_for(0.1)
+            assert player.returncode == 0, player.stdout.read()
+            peer.spin_for(1.0)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=5)
+            peer.node.destroy_subscription(sub)
+        assert [t for t, _ in got] == [t for t, _ in want], (len(got), len(want), got[:3], want[:3])
+        differ = [(i, g, w) for i, ((_, g), (_, w)) in enumerate(zip(got, want)) if g != w]
+        assert not differ, f"{len(differ)} of {len(got)} commands differ, first: {differ[:2]}"
+
     def one_camera_with_joint_states_proprio():
         joints = [0.1, -0.2, 0.3, 0.05, -0.4, 0.6, 0.02, -0.02, 9.9]  # a ninth joint is ignored
         want = json.loads(subprocess.run(
@@ -378,6 +425,8 @@ def main():
         ("ee_pose mode: current pose + delta", ee_pose_mode_moves_the_current_pose_by_the_delta),
         ("one camera, joint_states proprio: chunk equals bitvla run", one_camera_with_joint_states_proprio),
         ("use_sim_time: stamps follow /clock", sim_time_stamps_follow_clock),
+        ("a bag played into the node (sim time, fixed latency) equals bitvla replay",
+         a_bag_played_into_the_node_matches_the_offline_replay),
         ("config and launch files: known parameters; the real-arm profile is a dry run",
          config_files_declare_only_known_parameters_and_real_arm_is_dry_run),
     ]:
