@@ -354,10 +354,13 @@ impl ControlCore {
             };
             // The worker answers in order and drops requests superseded before they started.
             self.in_flight.retain(|&id, _| id >= r.id);
-            let (observation_stamp, _, instruction) =
-                self.in_flight
-                    .remove(&r.id)
-                    .unwrap_or((r.stamp, now, String::new()));
+            let (observation_stamp, requested_at, instruction) = self
+                .in_flight
+                .remove(&r.id)
+                .unwrap_or((r.stamp, now, String::new()));
+            // The scheduler plans with the latency in this clock, request to use (under a fixed
+            // latency model: the model's latency, not the call's wall time).
+            let latency_in_clock = (now - requested_at).max(0.0);
             match r.result {
                 Ok(chunk) => {
                     self.stats.chunks += 1;
@@ -369,7 +372,7 @@ impl ControlCore {
                         .collect();
                     // A chunk for an instruction that was replaced meanwhile is not executed.
                     if self.inputs.instruction.as_deref() == Some(instruction.as_str()) {
-                        self.scheduler.accept(r.id, rows, r.latency_s);
+                        self.scheduler.accept(r.id, rows, latency_in_clock);
                     }
                     out.chunks.push(ChunkEvent {
                         id: r.id,
