@@ -27,13 +27,32 @@ pub struct NodeParams {
     pub instruction_topic: String,
     /// E-stop topic (std_msgs/Bool); true holds all output
     pub estop_topic: String,
-    /// none (zeros, out of distribution for LIBERO checkpoints) or joint_states
+    /// none (zeros, out of distribution for LIBERO checkpoints), joint_states (positions in
+    /// message order) or ee_pose (position and axis-angle rotation from ee_pose_topic, then
+    /// zeros)
     pub proprio_source: String,
     /// sensor_msgs/JointState topic when proprio_source is joint_states
     pub joint_states_topic: String,
     /// ee_delta_twist: geometry_msgs/TwistStamped (MoveIt Servo, speed units); ee_pose:
-    /// geometry_msgs/PoseStamped target = current pose (ee_pose_topic) + the predicted delta
+    /// geometry_msgs/PoseStamped target = current pose (ee_pose_topic) + the predicted delta;
+    /// joint_trajectory: trajectory_msgs/JointTrajectory (one point, one control period ahead)
+    /// for a joint_trajectory_controller; joint_positions: std_msgs/Float64MultiArray for a
+    /// forward position controller
     pub command_mode: String,
+    /// Joint modes: the commanded joints, comma-separated (action dimension i drives joint i)
+    pub joint_names: String,
+    /// Joint modes: delta (target = current position from joint_states_topic + action x
+    /// joint_scale_rad) or absolute (target = action)
+    pub joint_action: String,
+    /// Joint modes, delta: radians per unit action per control step
+    pub joint_scale_rad: f64,
+    /// Joint modes: lower position limits, comma-separated [rad] (empty: none)
+    pub joint_min: String,
+    /// Joint modes: upper position limits, comma-separated [rad] (empty: none)
+    pub joint_max: String,
+    /// Joint modes: largest change of a joint target from its current position per control
+    /// step [rad] (0: no limit)
+    pub max_joint_step_rad: f64,
     /// Current end-effector pose (geometry_msgs/PoseStamped, base frame) for ee_pose
     pub ee_pose_topic: String,
     /// Workspace box for ee_pose targets (base frame)
@@ -118,6 +137,12 @@ impl Default for NodeParams {
             proprio_source: "none".into(),
             joint_states_topic: "/joint_states".into(),
             command_mode: "ee_delta_twist".into(),
+            joint_names: String::new(),
+            joint_action: "delta".into(),
+            joint_scale_rad: 0.05,
+            joint_min: String::new(),
+            joint_max: String::new(),
+            max_joint_step_rad: 0.0,
             ee_pose_topic: "/ee_pose".into(),
             workspace: Workspace::default(),
             command_topic: "/servo_node/delta_twist_cmds".into(),
@@ -216,11 +241,20 @@ mod tests {
 
     #[test]
     fn the_shipped_parameter_files_load() {
-        for file in ["config/real_arm.yaml", "config/sim_arm.yaml"] {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
-            let p = NodeParams::from_yaml_file(&path).unwrap();
-            assert_ne!(p, NodeParams::default(), "{file}");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let p = NodeParams::from_yaml_file(&path).unwrap();
+                assert_ne!(p, NodeParams::default(), "{}", path.display());
+                // Every profile is a valid configuration of the core (7-dim LIBERO actions).
+                crate::control::CoreConfig::from_params(&p, 7, Some(8))
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
         }
+        assert!(n >= 5, "{n} parameter files");
     }
 
     #[test]

@@ -11,7 +11,8 @@
 
 use crate::bag::msgs::{
     self, ActionChunkMsg, BoolMsg, CompressedImage, DiagnosticArray, DiagnosticStatus, Header,
-    Image, JointState, PoseStamped, StringMsg, TwistStamped, command_values, decode,
+    Image, JointState, JointTrajectory, JointTrajectoryPoint, PoseStamped, StringMsg, TwistStamped,
+    command_values, decode,
 };
 use crate::bag::{BagReader, BagWriter, Connection};
 use crate::control::core::{Command, CommandMode, ControlCore, CoreConfig, TickOutput, percentile};
@@ -248,9 +249,9 @@ impl Replayer<'_> {
             Role::Instruction
         } else if t == p.estop_topic {
             Role::EStop
-        } else if p.proprio_source == "joint_states" && t == p.joint_states_topic {
+        } else if self.core.config().needs_joint_states() && t == p.joint_states_topic {
             Role::JointStates
-        } else if self.core.config().mode == CommandMode::EePose && t == p.ee_pose_topic {
+        } else if self.core.config().needs_ee_pose() && t == p.ee_pose_topic {
             Role::EePose
         } else if self.opts.recorded_topic.as_deref() == Some(t) {
             self.recorded_type.clone_from(&c.type_name);
@@ -325,7 +326,7 @@ impl Replayer<'_> {
                 Err(e) => self.warn(bad(&e)),
             },
             Role::JointStates => match decode::<JointState>(data) {
-                Ok(m) => self.core.on_joint_positions(&m.position),
+                Ok(m) => self.core.on_joint_states(&m.name, &m.position),
                 Err(e) => self.warn(bad(&e)),
             },
             Role::EePose => match decode::<PoseStamped>(data) {
@@ -471,6 +472,24 @@ impl Replayer<'_> {
                         orientation: *orientation,
                     },
                 ),
+                Command::Joints(positions) => {
+                    let config = self.core.config();
+                    if config.mode == CommandMode::JointTrajectory {
+                        let msg = JointTrajectory {
+                            header,
+                            joint_names: config.joints.names.clone(),
+                            points: vec![JointTrajectoryPoint {
+                                positions: positions.clone(),
+                                time_from_start: msgs::Time::from_ns(self.dt_ns as i64),
+                                ..Default::default()
+                            }],
+                        };
+                        self.write(&topic, t_ns, &msg);
+                    } else {
+                        let msg = joint_positions_message(&config.joints.names, positions);
+                        self.write(&topic, t_ns, &msg);
+                    }
+                }
             }
             self.commands.push(PublishedCommand {
                 topic,
@@ -517,9 +536,26 @@ impl Replayer<'_> {
     }
 }
 
+/// A forward position controller's command: one value per joint, the layout naming them.
+pub fn joint_positions_message(names: &[String], positions: &[f64]) -> msgs::Float64MultiArray {
+    msgs::Float64MultiArray {
+        layout: msgs::MultiArrayLayout {
+            dim: vec![msgs::MultiArrayDimension {
+                label: "joints".into(),
+                size: names.len() as u32,
+                stride: names.len() as u32,
+            }],
+            data_offset: 0,
+        },
+        data: positions.to_vec(),
+    }
+}
+
 /// The result of a replay: the report and the commands published (in order).
 pub struct ReplayOutcome {
     pub report: ReplayReport,
+    /// The topic the commands went to (the node's command topic, or its dry-run topic).
+    pub command_topic: String,
     pub commands: Vec<PublishedCommand>,
 }
 
@@ -741,24 +777,24 @@ pub fn replay(
     };
     Ok(ReplayOutcome {
         report,
+        command_topic: r.command_topic,
         commands: r.commands,
     })
 }
 
-/// Compares this run's commands with those in a previous output bag: same topics, times and
-/// count, every value within `tolerance`.
+/// Compares this run's commands (on `topic`) with those on the same topic in a previous output
+/// bag: same times and count, every value within `tolerance`.
 pub fn compare_with(
     previous: &BagReader,
+    topic: &str,
     commands: &[PublishedCommand],
     tolerance: f64,
 ) -> anyhow::Result<ExpectResult> {
-    let topics: std::collections::BTreeSet<&str> =
-        commands.iter().map(|c| c.topic.as_str()).collect();
     let mut old = Vec::new();
     let mut errors = Vec::new();
     previous.read(|m| {
         let t = m.connection.topic.as_str();
-        if topics.contains(t) || t.ends_with("/command") || t == "/servo_node/delta_twist_cmds" {
+        if t == topic {
             match command_values(&m.connection.type_name, m.data) {
                 Some(Ok(values)) => old.push(PublishedCommand {
                     topic: t.to_owned(),

@@ -479,7 +479,12 @@ fn replay_with(args: ReplayArgs, params: NodeParams) -> anyhow::Result<()> {
     let mut outcome = outcome?;
     let written = written.context("finishing the output bag")?;
     if let Some(previous) = &previous {
-        outcome.report.expect = Some(compare_with(previous, &outcome.commands, args.tolerance)?);
+        outcome.report.expect = Some(compare_with(
+            previous,
+            &outcome.command_topic,
+            &outcome.commands,
+            args.tolerance,
+        )?);
     }
     if let Some(path) = &written {
         outcome.report.output = path.display().to_string();

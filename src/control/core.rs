@@ -25,6 +25,10 @@ pub enum CommandMode {
     EeDeltaTwist,
     /// `geometry_msgs/PoseStamped`: the current end-effector pose plus the predicted delta.
     EePose,
+    /// `trajectory_msgs/JointTrajectory` with one point one control period ahead.
+    JointTrajectory,
+    /// `std_msgs/Float64MultiArray` of joint positions (forward position controller).
+    JointPositions,
 }
 
 impl CommandMode {
@@ -32,6 +36,8 @@ impl CommandMode {
         match self {
             CommandMode::EeDeltaTwist => "geometry_msgs/msg/TwistStamped",
             CommandMode::EePose => "geometry_msgs/msg/PoseStamped",
+            CommandMode::JointTrajectory => "trajectory_msgs/msg/JointTrajectory",
+            CommandMode::JointPositions => "std_msgs/msg/Float64MultiArray",
         }
     }
 }
@@ -46,6 +52,8 @@ pub enum Command {
         position: [f64; 3],
         orientation: [f64; 4],
     },
+    /// Joint position targets [rad], in the order of the `joint_names` parameter.
+    Joints(Vec<f64>),
 }
 
 impl Command {
@@ -57,6 +65,7 @@ impl Command {
                 position,
                 orientation,
             } => position.iter().chain(orientation).copied().collect(),
+            Command::Joints(p) => p.clone(),
         }
     }
 }
@@ -126,7 +135,8 @@ struct Inputs {
     frames: [Option<(RgbImage, f64)>; 2],
     instruction: Option<String>,
     estop: bool,
-    joints: Option<Vec<f32>>,
+    /// The latest joint_states message: names and positions.
+    joints: Option<(Vec<String>, Vec<f64>)>,
     ee_pose: Option<Isometry3<f64>>,
 }
 
@@ -143,10 +153,53 @@ pub struct CoreConfig {
     pub dry_run: bool,
     pub scheduler: SchedulerConfig,
     pub proprio_dim: Option<usize>,
+    /// joint_states or ee_pose (none: zeros).
+    pub proprio_source: String,
     pub cameras: usize,
+    pub joints: JointConfig,
+}
+
+/// The joint command modes' settings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JointConfig {
+    pub names: Vec<String>,
+    /// Targets are current + action x scale (else the action itself).
+    pub delta: bool,
+    pub scale_rad: f64,
+    pub min: Vec<f64>,
+    pub max: Vec<f64>,
+    pub max_step_rad: f64,
+}
+
+/// A comma-separated list of numbers (r2r has no array parameters).
+fn parse_list(name: &str, text: &str) -> Result<Vec<f64>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| format!("{name}: {t:?} is not a number"))
+        })
+        .collect()
 }
 
 impl CoreConfig {
+    /// The node subscribes to joint_states (proprio or a joint command mode).
+    pub fn needs_joint_states(&self) -> bool {
+        self.proprio_source == "joint_states"
+            || matches!(
+                self.mode,
+                CommandMode::JointTrajectory | CommandMode::JointPositions
+            )
+    }
+
+    /// The node subscribes to the end-effector pose (proprio or the ee_pose mode).
+    pub fn needs_ee_pose(&self) -> bool {
+        self.proprio_source == "ee_pose" || self.mode == CommandMode::EePose
+    }
+
     /// Checks the parameters that decide behaviour; the error names the parameter to fix.
     pub fn from_params(
         p: &NodeParams,
@@ -156,11 +209,70 @@ impl CoreConfig {
         let mode = match p.command_mode.as_str() {
             "ee_delta_twist" => CommandMode::EeDeltaTwist,
             "ee_pose" => CommandMode::EePose,
+            "joint_trajectory" => CommandMode::JointTrajectory,
+            "joint_positions" => CommandMode::JointPositions,
             other => {
                 return Err(format!(
-                    "command_mode {other:?} is not supported (ee_delta_twist, ee_pose)"
+                    "command_mode {other:?} is not supported (ee_delta_twist, ee_pose, \
+                     joint_trajectory, joint_positions)"
                 ));
             }
+        };
+        let joints = if matches!(
+            mode,
+            CommandMode::JointTrajectory | CommandMode::JointPositions
+        ) {
+            let names: Vec<String> = p
+                .joint_names
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if names.is_empty() {
+                return Err(format!(
+                    "command_mode {}: set joint_names (comma-separated)",
+                    p.command_mode
+                ));
+            }
+            if names.len() > action_dim {
+                return Err(format!(
+                    "joint_names has {} joints, the policy's actions have {action_dim} dimensions",
+                    names.len()
+                ));
+            }
+            let delta = match p.joint_action.as_str() {
+                "delta" => true,
+                "absolute" => false,
+                other => return Err(format!("joint_action {other:?}: delta or absolute")),
+            };
+            let min = parse_list("joint_min", &p.joint_min)?;
+            let max = parse_list("joint_max", &p.joint_max)?;
+            for (name, list) in [("joint_min", &min), ("joint_max", &max)] {
+                if !list.is_empty() && list.len() != names.len() {
+                    return Err(format!(
+                        "{name} has {} values for {} joints",
+                        list.len(),
+                        names.len()
+                    ));
+                }
+            }
+            if min.iter().zip(&max).any(|(a, b)| a > b) {
+                return Err("joint_min exceeds joint_max".into());
+            }
+            if !(p.max_joint_step_rad.is_finite() && p.max_joint_step_rad >= 0.0) {
+                return Err("max_joint_step_rad must be >= 0".into());
+            }
+            JointConfig {
+                names,
+                delta,
+                scale_rad: p.joint_scale_rad,
+                min,
+                max,
+                max_step_rad: p.max_joint_step_rad,
+            }
+        } else {
+            JointConfig::default()
         };
         if !(p.control_rate_hz.is_finite() && p.control_rate_hz > 0.0) {
             return Err(format!(
@@ -188,8 +300,12 @@ impl CoreConfig {
             ));
         }
         match p.proprio_source.as_str() {
-            "none" | "joint_states" => {}
-            other => return Err(format!("proprio_source {other:?}: none or joint_states")),
+            "none" | "joint_states" | "ee_pose" => {}
+            other => {
+                return Err(format!(
+                    "proprio_source {other:?}: none, joint_states or ee_pose"
+                ));
+            }
         }
         for (name, transport) in [
             ("camera_transport", &p.camera_transport),
@@ -228,6 +344,8 @@ impl CoreConfig {
                 ..Default::default()
             },
             proprio_dim,
+            proprio_source: p.proprio_source.clone(),
+            joints,
             cameras: if p.wrist_camera_topic.is_empty() {
                 1
             } else {
@@ -312,8 +430,9 @@ impl ControlCore {
         }
     }
 
-    pub fn on_joint_positions(&mut self, positions: &[f64]) {
-        self.inputs.joints = Some(positions.iter().map(|&v| v as f32).collect());
+    /// A joint_states message (names may be empty: then positions are taken in order).
+    pub fn on_joint_states(&mut self, names: &[String], positions: &[f64]) {
+        self.inputs.joints = Some((names.to_vec(), positions.to_vec()));
     }
 
     pub fn on_ee_pose(&mut self, pose: Isometry3<f64>) {
@@ -401,7 +520,22 @@ impl ControlCore {
         if tick.request_observation && ready {
             let images: Vec<RgbImage> = s.frames.iter().flatten().map(|f| f.0.clone()).collect();
             let proprio = self.config.proprio_dim.map(|d| {
-                let mut v = s.joints.clone().unwrap_or_default();
+                let mut v: Vec<f32> = match self.config.proprio_source.as_str() {
+                    "joint_states" => s
+                        .joints
+                        .iter()
+                        .flat_map(|(_, p)| p)
+                        .map(|&x| x as f32)
+                        .collect(),
+                    "ee_pose" => s
+                        .ee_pose
+                        .map(|e| {
+                            let (t, r) = (e.translation.vector, e.rotation.scaled_axis());
+                            [t.x, t.y, t.z, r.x, r.y, r.z].map(|x| x as f32).to_vec()
+                        })
+                        .unwrap_or_default(),
+                    _ => Vec::new(),
+                };
                 v.resize(d, 0.0);
                 v
             });
@@ -439,7 +573,8 @@ impl ControlCore {
                     self.stats.commands += 1;
                     None
                 }
-                None => Some(Hold::NoPose),
+                None if self.config.mode == CommandMode::EePose => Some(Hold::NoPose),
+                None => Some(Hold::NoJointState),
             },
             Err(hold) => {
                 if hold == Hold::NoChunk
@@ -508,7 +643,55 @@ impl ControlCore {
                     orientation: [q.i, q.j, q.k, q.w],
                 })
             }
+            CommandMode::JointTrajectory | CommandMode::JointPositions => {
+                self.joint_targets(action).map(Command::Joints)
+            }
         }
+    }
+
+    /// The current position of each commanded joint (matched by name, or in order when the
+    /// joint_states message has no names).
+    fn current_joints(&self) -> Option<Vec<f64>> {
+        let (names, positions) = self.inputs.joints.as_ref()?;
+        let j = &self.config.joints;
+        if names.is_empty() {
+            return positions.get(..j.names.len()).map(<[f64]>::to_vec);
+        }
+        j.names
+            .iter()
+            .map(|n| {
+                names
+                    .iter()
+                    .position(|m| m == n)
+                    .and_then(|i| positions.get(i).copied())
+            })
+            .collect()
+    }
+
+    /// Joint targets for an action: delta or absolute, stepped and limited. None when the
+    /// current positions are needed and unknown.
+    fn joint_targets(&self, action: &[f32]) -> Option<Vec<f64>> {
+        let j = &self.config.joints;
+        let current = self.current_joints();
+        if (j.delta || j.max_step_rad > 0.0) && current.is_none() {
+            return None;
+        }
+        let mut targets = Vec::with_capacity(j.names.len());
+        for (i, &a) in action.iter().take(j.names.len()).enumerate() {
+            let now = current.as_ref().map(|c| c[i]);
+            let mut t = match now {
+                Some(c) if j.delta => c + f64::from(a) * j.scale_rad,
+                _ => f64::from(a),
+            };
+            if let (Some(c), true) = (now, j.max_step_rad > 0.0) {
+                t = t.clamp(c - j.max_step_rad, c + j.max_step_rad);
+            }
+            if let (Some(&lo), Some(&hi)) = (j.min.get(i), j.max.get(i)) {
+                t = t.clamp(lo, hi);
+            }
+            targets.push(t);
+        }
+        Some(targets)
     }
 
     fn diagnostics(&self, now: f64, newest: Option<f64>) -> Diagnostics {
@@ -613,6 +796,67 @@ mod tests {
         assert!((v[0] - 0.5 * 0.05 / 0.05).abs() < 1e-12, "{v:?}");
         assert_eq!(c.stats().late_responses, 0);
         assert_eq!(c.stats().holds.get("no_chunk"), Some(&2));
+    }
+
+    #[test]
+    fn joint_modes_step_from_the_current_positions_within_limits() {
+        let p = NodeParams {
+            command_mode: "joint_trajectory".into(),
+            joint_names: "a, b".into(),
+            joint_min: "-1,-1".into(),
+            joint_max: "1,0.42".into(),
+            max_joint_step_rad: 0.02,
+            fixed_latency_s: 0.05,
+            ..Default::default()
+        };
+        let mut c = ControlCore::new(CoreConfig::from_params(&p, 7, None).unwrap());
+        assert!(c.config().needs_joint_states());
+        c.on_frame(0, RgbImage::new(4, 4), 0.0);
+        c.on_instruction("go");
+        let req = c.tick(0.0).request.unwrap();
+        let mut ch = chunk(2, 7, 0.0);
+        for row in ch.actions.chunks_mut(7) {
+            row.copy_from_slice(&[0.2, 0.3, 0., 0., 0., 0., 1.]);
+        }
+        c.on_response(
+            Response {
+                id: req.id,
+                stamp: 0.0,
+                result: Ok(ch),
+                latency_s: 0.01,
+            },
+            0.0,
+        );
+        // No joint state yet: hold.
+        assert_eq!(c.tick(0.05).hold, Some(Hold::NoJointState));
+        // Names matched in any order; the extra joint is ignored.
+        c.on_joint_states(&["b".into(), "x".into(), "a".into()], &[0.41, 9.0, 0.5]);
+        let out = c.tick(0.10);
+        // a: 0.5 + 0.2 x 0.05 = 0.51; b: 0.41 + 0.015, limited to 0.42.
+        let v = out.command.unwrap().values();
+        assert!(
+            (v[0] - 0.51).abs() < 1e-6 && (v[1] - 0.42).abs() < 1e-12,
+            "{v:?}"
+        );
+        for bad in [
+            NodeParams {
+                command_mode: "joint_positions".into(),
+                ..Default::default()
+            },
+            NodeParams {
+                command_mode: "joint_positions".into(),
+                joint_names: "a,b".into(),
+                joint_max: "1".into(),
+                ..Default::default()
+            },
+            NodeParams {
+                command_mode: "joint_positions".into(),
+                joint_names: "a,b,c,d,e,f,g,h".into(),
+                ..Default::default()
+            },
+        ] {
+            assert!(CoreConfig::from_params(&bad, 7, None).is_err());
+        }
     }
 
     #[test]

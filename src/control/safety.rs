@@ -43,6 +43,8 @@ pub enum Hold {
     },
     /// ee_pose mode without a current end-effector pose to apply the delta to.
     NoPose,
+    /// A joint mode without the current positions of the commanded joints.
+    NoJointState,
 }
 
 impl Hold {
@@ -56,6 +58,7 @@ impl Hold {
             Hold::NoChunk => "no_chunk",
             Hold::NonFinite { .. } => "non_finite",
             Hold::NoPose => "no_ee_pose",
+            Hold::NoJointState => "no_joint_state",
         }
     }
 }
@@ -70,6 +73,10 @@ impl std::fmt::Display for Hold {
             Hold::NoChunk => write!(f, "waiting for the first action chunk"),
             Hold::NonFinite { dim } => write!(f, "non-finite action value in dimension {dim}"),
             Hold::NoPose => write!(f, "no current end-effector pose on the ee_pose topic yet"),
+            Hold::NoJointState => write!(
+                f,
+                "no current position for every commanded joint on the joint_states topic"
+            ),
         }
     }
 }

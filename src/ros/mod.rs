@@ -66,6 +66,9 @@ pub fn run_node() -> anyhow::Result<()> {
     let worker = InferenceWorker::spawn(policy, usize::try_from(p.threads).unwrap_or(0))?;
     let mode = config.mode;
     let dt = config.dt;
+    let (config_needs_joints, config_needs_pose) =
+        (config.needs_joint_states(), config.needs_ee_pose());
+    let joint_names = config.joints.names.clone();
     let core = Rc::new(RefCell::new(ControlCore::new(config)));
 
     let mut pool = LocalPool::new();
@@ -149,18 +152,18 @@ pub fn run_node() -> anyhow::Result<()> {
             future::ready(())
         }))?;
     }
-    if p.proprio_source == "joint_states" {
+    if config_needs_joints {
         let sub = node.subscribe::<r2r::sensor_msgs::msg::JointState>(
             &p.joint_states_topic,
             QosProfile::sensor_data(),
         )?;
         let core = Rc::clone(&core);
         spawner.spawn_local(sub.for_each(move |m| {
-            core.borrow_mut().on_joint_positions(&m.position);
+            core.borrow_mut().on_joint_states(&m.name, &m.position);
             future::ready(())
         }))?;
     }
-    if mode == CommandMode::EePose {
+    if config_needs_pose {
         let sub = node.subscribe::<r2r::geometry_msgs::msg::PoseStamped>(
             &p.ee_pose_topic,
             QosProfile::default(),
@@ -186,18 +189,39 @@ pub fn run_node() -> anyhow::Result<()> {
         p.command_topic.clone()
     };
     let qos = QosProfile::default();
-    let (twist_pub, pose_pub) = match mode {
+    let (mut twist_pub, mut pose_pub, mut trajectory_pub, mut positions_pub) =
+        (None, None, None, None);
+    match mode {
         CommandMode::EePose => {
-            let publisher =
-                node.create_publisher::<r2r::geometry_msgs::msg::PoseStamped>(&command_topic, qos)?;
-            (None, Some(publisher))
+            pose_pub = Some(
+                node.create_publisher::<r2r::geometry_msgs::msg::PoseStamped>(&command_topic, qos)?,
+            );
         }
         CommandMode::EeDeltaTwist => {
-            let publisher = node
-                .create_publisher::<r2r::geometry_msgs::msg::TwistStamped>(&command_topic, qos)?;
-            (Some(publisher), None)
+            twist_pub = Some(
+                node.create_publisher::<r2r::geometry_msgs::msg::TwistStamped>(
+                    &command_topic,
+                    qos,
+                )?,
+            );
         }
-    };
+        CommandMode::JointTrajectory => {
+            trajectory_pub = Some(
+                node.create_publisher::<r2r::trajectory_msgs::msg::JointTrajectory>(
+                    &command_topic,
+                    qos,
+                )?,
+            );
+        }
+        CommandMode::JointPositions => {
+            positions_pub = Some(
+                node.create_publisher::<r2r::std_msgs::msg::Float64MultiArray>(
+                    &command_topic,
+                    qos,
+                )?,
+            );
+        }
+    }
     let diagnostics_pub = node.create_publisher::<r2r::diagnostic_msgs::msg::DiagnosticArray>(
         "/diagnostics",
         QosProfile::default(),
@@ -304,6 +328,43 @@ pub fn run_node() -> anyhow::Result<()> {
                             },
                         },
                     }),
+                    (Some(Command::Joints(positions)), _, _) => {
+                        if let Some(publisher) = &trajectory_pub {
+                            let (sec, nanosec) = crate::bag::msgs::split_time(dt);
+                            publisher.publish(&r2r::trajectory_msgs::msg::JointTrajectory {
+                                header,
+                                joint_names: joint_names.clone(),
+                                points: vec![r2r::trajectory_msgs::msg::JointTrajectoryPoint {
+                                    positions: positions.clone(),
+                                    time_from_start: r2r::builtin_interfaces::msg::Duration {
+                                        sec,
+                                        nanosec,
+                                    },
+                                    ..Default::default()
+                                }],
+                            })
+                        } else if let Some(publisher) = &positions_pub {
+                            let m = crate::replay::joint_positions_message(&joint_names, positions);
+                            publisher.publish(&r2r::std_msgs::msg::Float64MultiArray {
+                                layout: r2r::std_msgs::msg::MultiArrayLayout {
+                                    dim: m
+                                        .layout
+                                        .dim
+                                        .into_iter()
+                                        .map(|d| r2r::std_msgs::msg::MultiArrayDimension {
+                                            label: d.label,
+                                            size: d.size,
+                                            stride: d.stride,
+                                        })
+                                        .collect(),
+                                    data_offset: 0,
+                                },
+                                data: m.data,
+                            })
+                        } else {
+                            Ok(())
+                        }
+                    }
                     _ => Ok(()),
                 };
                 if let Err(e) = published {

@@ -260,6 +260,49 @@ def main():
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=5) == 0
 
+    def joint_modes_command_the_current_positions_plus_the_delta():
+        from std_msgs.msg import Float64MultiArray
+        from trajectory_msgs.msg import JointTrajectory
+        names = [f"j{i}" for i in range(6)]
+        current = [0.1, -0.2, 0.3, -0.4, 0.5, -0.6]
+        rows = np.array(expected["actions"], dtype=np.float64).reshape(8, 7)
+        js = peer.node.create_publisher(JointState, "/test/joint_states_j", qos_profile_sensor_data)
+        for mode, msg_type in (("joint_trajectory", JointTrajectory), ("joint_positions", Float64MultiArray)):
+            got = []
+            sub = peer.node.create_subscription(msg_type, f"/test/{mode}", got.append, 10)
+            proc = subprocess.Popen(
+                [BIN / "bitvla_node", "--ros-args", "-p", f"model_path:={model}", "-p", "threads:=1",
+                 "-p", "camera_topic:=/test/cam", "-p", "wrist_camera_topic:=/test/wrist/compressed",
+                 "-p", "wrist_camera_transport:=compressed", "-p", "instruction_topic:=/test/instruction",
+                 "-p", f"command_mode:={mode}", "-p", "joint_names:=" + ",".join(names),
+                 "-p", "joint_states_topic:=/test/joint_states_j", "-p", "joint_max:=" + ",".join(["3.0"] * 6),
+                 "-p", "joint_min:=" + ",".join(["-3.0"] * 6),
+                 "-p", f"command_topic:=/test/{mode}", "-p", "dry_run:=false", "-p", "stale_after_s:=2.0"],
+                stdout=log, stderr=subprocess.STDOUT)
+            try:
+                # Names in another order than joint_names: matched by name.
+                state = JointState(name=list(reversed(names)), position=list(reversed(current)))
+                publish = lambda: (frames(), js.publish(state))
+                peer.wait("the node", 20, lambda: peer.node.count_subscribers("/test/joint_states_j") > 0)
+                peer.spin_for(1.0, publish)
+                assert not got, "commands before an instruction"
+                peer.instruction.publish(String(data=INSTRUCTION))
+                peer.wait(f"{mode} commands", 60, lambda: len(got) >= 3, publish)
+                want = np.array(current) + 0.05 * rows[:, :6]
+                for m in got[:3]:
+                    if mode == "joint_trajectory":
+                        assert list(m.joint_names) == names and len(m.points) == 1, m
+                        assert (m.points[0].time_from_start.sec, m.points[0].time_from_start.nanosec) == (0, 50_000_000)
+                        pos = np.array(m.points[0].positions)
+                    else:
+                        assert [(d.label, d.size) for d in m.layout.dim] == [("joints", 6)], m.layout
+                        pos = np.array(m.data)
+                    assert np.min(np.abs(want - pos).max(axis=1)) < 1e-6, pos
+            finally:
+                proc.send_signal(signal.SIGINT)
+                assert proc.wait(timeout=5) == 0
+                peer.node.destroy_subscription(sub)
+
     def sim_time_stamps_follow_clock():
         clock = peer.node.create_publisher(Clock, "/clock", 10)
         proc = subprocess.Popen(
@@ -365,7 +408,7 @@ def main():
 
     def config_files_declare_only_known_parameters_and_real_arm_is_dry_run():
         from rcl_interfaces.srv import GetParameters, ListParameters
-        for config in ("config/real_arm.yaml", "config/sim_arm.yaml"):
+        for config in sorted(str(p.relative_to(ROOT)) for p in (ROOT / "config").glob("*.yaml")):
             keys = {}
             for line in (ROOT / config).read_text().splitlines():
                 line = line.split("#")[0].rstrip()
@@ -424,6 +467,8 @@ def main():
         ("SIGINT stops within 2 s", sigint_stops_within_2_s),
         ("ee_pose mode: current pose + delta", ee_pose_mode_moves_the_current_pose_by_the_delta),
         ("one camera, joint_states proprio: chunk equals bitvla run", one_camera_with_joint_states_proprio),
+        ("joint_trajectory and joint_positions modes: current positions + delta",
+         joint_modes_command_the_current_positions_plus_the_delta),
         ("use_sim_time: stamps follow /clock", sim_time_stamps_follow_clock),
         ("a bag played into the node (sim time, fixed latency) equals bitvla replay",
          a_bag_played_into_the_node_matches_the_offline_replay),
