@@ -71,6 +71,17 @@ pub struct NodeParams {
     pub stale_after_s: f64,
     /// Clamp every action dimension to +-this before mapping (0 = no clamp)
     pub max_abs_action: f64,
+    /// Per-dimension clamps, comma-separated (overrides max_abs_action; empty = unused)
+    pub max_abs_action_per_dim: String,
+    /// Ask for the next chunk this much earlier than the expected latency requires [s]
+    pub replan_margin_s: f64,
+    /// Gripper command topic (std_msgs/Float64MultiArray, one value = gripper_offset +
+    /// gripper_scale x the gripper action); empty = no gripper output
+    pub gripper_topic: String,
+    /// Gripper command = gripper_offset + gripper_scale x the (mapped) last action dimension
+    pub gripper_scale: f64,
+    /// See gripper_scale
+    pub gripper_offset: f64,
     /// ee_delta_twist: publish a zero twist each tick while waiting for the next chunk (keeps
     /// the command stream at the control rate; safety holds publish nothing)
     pub hold_zero_twist: bool,
@@ -152,6 +163,11 @@ impl Default for NodeParams {
             dry_run: true,
             stale_after_s: 0.5,
             max_abs_action: 0.0,
+            max_abs_action_per_dim: String::new(),
+            replan_margin_s: 0.05,
+            gripper_topic: String::new(),
+            gripper_scale: 1.0,
+            gripper_offset: 0.0,
             hold_zero_twist: true,
             rotate_180: false,
             position_scale_m: 0.05,

@@ -195,6 +195,7 @@ struct Replayer<'a> {
     core: ControlCore,
     out: Option<&'a mut BagWriter>,
     command_topic: String,
+    gripper_topic: String,
     chunk_topic: String,
     dt_ns: u64,
     /// Ticks are at multiples of dt_ns; this is the next one.
@@ -496,6 +497,13 @@ impl Replayer<'_> {
                 log_time: t_ns,
                 values: command.values(),
             });
+            if let Some(g) = out.gripper {
+                let topic = self.gripper_topic.clone();
+                let mut msg = joint_positions_message(&["gripper".to_owned()], &[g]);
+                msg.layout.dim[0].label = "gripper".into();
+                self.write(&topic, t_ns, &msg);
+                *self.report.commands.entry(topic).or_default() += 1;
+            }
             // Predicted vs recorded, when an action was executed and a recent recording exists.
             if out.hold.is_none()
                 && let Some((t_rec, recorded)) = &self.recorded
@@ -618,6 +626,11 @@ pub fn replay(
             format!("/{NODE_NAME}/dry_run/command")
         } else {
             p.command_topic.clone()
+        },
+        gripper_topic: if p.dry_run {
+            format!("/{NODE_NAME}/dry_run/gripper")
+        } else {
+            p.gripper_topic.clone()
         },
         chunk_topic: format!("/{NODE_NAME}/action_chunk"),
         dt_ns,

@@ -104,6 +104,9 @@ pub struct TickOutput {
     pub command: Option<Command>,
     /// The (gated, clamped) policy action behind `command`, when one was executed.
     pub action: Option<Vec<f32>>,
+    /// The gripper command for that action (gripper_offset + gripper_scale x last dimension),
+    /// when a gripper topic is configured.
+    pub gripper: Option<f64>,
     /// Why no (real) command goes out.
     pub hold: Option<Hold>,
     /// The hold reason differs from the previous tick's (log it).
@@ -157,6 +160,8 @@ pub struct CoreConfig {
     pub proprio_source: String,
     pub cameras: usize,
     pub joints: JointConfig,
+    /// (scale, offset) of the gripper output, when a gripper topic is configured.
+    pub gripper: Option<(f64, f64)>,
 }
 
 /// The joint command modes' settings.
@@ -318,16 +323,32 @@ impl CoreConfig {
         if p.camera_topic.is_empty() {
             return Err("camera_topic is empty: the policy needs the third-person camera".into());
         }
+        let per_dim = parse_list("max_abs_action_per_dim", &p.max_abs_action_per_dim)?;
+        let max_abs: Vec<f32> = if !per_dim.is_empty() {
+            if per_dim.len() != action_dim || per_dim.iter().any(|&m| m <= 0.0) {
+                return Err(format!(
+                    "max_abs_action_per_dim needs {action_dim} positive values (got {:?})",
+                    per_dim
+                ));
+            }
+            per_dim.iter().map(|&m| m as f32).collect()
+        } else if p.max_abs_action > 0.0 {
+            vec![p.max_abs_action as f32; action_dim]
+        } else {
+            Vec::new()
+        };
+        if !(p.replan_margin_s.is_finite() && p.replan_margin_s >= 0.0) {
+            return Err(format!(
+                "replan_margin_s must be >= 0 (got {})",
+                p.replan_margin_s
+            ));
+        }
         let dt = 1.0 / p.control_rate_hz;
         Ok(Self {
             mode,
             dt,
             safety: SafetyConfig {
-                max_abs: if p.max_abs_action > 0.0 {
-                    vec![p.max_abs_action as f32; action_dim]
-                } else {
-                    Vec::new()
-                },
+                max_abs,
                 stale_after_s: p.stale_after_s,
             },
             scales: EeScales {
@@ -341,8 +362,10 @@ impl CoreConfig {
             scheduler: SchedulerConfig {
                 control_dt: dt,
                 actions_per_chunk: usize::try_from(p.actions_per_chunk).unwrap_or(0),
+                replan_margin_s: p.replan_margin_s,
                 ..Default::default()
             },
+            gripper: (!p.gripper_topic.is_empty()).then_some((p.gripper_scale, p.gripper_offset)),
             proprio_dim,
             proprio_source: p.proprio_source.clone(),
             joints,
@@ -569,6 +592,10 @@ impl ControlCore {
             Ok(action) => match self.map(&action) {
                 Some(command) => {
                     out.command = Some(command);
+                    if let (Some((scale, offset)), Some(&g)) = (self.config.gripper, action.last())
+                    {
+                        out.gripper = Some(offset + scale * f64::from(g));
+                    }
                     out.action = Some(action);
                     self.stats.commands += 1;
                     None

@@ -222,6 +222,21 @@ pub fn run_node() -> anyhow::Result<()> {
             );
         }
     }
+    let gripper_pub = if p.gripper_topic.is_empty() {
+        None
+    } else {
+        let topic = if p.dry_run {
+            "~/dry_run/gripper".to_owned()
+        } else {
+            p.gripper_topic.clone()
+        };
+        Some(
+            node.create_publisher::<r2r::std_msgs::msg::Float64MultiArray>(
+                &topic,
+                QosProfile::default(),
+            )?,
+        )
+    };
     let diagnostics_pub = node.create_publisher::<r2r::diagnostic_msgs::msg::DiagnosticArray>(
         "/diagnostics",
         QosProfile::default(),
@@ -369,6 +384,22 @@ pub fn run_node() -> anyhow::Result<()> {
                 };
                 if let Err(e) = published {
                     r2r::log_error!(&log, "publishing the command: {e}");
+                }
+                if let (Some(publisher), Some(g)) = (&gripper_pub, out.gripper) {
+                    let msg = r2r::std_msgs::msg::Float64MultiArray {
+                        layout: r2r::std_msgs::msg::MultiArrayLayout {
+                            dim: vec![r2r::std_msgs::msg::MultiArrayDimension {
+                                label: "gripper".into(),
+                                size: 1,
+                                stride: 1,
+                            }],
+                            data_offset: 0,
+                        },
+                        data: vec![g],
+                    };
+                    if let Err(e) = publisher.publish(&msg) {
+                        r2r::log_error!(&log, "publishing the gripper command: {e}");
+                    }
                 }
                 if out.hold_changed {
                     match &out.hold {

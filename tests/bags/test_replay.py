@@ -48,6 +48,7 @@ PARAMS = """bitvla_node:
     command_topic: /servo_node/delta_twist_cmds
     frame_id: base_link
     gripper: libero
+    gripper_topic: /gripper/command
 """
 
 
@@ -176,7 +177,12 @@ def commands(out):
 def test_mcap_replay_output_reads_back_with_rosbags(c):
     out, rep, _ = c.replay(c.mcap)
     msgs, conns = read_bag(out)
-    assert set(msgs) == {"/servo_node/delta_twist_cmds", "/bitvla_node/action_chunk", "/diagnostics"}, set(msgs)
+    assert set(msgs) == {"/servo_node/delta_twist_cmds", "/bitvla_node/action_chunk", "/diagnostics",
+                         "/gripper/command"}, set(msgs)
+    assert conns["/gripper/command"].msgtype == "std_msgs/msg/Float64MultiArray"
+    grip = msgs["/gripper/command"]
+    assert all(list(m.data) in ([-1.0], [1.0]) for _, _, m in grip), grip[:3]
+    # One gripper command with every real (non-hold) twist.
     assert conns["/servo_node/delta_twist_cmds"].msgtype == "geometry_msgs/msg/TwistStamped"
     assert conns["/bitvla_node/action_chunk"].msgtype == "bitvla_ros/msg/ActionChunk"
     assert conns["/diagnostics"].msgtype == "diagnostic_msgs/msg/DiagnosticArray"
@@ -188,6 +194,7 @@ def test_mcap_replay_output_reads_back_with_rosbags(c):
         assert m.header.frame_id == "base_link"
     moving = [m for _, _, m in cmds if any([m.twist.linear.x, m.twist.linear.y, m.twist.angular.z])]
     assert len(moving) > 20, len(moving)
+    assert len(grip) == len(moving) and {t for t, _, _ in grip} <= {t for t, _, _ in cmds}
     chunks = [m for _, _, m in msgs["/bitvla_node/action_chunk"]]
     assert chunks[0].instruction == FIRST and chunks[-1].instruction == SECOND
     assert [ch.sequence for ch in chunks] == sorted(ch.sequence for ch in chunks)

@@ -184,15 +184,22 @@ def main():
         bad.encoding = "yuv422"
         short = raw_image(third)
         short.data = short.data[:1000]
-        for m in (bad, short):
+        huge = raw_image(third)
+        huge.width, huge.height, huge.step = 100_000, 100_000, 300_000  # claims 30 GB
+        narrow = raw_image(third)
+        narrow.step = 10  # step shorter than a row
+        for m in (bad, short, huge, narrow):
             peer.cam.publish(m)
         peer.wrist.publish(CompressedImage(format="jpeg", data=b"\xff\xd8 not a jpeg"))
+        peer.instruction.publish(String(data="   "))
         peer.spin_for(0.5)
         peer.twists.clear()
         peer.wait("commands after malformed frames", 30, lambda: peer.twists, frames)
         assert node.poll() is None
         text = (work / "node.log").read_text()
         assert "yuv422" in text and "rejected frame" in text, text[-2000:]
+        assert text.count("rejected frame") >= 5, text[-2000:]
+        assert "100000" in text and "empty instruction ignored" in text, text[-2000:]
 
     def a_new_instruction_replaces_the_chunk():
         other = "open the top drawer"
@@ -268,8 +275,9 @@ def main():
         rows = np.array(expected["actions"], dtype=np.float64).reshape(8, 7)
         js = peer.node.create_publisher(JointState, "/test/joint_states_j", qos_profile_sensor_data)
         for mode, msg_type in (("joint_trajectory", JointTrajectory), ("joint_positions", Float64MultiArray)):
-            got = []
+            got, grip = [], []
             sub = peer.node.create_subscription(msg_type, f"/test/{mode}", got.append, 10)
+            gsub = peer.node.create_subscription(Float64MultiArray, "/test/gripper", grip.append, 10)
             proc = subprocess.Popen(
                 [BIN / "bitvla_node", "--ros-args", "-p", f"model_path:={model}", "-p", "threads:=1",
                  "-p", "camera_topic:=/test/cam", "-p", "wrist_camera_topic:=/test/wrist/compressed",
@@ -277,7 +285,9 @@ def main():
                  "-p", f"command_mode:={mode}", "-p", "joint_names:=" + ",".join(names),
                  "-p", "joint_states_topic:=/test/joint_states_j", "-p", "joint_max:=" + ",".join(["3.0"] * 6),
                  "-p", "joint_min:=" + ",".join(["-3.0"] * 6),
-                 "-p", f"command_topic:=/test/{mode}", "-p", "dry_run:=false", "-p", "stale_after_s:=2.0"],
+                 "-p", f"command_topic:=/test/{mode}", "-p", "dry_run:=false", "-p", "stale_after_s:=2.0",
+                 "-p", "gripper_topic:=/test/gripper", "-p", "gripper_scale:=0.04", "-p", "gripper_offset:=0.04",
+                 "-p", "gripper:=libero"],
                 stdout=log, stderr=subprocess.STDOUT)
             try:
                 # Names in another order than joint_names: matched by name.
@@ -298,10 +308,14 @@ def main():
                         assert [(d.label, d.size) for d in m.layout.dim] == [("joints", 6)], m.layout
                         pos = np.array(m.data)
                     assert np.min(np.abs(want - pos).max(axis=1)) < 1e-6, pos
+                # Gripper: offset + scale x the libero-mapped last dimension (-1 open, +1 close).
+                peer.wait("gripper commands", 10, lambda: grip, publish)
+                assert all(list(g.data) in ([0.0], [0.08]) for g in grip), [list(g.data) for g in grip]
             finally:
                 proc.send_signal(signal.SIGINT)
                 assert proc.wait(timeout=5) == 0
                 peer.node.destroy_subscription(sub)
+                peer.node.destroy_subscription(gsub)
 
     def sim_time_stamps_follow_clock():
         clock = peer.node.create_publisher(Clock, "/clock", 10)
