@@ -640,6 +640,18 @@ impl ControlCore {
         out
     }
 
+    /// A chunk is being executed (ticks output its actions).
+    pub fn executing(&self) -> bool {
+        self.scheduler.remaining() > 0
+    }
+
+    /// A response would be used by a tick at `now`.
+    pub fn response_due(&self, now: f64) -> bool {
+        self.pending
+            .front()
+            .is_some_and(|(t, _)| *t <= now + TIME_EPS)
+    }
+
     /// Requests whose responses have not been used yet.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()

@@ -70,6 +70,8 @@ pub fn run_node() -> anyhow::Result<()> {
         (config.needs_joint_states(), config.needs_ee_pose());
     let joint_names = config.joints.names.clone();
     let core = Rc::new(RefCell::new(ControlCore::new(config)));
+    // Set by a new instruction: tick now (ask for a chunk at once, not up to a period later).
+    let kick = Rc::new(std::cell::Cell::new(false));
 
     let mut pool = LocalPool::new();
     let spawner = pool.spawner();
@@ -134,8 +136,10 @@ pub fn run_node() -> anyhow::Result<()> {
             .subscribe::<r2r::std_msgs::msg::String>(&p.instruction_topic, QosProfile::default())?;
         let core = Rc::clone(&core);
         let log = logger.clone();
+        let kick = Rc::clone(&kick);
         spawner.spawn_local(sub.for_each(move |m| {
             if core.borrow_mut().on_instruction(&m.data) {
+                kick.set(true);
                 r2r::log_info!(&log, "instruction: {:?}", m.data.trim());
             } else {
                 r2r::log_error!(&log, "empty instruction ignored");
@@ -246,9 +250,11 @@ pub fn run_node() -> anyhow::Result<()> {
         QosProfile::default(),
     )?;
     let sim_time = p.use_sim_time;
-    // Wall time: one tick per timer period. Simulation time: poll the clock often and run the
-    // ticks that came due.
-    let period = if sim_time { dt.min(0.005) } else { dt };
+    // The loop polls every 2 ms and decides the ticks itself. Wall time: one tick per period,
+    // and an immediate tick (restarting the period) when an instruction arrives or the first
+    // chunk of an idle arm is ready, so neither waits up to a period. Simulation time: the ticks
+    // that came due on the sim-time grid.
+    let period = dt.min(0.002);
     let mut timer = node.create_wall_timer(Duration::from_secs_f64(period))?;
     let frame_id = p.frame_id.clone();
     let log = logger.clone();
@@ -258,6 +264,7 @@ pub fn run_node() -> anyhow::Result<()> {
         // `bitvla replay` runs, so a replayed bag gives the same commands.
         let dt_ns = (dt * 1e9).round().max(1.0) as u64;
         let mut next_tick: Option<u64> = None;
+        let mut next_wall_tick: Option<f64> = None;
         loop {
             if timer.tick().await.is_err() {
                 break;
@@ -285,6 +292,21 @@ pub fn run_node() -> anyhow::Result<()> {
                 }
                 due
             } else {
+                let now = clock_now.as_secs_f64();
+                let mut c = core.borrow_mut();
+                while let Some(r) = worker.try_recv() {
+                    c.on_response(r, now);
+                }
+                let start_now = kick.replace(false) || (!c.executing() && c.response_due(now));
+                drop(c);
+                let due = next_wall_tick.is_none_or(|t| now >= t - 0.001);
+                if !(start_now || due) {
+                    continue;
+                }
+                next_wall_tick = Some(match next_wall_tick {
+                    Some(t) if !start_now && now - t < dt => t + dt,
+                    _ => now + dt,
+                });
                 vec![clock_now]
             };
             for now_d in ticks {
