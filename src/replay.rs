@@ -528,6 +528,20 @@ impl Replayer<'_> {
                 *pairs += 1;
             }
         }
+        let st = &out.status;
+        let status = msgs::PolicyStatusMsg {
+            header: Header::new(t_ns as i64, &p.frame_id),
+            state: st.state,
+            reason: st.reason.clone(),
+            instruction: st.instruction.clone(),
+            chunk_sequence: st.chunk.map_or(0, |c| c.0),
+            chunk_index: st.chunk.map_or(0, |c| c.1 as u32),
+            inferences: st.inferences,
+            last_inference_latency_s: st.last_latency_s.unwrap_or(0.0),
+            camera_age_s: st.camera_age_s.unwrap_or(-1.0),
+            dry_run: st.dry_run,
+        };
+        self.write(&format!("/{NODE_NAME}/status"), t_ns, &status);
         if let Some(d) = out.diagnostics {
             let msg = DiagnosticArray {
                 header: Header::new(t_ns as i64, ""),

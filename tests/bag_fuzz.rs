@@ -6,7 +6,8 @@
 use bitvla_ros::bag::msgs::{
     ActionChunkMsg, BoolMsg, Clock, CompressedImage, DiagnosticArray, Float32MultiArray,
     Float64MultiArray, Header, Image, JointState, JointTrajectory, JointTrajectoryPoint,
-    PoseStamped, RosMessage, StringMsg, Time, TwistStamped, command_values, decode, encode,
+    PolicyStatusMsg, PoseStamped, RosMessage, StringMsg, Time, TwistStamped, command_values,
+    decode, encode,
 };
 use bitvla_ros::bag::{BagReader, BagWriter};
 use proptest::prelude::*;
@@ -32,6 +33,7 @@ fn decode_all(data: &[u8]) -> usize {
         + ok::<DiagnosticArray>(data)
         + ok::<Clock>(data)
         + ok::<ActionChunkMsg>(data)
+        + ok::<PolicyStatusMsg>(data)
         + usize::from(matches!(
             command_values("geometry_msgs/msg/TwistStamped", data),
             Some(Ok(_))
@@ -125,6 +127,8 @@ proptest! {
         prop_assert_eq!(decode::<JointState>(&encode(&js)).unwrap(), js);
         let arr = Float64MultiArray { data: values, ..Default::default() };
         prop_assert_eq!(decode::<Float64MultiArray>(&encode(&arr)).unwrap(), arr);
+        let status = PolicyStatusMsg { state: 3, reason: text.clone(), chunk_sequence: sec as u64, camera_age_s: -1.0, dry_run: true, ..Default::default() };
+        prop_assert_eq!(decode::<PolicyStatusMsg>(&encode(&status)).unwrap(), status);
         prop_assert_eq!(decode::<StringMsg>(&encode(&StringMsg { data: text.clone() })).unwrap().data, text);
     }
 }

@@ -88,6 +88,10 @@ const DEFINITIONS: &[(&str, &str)] = &[
         "bitvla_ros/ActionChunk",
         include_str!("../../msg/ActionChunk.msg"),
     ),
+    (
+        "bitvla_ros/PolicyStatus",
+        include_str!("../../msg/PolicyStatus.msg"),
+    ),
 ];
 
 const PRIMITIVES: &[&str] = &[
@@ -683,6 +687,51 @@ impl RosMessage<'_> for ActionChunkMsg {
             normalized: r.f32_seq("normalized")?,
             actions: r.f32_seq("actions")?,
             inference_latency_s: r.f64("inference_latency_s")?,
+        })
+    }
+}
+
+/// `bitvla_ros/PolicyStatus` (msg/PolicyStatus.msg).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PolicyStatusMsg {
+    pub header: Header,
+    pub state: u8,
+    pub reason: String,
+    pub instruction: String,
+    pub chunk_sequence: u64,
+    pub chunk_index: u32,
+    pub inferences: u64,
+    pub last_inference_latency_s: f64,
+    pub camera_age_s: f64,
+    pub dry_run: bool,
+}
+
+impl RosMessage<'_> for PolicyStatusMsg {
+    const TYPE: &'static str = "bitvla_ros/msg/PolicyStatus";
+    fn write(&self, w: &mut CdrWriter) {
+        self.header.write(w);
+        w.u8(self.state)
+            .string(&self.reason)
+            .string(&self.instruction)
+            .u64(self.chunk_sequence)
+            .u32(self.chunk_index)
+            .u64(self.inferences)
+            .f64(self.last_inference_latency_s)
+            .f64(self.camera_age_s)
+            .bool(self.dry_run);
+    }
+    fn read(r: &mut CdrReader<'_>) -> Result<Self, CdrError> {
+        Ok(Self {
+            header: Header::read(r)?,
+            state: r.u8("state")?,
+            reason: r.string("reason")?,
+            instruction: r.string("instruction")?,
+            chunk_sequence: r.u64("chunk_sequence")?,
+            chunk_index: r.u32("chunk_index")?,
+            inferences: r.u64("inferences")?,
+            last_inference_latency_s: r.f64("last_inference_latency_s")?,
+            camera_age_s: r.f64("camera_age_s")?,
+            dry_run: r.bool("dry_run")?,
         })
     }
 }

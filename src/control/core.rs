@@ -112,6 +112,22 @@ pub struct TickOutput {
     /// The hold reason differs from the previous tick's (log it).
     pub hold_changed: bool,
     pub diagnostics: Option<Diagnostics>,
+    pub status: Status,
+}
+
+/// The node's state at a tick (`bitvla_ros/msg/PolicyStatus`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Status {
+    /// 1 waiting for an instruction, 2 inferring (first chunk), 3 executing, 4 holding.
+    pub state: u8,
+    pub reason: String,
+    pub instruction: String,
+    /// (chunk sequence, action index) executed this tick.
+    pub chunk: Option<(u64, usize)>,
+    pub inferences: u64,
+    pub last_latency_s: Option<f64>,
+    pub camera_age_s: Option<f64>,
+    pub dry_run: bool,
 }
 
 /// Counters over the whole run (the replay's report and the node's diagnostics).
@@ -393,6 +409,8 @@ pub struct ControlCore {
     last_error: String,
     stats: CoreStats,
     diag_every: u64,
+    /// (time, frames received) at the previous diagnostics, for the input rate.
+    last_diag: Option<(f64, u64)>,
 }
 
 impl ControlCore {
@@ -410,6 +428,7 @@ impl ControlCore {
             last_error: String::new(),
             stats: CoreStats::default(),
             diag_every,
+            last_diag: None,
         }
     }
 
@@ -627,6 +646,21 @@ impl ControlCore {
                 "executing".into()
             };
         }
+        out.status = Status {
+            state: match &hold {
+                None => 3,
+                Some(Hold::NoInstruction) => 1,
+                Some(Hold::NoChunk) => 2,
+                Some(_) => 4,
+            },
+            reason: hold.as_ref().map_or(String::new(), ToString::to_string),
+            instruction: self.inputs.instruction.clone().unwrap_or_default(),
+            chunk: if hold.is_none() { tick.source } else { None },
+            inferences: self.stats.requests,
+            last_latency_s: self.stats.latencies_s.last().copied(),
+            camera_age_s: newest.map(|t| now - t),
+            dry_run: self.config.dry_run,
+        };
         out.hold_changed = match (&hold, &self.last_hold) {
             (Some(a), Some(b)) => a.kind() != b.kind(),
             (None, None) => false,
@@ -636,6 +670,7 @@ impl ControlCore {
         out.hold = hold;
         if self.stats.ticks.is_multiple_of(self.diag_every) {
             out.diagnostics = Some(self.diagnostics(now, newest));
+            self.last_diag = Some((now, self.stats.frames_received));
         }
         out
     }
@@ -748,6 +783,15 @@ impl ControlCore {
                 kv("failed_calls", s.failed_calls.to_string()),
                 kv("commands_published", s.commands.to_string()),
                 kv("frames_received", s.frames_received.to_string()),
+                kv(
+                    "frames_per_s",
+                    match self.last_diag {
+                        Some((t, n)) if now > t => {
+                            format!("{:.1}", (s.frames_received - n) as f64 / (now - t))
+                        }
+                        _ => "n/a".into(),
+                    },
+                ),
                 kv("frames_rejected", s.frames_rejected.to_string()),
                 kv("stale_chunks", s.stale_chunks.to_string()),
                 kv(

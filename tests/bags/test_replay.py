@@ -178,7 +178,16 @@ def test_mcap_replay_output_reads_back_with_rosbags(c):
     out, rep, _ = c.replay(c.mcap)
     msgs, conns = read_bag(out)
     assert set(msgs) == {"/servo_node/delta_twist_cmds", "/bitvla_node/action_chunk", "/diagnostics",
-                         "/gripper/command"}, set(msgs)
+                         "/gripper/command", "/bitvla_node/status"}, set(msgs)
+    assert conns["/bitvla_node/status"].msgtype == "bitvla_ros/msg/PolicyStatus"
+    status = [m for _, _, m in msgs["/bitvla_node/status"]]
+    states = [st.state for st in status]
+    # Inferring before the first chunk, then executing; one status per tick.
+    assert states[0] in (2, 4) and 3 in states and len(status) == rep["ticks"], (states[:8], rep["ticks"])
+    executing = [st for st in status if st.state == 3]
+    assert all(st.chunk_sequence >= 1 and st.reason == "" and not st.dry_run for st in executing)
+    assert status[-1].instruction == SECOND and status[-1].last_inference_latency_s > 0
+    assert all(st.reason for st in status if st.state in (2, 4))
     assert conns["/gripper/command"].msgtype == "std_msgs/msg/Float64MultiArray"
     grip = msgs["/gripper/command"]
     assert all(list(m.data) in ([-1.0], [1.0]) for _, _, m in grip), grip[:3]
