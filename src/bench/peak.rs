@@ -17,6 +17,9 @@ pub enum PeakLoop {
     NeonDot,
     /// `vfmadd zmm` (f32): 32 flops; `ymm` on AVX2-only machines: 16.
     F32Fma,
+    /// AMX `tdpbusd` on 16x64-byte tiles: 16x16x64 int8 MACs = 32768 ops per instruction. Not
+    /// a kernel of ours yet: measured to size the next kernel (`bitvla bench peaks`).
+    AmxInt8,
 }
 
 impl PeakLoop {
@@ -62,6 +65,12 @@ fn run_loop(which: PeakLoop, iters: u64) -> f64 {
             unsafe { x86::fma256(iters) };
             iters as f64 * ACCUMULATORS as f64 * 16.0
         }
+        #[cfg(target_arch = "x86_64")]
+        PeakLoop::AmxInt8 if x86::amx_int8_available() => {
+            // SAFETY: CPU support and the kernel's permission for the tile state checked.
+            unsafe { x86::amx(iters) };
+            iters as f64 * 4.0 * 32768.0
+        }
         #[cfg(target_arch = "aarch64")]
         PeakLoop::NeonDot if std::arch::is_aarch64_feature_detected!("dotprod") => {
             // SAFETY: feature checked.
@@ -89,10 +98,91 @@ pub fn calibrate(which: PeakLoop, pool: &rayon::ThreadPool, seconds: f64) -> Opt
     Some(total / start.elapsed().as_secs_f64() / 1e9)
 }
 
+/// AMX-INT8 is usable here: the CPU has it and the OS grants the tile data state.
+pub fn amx_int8_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::amx_int8_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{ACCUMULATORS, black_box};
+    use std::arch::asm;
     use std::arch::x86_64::*;
+
+    /// CPUID.(7,0):EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), then Linux's
+    /// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)` for this process (once).
+    pub(super) fn amx_int8_available() -> bool {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            let leaf = __cpuid_count(7, 0);
+            let hw = leaf.edx & (1 << 24) != 0 && leaf.edx & (1 << 25) != 0;
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain syscall with integer arguments.
+            hw && unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                )
+            } == 0
+        })
+    }
+
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    /// `iters` x 4 `tdpbusd` into four independent accumulator tiles (tmm0-3) from two A
+    /// (tmm4-5) and two B (tmm6-7) tiles, all 16 rows x 64 bytes.
+    ///
+    /// # Safety
+    /// [`amx_int8_available`] must have returned true.
+    pub(super) unsafe fn amx(iters: u64) {
+        let mut cfg = TileConfig([0; 64]);
+        cfg.0[0] = 1; // palette 1
+        for t in 0..8 {
+            cfg.0[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            cfg.0[48 + t] = 16;
+        }
+        let a = black_box(vec![1u8; 2 * 16 * 64]);
+        let b = black_box(vec![1u8; 2 * 16 * 64]);
+        let mut c = vec![0i32; 16 * 16];
+        // SAFETY: the configuration describes eight 16x64-byte tiles; every load reads 1 KiB
+        // inside `a` or `b` (stride 64), the store writes 1 KiB into `c`; tiles are released.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+            asm!(
+                "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+                "tileloadd tmm4, [{a} + {s}*1]", "tileloadd tmm5, [{a2} + {s}*1]",
+                "tileloadd tmm6, [{b} + {s}*1]", "tileloadd tmm7, [{b2} + {s}*1]",
+                a = in(reg) a.as_ptr(), a2 = in(reg) a.as_ptr().add(1024),
+                b = in(reg) b.as_ptr(), b2 = in(reg) b.as_ptr().add(1024), s = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+            asm!(
+                "2:",
+                "tdpbusd tmm0, tmm4, tmm6",
+                "tdpbusd tmm1, tmm4, tmm7",
+                "tdpbusd tmm2, tmm5, tmm6",
+                "tdpbusd tmm3, tmm5, tmm7",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) iters.max(1) => _,
+                options(nostack, nomem),
+            );
+            asm!("tilestored [{c} + {s}*1], tmm0", c = in(reg) c.as_mut_ptr(), s = in(reg) 64usize,
+                 options(nostack));
+            asm!("tilerelease", options(nostack, nomem));
+        }
+        black_box(c);
+    }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn vnni(iters: u64) {

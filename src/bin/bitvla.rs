@@ -197,6 +197,21 @@ enum Bench {
     Forward(ForwardArgs),
     /// Reading and decoding a bag's 640x480 rgb8 image stream (uncompressed and zstd chunks).
     Bag(BagBenchArgs),
+    /// The machine's register-only peaks, interleaved: the int8 loop of the selected GEMM
+    /// kernel, f32 FMA, and AMX-INT8 `tdpbusd` where the CPU and OS allow it.
+    Peaks(PeaksArgs),
+}
+
+#[derive(Args)]
+struct PeaksArgs {
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 0.3)]
+    seconds: f64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -268,6 +283,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
         Command::Bench(Bench::Forward(args)) => bench_forward(args),
+        Command::Bench(Bench::Peaks(args)) => bench_peaks(args),
         Command::Bench(Bench::Bag(args)) => {
             let report = bitvla_ros::bench::bag::run(&bitvla_ros::bench::bag::Options {
                 size_mb: args.size_mb,
@@ -507,6 +523,74 @@ fn replay_with(args: ReplayArgs, params: NodeParams) -> anyhow::Result<()> {
     }
     if report.interrupted {
         anyhow::bail!("interrupted: the output bag holds the commands up to the interruption");
+    }
+    Ok(())
+}
+
+fn bench_peaks(args: PeaksArgs) -> anyhow::Result<()> {
+    use bitvla_ros::bench::kernels::median;
+    use bitvla_ros::bench::peak::{PeakLoop, amx_int8_available, calibrate};
+    let kernel = bitvla_ros::kernels::KernelKind::best();
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut loops: Vec<(&str, PeakLoop)> = Vec::new();
+    if let Some(l) = PeakLoop::for_kernel(kernel) {
+        loops.push(("int8 (GEMM kernel's loop)", l));
+    }
+    loops.push(("f32 fma", PeakLoop::F32Fma));
+    if amx_int8_available() {
+        loops.push(("amx-int8 tdpbusd", PeakLoop::AmxInt8));
+    }
+    let mut results = Vec::new();
+    for threads in [1, all] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
+        let mut samples = vec![Vec::new(); loops.len()];
+        for _ in 0..args.reps {
+            for (i, (_, l)) in loops.iter().enumerate() {
+                if let Some(g) = calibrate(*l, &pool, args.seconds) {
+                    samples[i].push(g);
+                }
+            }
+        }
+        for ((name, _), mut s) in loops.iter().zip(samples) {
+            if !s.is_empty() {
+                let spread = (s.iter().copied().fold(f64::MIN, f64::max)
+                    - s.iter().copied().fold(f64::MAX, f64::min))
+                    / median(&mut s.clone());
+                results.push(serde_json::json!({
+                    "loop": name, "threads": threads, "median_gops": median(&mut s), "spread": spread,
+                }));
+            }
+        }
+    }
+    let report = serde_json::json!({
+        "bench": "peaks",
+        "cpu": bitvla_ros::bench::machine::cpu_model(),
+        "kernel": format!("{kernel:?}"),
+        "amx_int8_available": amx_int8_available(),
+        "reps": args.reps,
+        "results": results,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{} (GEMM kernel {kernel:?}), medians of {} interleaved reps:",
+            report["cpu"], args.reps
+        );
+        for r in &results {
+            println!(
+                "  {:<28} {} thread(s): {:>7.0} GOP/s (spread {:.1}%)",
+                r["loop"].as_str().unwrap_or(""),
+                r["threads"],
+                r["median_gops"].as_f64().unwrap_or(0.0),
+                r["spread"].as_f64().unwrap_or(0.0) * 100.0
+            );
+        }
+        if !amx_int8_available() {
+            println!("  amx-int8: not available on this CPU/OS");
+        }
     }
     Ok(())
 }
