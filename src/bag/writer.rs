@@ -352,7 +352,59 @@ mod tests {
             assert!(topics.contains(&("/cmd".into(), "geometry_msgs/msg/TwistStamped".into())));
         }
         assert!(dir.join("b/metadata.yaml").is_file());
+        // A bag directory without metadata.yaml: its storage files in name order.
+        std::fs::remove_file(dir.join("b/metadata.yaml")).unwrap();
+        let bag = BagReader::open(&dir.join("b")).unwrap();
+        assert_eq!(bag.files().len(), 1);
         assert!(BagWriter::create(&dir.join("b")).is_err(), "not empty");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file cut inside a chunk: the fast pass stops at the damaged chunk, the salvage pass
+    /// recovers the messages before the cut (uncompressed and zstd chunks), with one warning.
+    #[test]
+    fn truncated_chunks_are_salvaged_up_to_the_cut() {
+        let dir = std::env::temp_dir().join(format!("bitvla_salvage_{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for zstd in [false, true] {
+            let path = dir.join(format!("full_{zstd}.mcap"));
+            let mut w = BagWriter::create_with(&path, zstd).unwrap();
+            // ~6 MB of distinct messages: several chunks.
+            for i in 0..600u64 {
+                let data: String = (0..10_000)
+                    .map(|k| char::from(b'a' + ((i + k) % 26) as u8))
+                    .collect();
+                w.write("/text", i, &StringMsg { data }).unwrap();
+            }
+            w.finish().unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            let cut = dir.join(format!("cut_{zstd}.mcap"));
+            std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+            let mut times = Vec::new();
+            let summary = BagReader::open(&cut)
+                .unwrap()
+                .read(|m| {
+                    let msg = decode::<StringMsg>(m.data).unwrap();
+                    assert_eq!(msg.data.len(), 10_000);
+                    times.push(m.log_time);
+                    std::ops::ControlFlow::Continue(())
+                })
+                .unwrap();
+            // In order, no message twice, most of what precedes the cut.
+            assert!(times.windows(2).all(|w| w[1] == w[0] + 1), "zstd {zstd}");
+            assert!(
+                times.len() > 300 && times.len() < 600,
+                "zstd {zstd}: {}",
+                times.len()
+            );
+            assert_eq!(summary.warnings.len(), 1, "{:?}", summary.warnings);
+            assert!(
+                summary.warnings[0].contains("damaged"),
+                "{:?}",
+                summary.warnings
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
