@@ -203,7 +203,10 @@ struct Replayer<'a> {
     /// Bag time [ns] that core time 0 stands for.
     base_ns: u64,
     last_time: u64,
-    first_ns: u64,
+    /// Bag time of the first message [ns] (None before it).
+    first_ns: Option<u64>,
+    /// Durations of every policy call that returned a chunk.
+    latencies_s: Vec<f64>,
     roles: HashMap<usize, Role>,
     report: ReplayReport,
     commands: Vec<PublishedCommand>,
@@ -354,7 +357,7 @@ impl Replayer<'_> {
     }
 
     fn instruction(&mut self, t_ns: u64, text: &str) {
-        let t_s = t_ns.saturating_sub(self.first_ns) as f64 * 1e-9;
+        let t_s = t_ns.saturating_sub(self.first_ns.unwrap_or(t_ns)) as f64 * 1e-9;
         if !self.core.on_instruction(text) {
             self.warn(format!("empty instruction at {t_s:.3} s ignored"));
             return;
@@ -430,6 +433,7 @@ impl Replayer<'_> {
         let p = &self.opts.params;
         let header = Header::new(t_ns as i64, &p.frame_id);
         for c in &out.chunks {
+            self.latencies_s.push(c.latency_s);
             self.report.preprocess_s += c.chunk.timings.preprocess_ms / 1e3;
             let stamp = self.base_ns as i128 + (c.observation_stamp * 1e9).round() as i128;
             let msg = ActionChunkMsg {
@@ -487,11 +491,12 @@ impl Replayer<'_> {
                         };
                         self.write(&topic, t_ns, &msg);
                     } else {
-                        let msg = joint_positions_message(&config.joints.names, positions);
+                        let msg = msgs::Float64MultiArray::vector("joints", positions.clone());
                         self.write(&topic, t_ns, &msg);
                     }
                 }
             }
+            *self.report.commands.entry(topic.clone()).or_default() += 1;
             self.commands.push(PublishedCommand {
                 topic,
                 log_time: t_ns,
@@ -499,9 +504,11 @@ impl Replayer<'_> {
             });
             if let Some(g) = out.gripper {
                 let topic = self.gripper_topic.clone();
-                let mut msg = joint_positions_message(&["gripper".to_owned()], &[g]);
-                msg.layout.dim[0].label = "gripper".into();
-                self.write(&topic, t_ns, &msg);
+                self.write(
+                    &topic,
+                    t_ns,
+                    &msgs::Float64MultiArray::vector("gripper", vec![g]),
+                );
                 *self.report.commands.entry(topic).or_default() += 1;
             }
             // Predicted vs recorded, when an action was executed and a recent recording exists.
@@ -528,7 +535,7 @@ impl Replayer<'_> {
                 *pairs += 1;
             }
         }
-        let st = &out.status;
+        let st = self.core.status(self.core_time(t_ns));
         let status = msgs::PolicyStatusMsg {
             header: Header::new(t_ns as i64, &p.frame_id),
             state: st.state,
@@ -555,21 +562,6 @@ impl Replayer<'_> {
             };
             self.write("/diagnostics", t_ns, &msg);
         }
-    }
-}
-
-/// A forward position controller's command: one value per joint, the layout naming them.
-pub fn joint_positions_message(names: &[String], positions: &[f64]) -> msgs::Float64MultiArray {
-    msgs::Float64MultiArray {
-        layout: msgs::MultiArrayLayout {
-            dim: vec![msgs::MultiArrayDimension {
-                label: "joints".into(),
-                size: names.len() as u32,
-                stride: names.len() as u32,
-            }],
-            data_offset: 0,
-        },
-        data: positions.to_vec(),
     }
 }
 
@@ -651,7 +643,8 @@ pub fn replay(
         next_tick: 0,
         base_ns: 0,
         last_time: 0,
-        first_ns: 0,
+        first_ns: None,
+        latencies_s: Vec::new(),
         roles: HashMap::new(),
         report: ReplayReport {
             bag: bag.path().display().to_string(),
@@ -681,17 +674,15 @@ pub fn replay(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let mut first: Option<u64> = None;
     let read = bag.read(|m| {
         if stop.load(Ordering::Relaxed) || r.write_error.is_some() {
             return ControlFlow::Break(());
         }
         progress.inc(m.data.len() as u64);
         let mut t = m.log_time;
-        if first.is_none() {
-            first = Some(t);
+        if r.first_ns.is_none() {
             // The tick grid is absolute (multiples of the period), as the node's under sim time.
-            r.first_ns = t;
+            r.first_ns = Some(t);
             r.next_tick = t.div_ceil(dt_ns) * dt_ns;
             r.base_ns = r.next_tick.saturating_sub(dt_ns);
             r.last_time = t;
@@ -746,22 +737,19 @@ pub fn replay(
     report.interrupted = stop.load(Ordering::Relaxed);
     report.bag_messages = read.messages;
     report.bag_bytes = read.bytes;
-    report.bag_duration_s = first.map_or(0.0, |f| (end - f) as f64 * 1e-9);
+    report.bag_duration_s = r.first_ns.map_or(0.0, |f| (end - f) as f64 * 1e-9);
     report.inferences = stats.requests;
     report.failed_inferences = stats.failed_calls;
     let ms = |v: Option<f64>| v.map(|s| (s * 1e3 * 1000.0).round() / 1000.0);
     report.latency = LatencySummary {
-        p50_ms: ms(percentile(&stats.latencies_s, 0.5)),
-        p95_ms: ms(percentile(&stats.latencies_s, 0.95)),
-        max_ms: ms(stats.latencies_s.iter().copied().reduce(f64::max)),
+        p50_ms: ms(percentile(&r.latencies_s, 0.5)),
+        p95_ms: ms(percentile(&r.latencies_s, 0.95)),
+        max_ms: ms(r.latencies_s.iter().copied().reduce(f64::max)),
     };
     if opts.realtime {
-        report.inference_s = stats.latencies_s.iter().sum();
+        report.inference_s = r.latencies_s.iter().sum();
     }
     report.ticks = stats.ticks;
-    for c in &r.commands {
-        *report.commands.entry(c.topic.clone()).or_default() += 1;
-    }
     report.chunks = stats.chunks;
     report.stale_chunks = stats.stale_chunks;
     report.late_chunks = stats.late_responses;

@@ -2,10 +2,7 @@
 //! rendered third-person camera (raw rgb8) and optionally a wrist camera (JPEG), instructions at
 //! given times, joint states, and a recorded "expert" action per control step.
 
-use super::msgs::{
-    CompressedImage, Float64MultiArray, Header, Image, JointState, MultiArrayDimension,
-    MultiArrayLayout, StringMsg,
-};
+use super::msgs::{CompressedImage, Float64MultiArray, Header, Image, JointState, StringMsg};
 use super::writer::{BagWriter, WriteError};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -178,21 +175,7 @@ pub fn write_episode(path: &Path, spec: &EpisodeSpec) -> Result<(PathBuf, u64), 
                     0.1 * (s * 2.0).sin(),
                     if s < spec.duration_s / 2.0 { -1.0 } else { 1.0 },
                 ];
-                w.write(
-                    ACTION_TOPIC,
-                    t,
-                    &Float64MultiArray {
-                        layout: MultiArrayLayout {
-                            dim: vec![MultiArrayDimension {
-                                label: "action".into(),
-                                size: 7,
-                                stride: 7,
-                            }],
-                            data_offset: 0,
-                        },
-                        data,
-                    },
-                )?;
+                w.write(ACTION_TOPIC, t, &Float64MultiArray::vector("action", data))?;
             }
         }
     }

@@ -427,6 +427,24 @@ pub struct Float64MultiArray {
     pub data: Vec<f64>,
 }
 
+impl Float64MultiArray {
+    /// A one-dimensional array whose layout names what its values are.
+    pub fn vector(label: &str, data: Vec<f64>) -> Self {
+        let n = data.len() as u32;
+        Self {
+            layout: MultiArrayLayout {
+                dim: vec![MultiArrayDimension {
+                    label: label.into(),
+                    size: n,
+                    stride: n,
+                }],
+                data_offset: 0,
+            },
+            data,
+        }
+    }
+}
+
 impl RosMessage<'_> for Float64MultiArray {
     const TYPE: &'static str = "std_msgs/msg/Float64MultiArray";
     fn write(&self, w: &mut CdrWriter) {

@@ -267,15 +267,85 @@ struct McapWalk<'p> {
     schemas: HashMap<u16, String>,
     by_channel: HashMap<u16, Arc<Connection>>,
     count: u64,
-    /// Damage was found: the rest of the file is skipped.
-    ended: bool,
-    /// The damage that ended the fast pass (the salvage pass reports its own).
+    /// The damage that ended the fast pass (the rest of the file is skipped; the salvage pass
+    /// reports its own).
     damage: Option<String>,
     /// Messages to pass over (already visited by the fast pass).
     skip: u64,
+    /// Chunks read but not yet decompressed and walked (fast pass).
+    pending: Vec<(mcap::records::ChunkHeader, Vec<u8>)>,
+    /// Decompression buffers, one per pending chunk, reused.
+    scratch: Vec<Vec<u8>>,
+    /// Largest decompressed chunk accepted.
+    limit: usize,
 }
 
-impl McapWalk<'_> {
+impl<'p> McapWalk<'p> {
+    fn new(path: &'p Path, limit: usize, skip: u64) -> Self {
+        Self {
+            path,
+            schemas: HashMap::new(),
+            by_channel: HashMap::new(),
+            count: 0,
+            damage: None,
+            skip,
+            pending: Vec::new(),
+            scratch: Vec::new(),
+            limit,
+        }
+    }
+
+    /// Decompresses the pending chunks in parallel, then visits their records in order. A
+    /// damaged chunk ends the file after the records of the chunks before it.
+    fn flush(
+        &mut self,
+        intern: &mut Intern<'_>,
+        visit: &mut dyn FnMut(BagMessage<'_>) -> ControlFlow<()>,
+        summary: &mut ReadSummary,
+    ) -> ControlFlow<()> {
+        use rayon::prelude::*;
+        if self.pending.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        let n = self.pending.len();
+        self.scratch
+            .resize_with(n.max(self.scratch.len()), Vec::new);
+        let limit = self.limit;
+        let results: Vec<Result<(), String>> = self
+            .pending
+            .par_iter()
+            .zip(self.scratch.par_iter_mut())
+            .map(|((header, data), buf)| decompress_chunk(header, data, limit, buf))
+            .collect();
+        self.pending.clear();
+        let scratch = std::mem::take(&mut self.scratch);
+        let mut flow = ControlFlow::Continue(());
+        'chunks: for (result, buf) in results.into_iter().zip(&scratch).take(n) {
+            if let Err(e) = result {
+                self.damage = Some(self.damaged(&e));
+                break;
+            }
+            for item in chunk_records(buf) {
+                match item
+                    .and_then(|(op, body)| mcap::parse_record(op, body).map_err(|e| e.to_string()))
+                {
+                    Ok(r) => {
+                        if self.record(r, intern, visit, summary).is_break() {
+                            flow = ControlFlow::Break(());
+                            break 'chunks;
+                        }
+                    }
+                    Err(e) => {
+                        self.damage = Some(self.damaged(&e));
+                        break 'chunks;
+                    }
+                }
+            }
+        }
+        self.scratch = scratch;
+        flow
+    }
+
     fn damaged(&self, e: &dyn std::fmt::Display) -> String {
         format!(
             "{}: damaged after {} messages ({e}); the rest of this file is skipped",
@@ -432,28 +502,17 @@ fn read_mcap(
             "not an MCAP file (no MCAP magic at the start)",
         ));
     }
-    let limit = record_limit(map.len());
+    let mut walk = McapWalk::new(path, record_limit(map.len()), 0);
     let mut reader = LinearReader::new_with_options(
         LinearReaderOptions::default()
             .with_skip_end_magic(true)
             .with_emit_chunks(true)
-            .with_record_length_limit(limit),
+            .with_record_length_limit(walk.limit),
     );
     let mut rest: &[u8] = &map;
-    let mut walk = McapWalk {
-        path,
-        schemas: HashMap::new(),
-        by_channel: HashMap::new(),
-        count: 0,
-        ended: false,
-        damage: None,
-        skip: 0,
-    };
-    let mut scratch: Vec<Vec<u8>> = Vec::new();
-    let mut pending: Vec<(mcap::records::ChunkHeader, Vec<u8>)> = Vec::new();
     let batch = 2 * rayon::current_num_threads();
     while let Some(event) = reader.next_event() {
-        let (opcode, data) = match event {
+        let record = match event {
             Ok(LinearReadEvent::ReadRequest(need)) => {
                 let n = need.min(rest.len());
                 reader.insert(n).copy_from_slice(&rest[..n]);
@@ -461,89 +520,40 @@ fn read_mcap(
                 rest = &rest[n..];
                 continue;
             }
-            Ok(LinearReadEvent::Record { opcode, data }) => (opcode, data),
-            Err(e) => {
-                let flow = walk_chunks(
-                    &mut walk,
-                    &mut pending,
-                    limit,
-                    &mut scratch,
-                    intern,
-                    visit,
-                    summary,
-                )?;
-                if walk.damage.is_none() {
-                    walk.damage = Some(walk.damaged(&e));
-                }
+            Ok(LinearReadEvent::Record { opcode, data }) => mcap::parse_record(opcode, data),
+            Err(e) => Err(e),
+        };
+        // Chunks are decompressed in parallel batches and walked in order; anything else
+        // (damage, the end of the data, a record outside chunks) first walks the batch.
+        let chunk = matches!(record, Ok(Record::Chunk { .. }));
+        if !chunk || walk.pending.len() >= batch {
+            let flow = walk.flush(intern, visit, summary);
+            if flow.is_break() || walk.damage.is_some() {
                 return salvage(path, walk, flow, intern, visit, summary);
             }
-        };
-        let record = match mcap::parse_record(opcode, data) {
-            Ok(r) => r,
-            Err(e) => {
-                let flow = walk_chunks(
-                    &mut walk,
-                    &mut pending,
-                    limit,
-                    &mut scratch,
-                    intern,
-                    visit,
-                    summary,
-                )?;
-                if walk.damage.is_none() {
-                    walk.damage = Some(walk.damaged(&e));
-                }
-                return salvage(path, walk, flow, intern, visit, summary);
-            }
-        };
+        }
         match record {
-            Record::Chunk { header, data } => {
-                // Chunks are decompressed in parallel batches, walked in order.
-                pending.push((header, data.into_owned()));
-                if pending.len() >= batch {
-                    let flow = walk_chunks(
-                        &mut walk,
-                        &mut pending,
-                        limit,
-                        &mut scratch,
-                        intern,
-                        visit,
-                        summary,
-                    )?;
-                    if flow.is_break() || walk.ended {
-                        return salvage(path, walk, flow, intern, visit, summary);
-                    }
-                }
-            }
-            Record::DataEnd(_) | Record::Footer(_) => break,
-            other => {
-                let flow = walk_chunks(
-                    &mut walk,
-                    &mut pending,
-                    limit,
-                    &mut scratch,
-                    intern,
-                    visit,
-                    summary,
-                )?;
-                if flow.is_break() || walk.ended {
-                    return salvage(path, walk, flow, intern, visit, summary);
-                }
+            Ok(Record::Chunk { header, data }) => walk.pending.push((header, data.into_owned())),
+            Ok(Record::DataEnd(_) | Record::Footer(_)) => break,
+            Ok(other) => {
                 if walk.record(other, intern, visit, summary).is_break() {
                     return Ok(ControlFlow::Break(()));
                 }
             }
+            Err(e) => {
+                walk.damage = Some(walk.damaged(&e));
+                return salvage(
+                    path,
+                    walk,
+                    ControlFlow::Continue(()),
+                    intern,
+                    visit,
+                    summary,
+                );
+            }
         }
     }
-    let flow = walk_chunks(
-        &mut walk,
-        &mut pending,
-        limit,
-        &mut scratch,
-        intern,
-        visit,
-        summary,
-    )?;
+    let flow = walk.flush(intern, visit, summary);
     salvage(path, walk, flow, intern, visit, summary)
 }
 
@@ -570,15 +580,7 @@ fn salvage(
             .with_skip_end_magic(true)
             .with_record_length_limit(record_limit(map.len())),
     );
-    let mut walk = McapWalk {
-        path,
-        schemas: HashMap::new(),
-        by_channel: HashMap::new(),
-        count: 0,
-        ended: false,
-        damage: None,
-        skip: fast.count,
-    };
+    let mut walk = McapWalk::new(path, record_limit(map.len()), fast.count);
     let mut rest: &[u8] = &map;
     while let Some(event) = reader.next_event() {
         let record = match event {
@@ -607,55 +609,6 @@ fn salvage(
     }
     // The streaming reader got past what stopped the fast one: report the first damage.
     summary.warnings.push(damage);
-    Ok(ControlFlow::Continue(()))
-}
-
-/// Decompresses the pending chunks in parallel, then visits their records in order. A damaged
-/// chunk ends the file (warning) after the records of the chunks before it.
-fn walk_chunks(
-    walk: &mut McapWalk<'_>,
-    pending: &mut Vec<(mcap::records::ChunkHeader, Vec<u8>)>,
-    limit: usize,
-    scratch: &mut Vec<Vec<u8>>,
-    intern: &mut Intern<'_>,
-    visit: &mut dyn FnMut(BagMessage<'_>) -> ControlFlow<()>,
-    summary: &mut ReadSummary,
-) -> Result<ControlFlow<()>, BagError> {
-    use rayon::prelude::*;
-    if pending.is_empty() {
-        return Ok(ControlFlow::Continue(()));
-    }
-    scratch.resize_with(pending.len().max(scratch.len()), Vec::new);
-    let results: Vec<Result<(), String>> = pending
-        .par_iter()
-        .zip(scratch.par_iter_mut())
-        .map(|((header, data), buf)| decompress_chunk(header, data, limit, buf))
-        .collect();
-    let n = pending.len();
-    pending.clear();
-    for (result, buf) in results.into_iter().zip(scratch.iter()).take(n) {
-        if let Err(e) = result {
-            walk.damage = Some(walk.damaged(&e));
-            walk.ended = true;
-            return Ok(ControlFlow::Continue(()));
-        }
-        for item in chunk_records(buf) {
-            let inner =
-                item.and_then(|(op, body)| mcap::parse_record(op, body).map_err(|e| e.to_string()));
-            match inner {
-                Ok(r) => {
-                    if walk.record(r, intern, visit, summary).is_break() {
-                        return Ok(ControlFlow::Break(()));
-                    }
-                }
-                Err(e) => {
-                    walk.damage = Some(walk.damaged(&e));
-                    walk.ended = true;
-                    return Ok(ControlFlow::Continue(()));
-                }
-            }
-        }
-    }
     Ok(ControlFlow::Continue(()))
 }
 

@@ -18,6 +18,9 @@ use std::collections::{BTreeMap, VecDeque};
 /// 0.2 µs of rounding, and a response due at a tick must be used at that tick in every clock.
 const TIME_EPS: f64 = 1e-6;
 
+/// Calls whose durations the diagnostics' percentiles cover.
+const RECENT_LATENCIES: usize = 100;
+
 /// What the node publishes for an action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommandMode {
@@ -112,10 +115,10 @@ pub struct TickOutput {
     /// The hold reason differs from the previous tick's (log it).
     pub hold_changed: bool,
     pub diagnostics: Option<Diagnostics>,
-    pub status: Status,
 }
 
-/// The node's state at a tick (`bitvla_ros/msg/PolicyStatus`).
+/// The node's state at the last tick (`bitvla_ros/msg/PolicyStatus`), from
+/// [`ControlCore::status`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Status {
     /// 1 waiting for an instruction, 2 inferring (first chunk), 3 executing, 4 holding.
@@ -146,7 +149,6 @@ pub struct CoreStats {
     pub instructions: u64,
     /// Ticks held, by reason ([`Hold::kind`]).
     pub holds: BTreeMap<&'static str, u64>,
-    pub latencies_s: Vec<f64>,
 }
 
 #[derive(Default)]
@@ -405,7 +407,11 @@ pub struct ControlCore {
     pending: VecDeque<(f64, Response)>,
     sequence: u64,
     last_hold: Option<Hold>,
-    status: String,
+    /// (chunk id, action index) the last tick executed.
+    last_source: Option<(u64, usize)>,
+    /// Durations of the last [`RECENT_LATENCIES`] calls (diagnostics; bounded for a node that
+    /// runs for weeks).
+    recent_latencies: VecDeque<f64>,
     last_error: String,
     stats: CoreStats,
     diag_every: u64,
@@ -424,7 +430,8 @@ impl ControlCore {
             pending: VecDeque::new(),
             sequence: 0,
             last_hold: None,
-            status: "starting".into(),
+            last_source: None,
+            recent_latencies: VecDeque::new(),
             last_error: String::new(),
             stats: CoreStats::default(),
             diag_every,
@@ -525,7 +532,10 @@ impl ControlCore {
             match r.result {
                 Ok(chunk) => {
                     self.stats.chunks += 1;
-                    self.stats.latencies_s.push(r.latency_s);
+                    if self.recent_latencies.len() == RECENT_LATENCIES {
+                        self.recent_latencies.pop_front();
+                    }
+                    self.recent_latencies.push_back(r.latency_s);
                     let rows = chunk
                         .actions
                         .chunks(chunk.action_dim.max(1))
@@ -638,29 +648,8 @@ impl ControlCore {
         };
         if let Some(h) = &hold {
             *self.stats.holds.entry(h.kind()).or_default() += 1;
-            self.status = h.to_string();
-        } else {
-            self.status = if self.config.dry_run {
-                "executing (dry run)".into()
-            } else {
-                "executing".into()
-            };
         }
-        out.status = Status {
-            state: match &hold {
-                None => 3,
-                Some(Hold::NoInstruction) => 1,
-                Some(Hold::NoChunk) => 2,
-                Some(_) => 4,
-            },
-            reason: hold.as_ref().map_or(String::new(), ToString::to_string),
-            instruction: self.inputs.instruction.clone().unwrap_or_default(),
-            chunk: if hold.is_none() { tick.source } else { None },
-            inferences: self.stats.requests,
-            last_latency_s: self.stats.latencies_s.last().copied(),
-            camera_age_s: newest.map(|t| now - t),
-            dry_run: self.config.dry_run,
-        };
+        self.last_source = if hold.is_none() { tick.source } else { None };
         out.hold_changed = match (&hold, &self.last_hold) {
             (Some(a), Some(b)) => a.kind() != b.kind(),
             (None, None) => false,
@@ -673,6 +662,28 @@ impl ControlCore {
             self.last_diag = Some((now, self.stats.frames_received));
         }
         out
+    }
+
+    /// The state after the last tick, at `now` (that tick's time).
+    pub fn status(&self, now: f64) -> Status {
+        Status {
+            state: match &self.last_hold {
+                None => 3,
+                Some(Hold::NoInstruction) => 1,
+                Some(Hold::NoChunk) => 2,
+                Some(_) => 4,
+            },
+            reason: self
+                .last_hold
+                .as_ref()
+                .map_or(String::new(), ToString::to_string),
+            instruction: self.inputs.instruction.clone().unwrap_or_default(),
+            chunk: self.last_source,
+            inferences: self.stats.requests,
+            last_latency_s: self.recent_latencies.back().copied(),
+            camera_age_s: self.newest_frame().map(|t| now - t),
+            dry_run: self.config.dry_run,
+        }
     }
 
     /// A chunk is being executed (ticks output its actions).
@@ -769,16 +780,20 @@ impl ControlCore {
     }
 
     fn diagnostics(&self, now: f64, newest: Option<f64>) -> Diagnostics {
-        let recent = &self.stats.latencies_s[self.stats.latencies_s.len().saturating_sub(100)..];
+        let recent: Vec<f64> = self.recent_latencies.iter().copied().collect();
         let fmt = |v: Option<f64>| v.map_or("n/a".to_owned(), |x| format!("{:.1}", x * 1e3));
         let kv = |k: &str, v: String| (k.to_owned(), v);
         let s = &self.stats;
         Diagnostics {
             level: u8::from(self.last_hold.is_some()),
-            message: self.status.clone(),
+            message: match (&self.last_hold, self.config.dry_run) {
+                (Some(h), _) => h.to_string(),
+                (None, true) => "executing (dry run)".into(),
+                (None, false) => "executing".into(),
+            },
             values: vec![
-                kv("inference_latency_p50_ms", fmt(percentile(recent, 0.5))),
-                kv("inference_latency_p95_ms", fmt(percentile(recent, 0.95))),
+                kv("inference_latency_p50_ms", fmt(percentile(&recent, 0.5))),
+                kv("inference_latency_p95_ms", fmt(percentile(&recent, 0.95))),
                 kv("chunks", s.chunks.to_string()),
                 kv("failed_calls", s.failed_calls.to_string()),
                 kv("commands_published", s.commands.to_string()),

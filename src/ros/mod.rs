@@ -381,23 +381,7 @@ pub fn run_node() -> anyhow::Result<()> {
                                 }],
                             })
                         } else if let Some(publisher) = &positions_pub {
-                            let m = crate::replay::joint_positions_message(&joint_names, positions);
-                            publisher.publish(&r2r::std_msgs::msg::Float64MultiArray {
-                                layout: r2r::std_msgs::msg::MultiArrayLayout {
-                                    dim: m
-                                        .layout
-                                        .dim
-                                        .into_iter()
-                                        .map(|d| r2r::std_msgs::msg::MultiArrayDimension {
-                                            label: d.label,
-                                            size: d.size,
-                                            stride: d.stride,
-                                        })
-                                        .collect(),
-                                    data_offset: 0,
-                                },
-                                data: m.data,
-                            })
+                            publisher.publish(&float64_vector("joints", positions.clone()))
                         } else {
                             Ok(())
                         }
@@ -408,17 +392,7 @@ pub fn run_node() -> anyhow::Result<()> {
                     r2r::log_error!(&log, "publishing the command: {e}");
                 }
                 if let (Some(publisher), Some(g)) = (&gripper_pub, out.gripper) {
-                    let msg = r2r::std_msgs::msg::Float64MultiArray {
-                        layout: r2r::std_msgs::msg::MultiArrayLayout {
-                            dim: vec![r2r::std_msgs::msg::MultiArrayDimension {
-                                label: "gripper".into(),
-                                size: 1,
-                                stride: 1,
-                            }],
-                            data_offset: 0,
-                        },
-                        data: vec![g],
-                    };
+                    let msg = float64_vector("gripper", vec![g]);
                     if let Err(e) = publisher.publish(&msg) {
                         r2r::log_error!(&log, "publishing the gripper command: {e}");
                     }
@@ -469,6 +443,23 @@ pub fn run_node() -> anyhow::Result<()> {
     // Commands stop with the process (MoveIt Servo halts after its command timeout); an
     // inference in flight is not waited for.
     std::process::exit(0)
+}
+
+/// A one-dimensional `Float64MultiArray` whose layout names its values (as
+/// [`crate::bag::msgs::Float64MultiArray::vector`] writes it into bags).
+fn float64_vector(label: &str, data: Vec<f64>) -> r2r::std_msgs::msg::Float64MultiArray {
+    let n = data.len() as u32;
+    r2r::std_msgs::msg::Float64MultiArray {
+        layout: r2r::std_msgs::msg::MultiArrayLayout {
+            dim: vec![r2r::std_msgs::msg::MultiArrayDimension {
+                label: label.into(),
+                size: n,
+                stride: n,
+            }],
+            data_offset: 0,
+        },
+        data,
+    }
 }
 
 fn vector3(v: &[f64; 3]) -> r2r::geometry_msgs::msg::Vector3 {
