@@ -2,8 +2,8 @@
 //! sums and the f32 outputs, on shapes with K, N and M tails, for 1, 2 and 3 threads.
 
 use bitvla_ros::kernels::{
-    KernelKind, QuantizedActivations, TernaryMatrix, quantize_activations, reference,
-    ternary_matmul, ternary_matmul_i32, ternary_matmul_with,
+    ActLayout, KernelKind, QuantizedActivations, TernaryMatrix, quantize_activations,
+    quantize_activations_for, reference, ternary_matmul, ternary_matmul_i32, ternary_matmul_with,
 };
 
 struct Rng(u64);
@@ -31,12 +31,25 @@ fn pool(threads: usize) -> rayon::ThreadPool {
         .expect("thread pool")
 }
 
-fn case(
-    rng: &mut Rng,
-    m: usize,
-    k: usize,
-    n: usize,
-) -> (QuantizedActivations, TernaryMatrix, Vec<f32>) {
+struct Case {
+    /// In the selected kernel's layout.
+    q: QuantizedActivations,
+    /// In both layouts, quantized directly.
+    by_layout: [QuantizedActivations; 2],
+    w: TernaryMatrix,
+    bias: Vec<f32>,
+}
+
+impl Case {
+    /// The activations as `kind` reads them natively, or (`native == false`) in the other layout,
+    /// which the driver converts.
+    fn act_for(&self, kind: KernelKind, native: bool) -> &QuantizedActivations {
+        let blocked = (kind.act_layout() == ActLayout::Blocked) == native;
+        &self.by_layout[if blocked { 0 } else { 1 }]
+    }
+}
+
+fn case(rng: &mut Rng, m: usize, k: usize, n: usize) -> Case {
     // Activations with occasional extreme values and exact zeros, so codes hit ±127 and 0.
     let x: Vec<f32> = (0..m * k)
         .map(|_| match rng.below(16) {
@@ -49,8 +62,18 @@ fn case(
     let weights = TernaryMatrix::from_f32(&w, n, k).unwrap();
     let mut q = QuantizedActivations::new();
     quantize_activations(&x, m, k, weights.k_padded(), &mut q).unwrap();
+    let by_layout = [ActLayout::Blocked, ActLayout::Tiles].map(|layout| {
+        let mut q = QuantizedActivations::new();
+        quantize_activations_for(layout, &x, m, k, weights.k_padded(), &mut q).unwrap();
+        q
+    });
     let bias: Vec<f32> = (0..n).map(|_| rng.uniform()).collect();
-    (q, weights, bias)
+    Case {
+        q,
+        by_layout,
+        w: weights,
+        bias,
+    }
 }
 
 #[test]
@@ -68,32 +91,38 @@ fn all_kernels_match_the_reference_on_random_shapes_with_tails() {
         (25, 1152 + 16, 47),
         (17, 4304, 40), // ViT fc2's K (16·269)
         (3, 6912, 33),  // the LLM down_proj K
+        (33, 640, 64),  // AMX: one row past a 32-row block, K = 10 tile steps
+        (64, 2560, 96), // AMX: whole blocks, several K chunks
+        (40, 1040, 70), // AMX: K chunk ending inside a 64-k step
     ];
     for _ in 0..12 {
         shapes.push((1 + rng.below(40), 1 + rng.below(300), 1 + rng.below(100)));
     }
-    for &(m, k, n) in &shapes {
-        let (q, w, bias) = case(&mut rng, m, k, n);
-        let expect_i32 = reference::matmul_i32(&q, &w);
-        let expect_f32 = reference::matmul_f32(&q, &w, Some(&bias));
-        let expect_f32_nobias = reference::matmul_f32(&q, &w, None);
+    for (i, &(m, k, n)) in shapes.iter().enumerate() {
+        let c = case(&mut rng, m, k, n);
+        let (w, bias) = (&c.w, &c.bias);
+        let expect_i32 = reference::matmul_i32(&c.q, w);
+        let expect_f32 = reference::matmul_f32(&c.q, w, Some(bias));
+        let expect_f32_nobias = reference::matmul_f32(&c.q, w, None);
         for &kind in &kernels {
+            // Every third shape hands the kernel the other layout (converted by the driver).
+            let q = c.act_for(kind, i % 3 != 2);
             for threads in [1, 2, 3] {
                 pool(threads).install(|| {
                     let mut got = vec![0i32; m * n];
-                    ternary_matmul_i32(kind, &q, &w, &mut got).unwrap();
+                    ternary_matmul_i32(kind, q, w, &mut got).unwrap();
                     assert_eq!(
                         got, expect_i32,
                         "{kind} i32, m={m} k={k} n={n} threads={threads}"
                     );
                     let mut y = vec![f32::NAN; m * n];
-                    ternary_matmul_with(kind, &q, &w, Some(&bias), &mut y).unwrap();
+                    ternary_matmul_with(kind, q, w, Some(bias), &mut y).unwrap();
                     let same = y
                         .iter()
                         .zip(&expect_f32)
                         .all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{kind} f32+bias, m={m} k={k} n={n} threads={threads}");
-                    ternary_matmul_with(kind, &q, &w, None, &mut y).unwrap();
+                    ternary_matmul_with(kind, q, w, None, &mut y).unwrap();
                     let same = y
                         .iter()
                         .zip(&expect_f32_nobias)
@@ -127,6 +156,8 @@ fn extreme_codes_do_not_overflow() {
         let expect = reference::matmul_i32(&q, &w);
         assert!(expect.iter().any(|v| v.abs() > 100_000));
         for kind in KernelKind::supported() {
+            let mut q = QuantizedActivations::new();
+            quantize_activations_for(kind.act_layout(), &x, m, k, w.k_padded(), &mut q).unwrap();
             let mut got = vec![0i32; m * n];
             ternary_matmul_i32(kind, &q, &w, &mut got).unwrap();
             assert_eq!(got, expect, "{kind} sign={sign}");
@@ -172,12 +203,12 @@ fn fused_matrices_keep_per_part_scales() {
 #[test]
 fn mismatched_shapes_are_errors() {
     let mut rng = Rng(3);
-    let (q, w, _) = case(&mut rng, 4, 32, 16);
+    let Case { q, w, .. } = case(&mut rng, 4, 32, 16);
     let mut out = vec![0.0; 4 * 15];
     assert!(ternary_matmul(&q, &w, None, &mut out).is_err());
     let mut out = vec![0.0; 4 * 16];
     assert!(ternary_matmul(&q, &w, Some(&[0.0; 3]), &mut out).is_err());
-    let (_, w_other, _) = case(&mut rng, 4, 48, 16);
+    let w_other = case(&mut rng, 4, 48, 16).w;
     assert!(ternary_matmul(&q, &w_other, None, &mut out).is_err());
     let empty = QuantizedActivations::new();
     assert!(ternary_matmul(&empty, &w, None, &mut out).is_err());
@@ -188,7 +219,9 @@ fn the_best_kernel_is_selected_and_supported() {
     let best = KernelKind::best();
     assert!(best.is_supported());
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512vnni")
+    if KernelKind::AmxInt8.is_supported() {
+        assert_eq!(best, KernelKind::AmxInt8);
+    } else if std::arch::is_x86_feature_detected!("avx512vnni")
         && std::arch::is_x86_feature_detected!("avx512bw")
     {
         assert_eq!(best, KernelKind::Avx512Vnni);

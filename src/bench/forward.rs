@@ -37,6 +37,10 @@ pub struct Report {
     pub peak_gops: Option<f64>,
     /// Compute floor of the ternary work at the calibrated peak / measured forward time.
     pub efficiency: Option<f64>,
+    /// The register-only vector int8 peak (VNNI/AVX2/NEON loop): the denominator of the
+    /// efficiency target; equal to `peak_gops` except for the AMX kernel.
+    pub vector_peak_gops: Option<f64>,
+    pub efficiency_vs_vector_peak: Option<f64>,
     /// f32 FLOPs of the attention products, which the ternary floor leaves out.
     pub attention_gflop: f64,
     pub f32_peak_gflops: Option<f64>,
@@ -102,24 +106,33 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let obs = observation(&policy);
     let kernel = KernelKind::selected();
     let peak_loop = PeakLoop::for_kernel(kernel);
-    let mut peaks = Vec::new();
-    let calib = |peaks: &mut Vec<f64>| {
+    let vector_loop = PeakLoop::vector_for_kernel(kernel).filter(|&l| Some(l) != peak_loop);
+    let (mut peaks, mut vector_peaks) = (Vec::new(), Vec::new());
+    let calib = |peaks: &mut Vec<f64>, vector: &mut Vec<f64>| {
         if let Some(p) = peak_loop.and_then(|l| calibrate(l, &pool, opts.calib_seconds)) {
             peaks.push(p);
         }
+        if let Some(p) = vector_loop.and_then(|l| calibrate(l, &pool, opts.calib_seconds)) {
+            vector.push(p);
+        }
     };
-    calib(&mut peaks);
+    calib(&mut peaks, &mut vector_peaks);
     let warm = pool.install(|| policy.predict(&obs))?;
     let mut timings = Vec::new();
     for _ in 0..opts.reps.max(1) {
         let chunk = pool.install(|| policy.predict(&obs))?;
         timings.push(chunk.timings);
-        calib(&mut peaks);
+        calib(&mut peaks, &mut vector_peaks);
     }
     let peak_rss_bytes = proc_status_bytes("VmHWM:");
     let stages = stage_medians(&timings);
     let ops = policy.ternary_ops(warm.tokens, obs.images.len());
     let peak_gops = (!peaks.is_empty()).then(|| median(&mut peaks));
+    let vector_peak_gops = if vector_loop.is_some() {
+        (!vector_peaks.is_empty()).then(|| median(&mut vector_peaks))
+    } else {
+        peak_gops
+    };
     let mut f32_peaks: Vec<f64> = (0..3)
         .filter_map(|_| calibrate(PeakLoop::F32Fma, &pool, opts.calib_seconds))
         .collect();
@@ -166,6 +179,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         achieved_gops: ops / seconds / 1e9,
         peak_gops,
         efficiency: peak_gops.map(|p| ops / 1e9 / p / seconds),
+        vector_peak_gops,
+        efficiency_vs_vector_peak: vector_peak_gops.map(|p| ops / 1e9 / p / seconds),
         attention_gflop: attention / 1e9,
         f32_peak_gflops,
         efficiency_with_attention: peak_gops

@@ -7,7 +7,7 @@ use super::machine::{OtherCpu, cpu_features, cpu_model, loadavg_1m};
 use super::peak::{PeakLoop, calibrate};
 use crate::kernels::f32_linear::linear_gemm_parallel;
 use crate::kernels::{
-    KernelKind, QuantizedActivations, TernaryMatrix, pseudo_random, quantize_activations,
+    KernelKind, QuantizedActivations, TernaryMatrix, pseudo_random, quantize_activations_for,
     ternary_matmul_with,
 };
 use serde::Serialize;
@@ -86,8 +86,13 @@ pub struct Record {
     pub threads: usize,
     pub kernel: &'static str,
     pub gops: f64,
+    /// The peak of the kernel's own int8 instruction (for the AMX kernel: `tdpbusd` tiles).
     pub peak_gops: Option<f64>,
     pub efficiency: Option<f64>,
+    /// The register-only vector int8 peak (VNNI `vpdpbusd`, AVX2 or NEON `sdot`): the
+    /// denominator of the efficiency targets; equal to `peak_gops` except for the AMX kernel.
+    pub vector_peak_gops: Option<f64>,
+    pub efficiency_vs_vector_peak: Option<f64>,
     pub f32_gflops: f64,
     pub speedup_vs_f32: f64,
     pub median_ms: f64,
@@ -111,6 +116,8 @@ pub struct Summary {
     pub threads: usize,
     pub median_efficiency: Option<f64>,
     pub min_efficiency: Option<f64>,
+    pub median_efficiency_vs_vector_peak: Option<f64>,
+    pub min_efficiency_vs_vector_peak: Option<f64>,
     pub median_speedup_vs_f32: f64,
     pub min_speedup_vs_f32: f64,
     /// t(threads) / t(1 thread) per shape (only for threads > 1).
@@ -177,7 +184,8 @@ impl Case {
     fn ternary(&mut self, shape: &Shape, kernel: KernelKind) -> anyhow::Result<(f64, f64)> {
         let t = Instant::now();
         let k_padded = self.packed.k_padded();
-        quantize_activations(&self.x, shape.m, shape.k, k_padded, &mut self.q)?;
+        let layout = kernel.act_layout();
+        quantize_activations_for(layout, &self.x, shape.m, shape.k, k_padded, &mut self.q)?;
         let quantized = t.elapsed().as_secs_f64();
         let bias = self.bias.as_deref();
         ternary_matmul_with(kernel, &self.q, &self.packed, bias, &mut self.y)?;
@@ -209,18 +217,23 @@ pub fn run(
     let load_at_start = head.loadavg_1m;
     emit(&serde_json::to_value(&head)?);
     let peak_loop = PeakLoop::for_kernel(opts.kernel);
+    let vector_loop = PeakLoop::vector_for_kernel(opts.kernel).filter(|&l| Some(l) != peak_loop);
     let mut records = Vec::new();
     for &threads in &opts.threads {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()?;
         let mut calibrations: Vec<f64> = Vec::new();
-        let calib = |calibrations: &mut Vec<f64>| {
+        let mut vector_calibrations: Vec<f64> = Vec::new();
+        let calib = |calibrations: &mut Vec<f64>, vector: &mut Vec<f64>| {
             if let Some(p) = peak_loop.and_then(|l| calibrate(l, &pool, opts.calib_seconds)) {
                 calibrations.push(p);
             }
+            if let Some(p) = vector_loop.and_then(|l| calibrate(l, &pool, opts.calib_seconds)) {
+                vector.push(p);
+            }
         };
-        calib(&mut calibrations);
+        calib(&mut calibrations, &mut vector_calibrations);
         for shape in &opts.shapes {
             let mut case = Case::new(shape)?;
             let (mut tern, mut base, mut quant) = (Vec::new(), Vec::new(), Vec::new());
@@ -237,7 +250,7 @@ pub fn run(
                 Ok(())
             })?;
             let other_cpu = window.finish();
-            calib(&mut calibrations);
+            calib(&mut calibrations, &mut vector_calibrations);
 
             let (t_med, f_med) = (median(&mut tern), median(&mut base));
             let (t_min, f_min) = (tern[0], base[0]);
@@ -262,6 +275,11 @@ pub fn run(
                 reasons.push(format!("calibration spread {:.0}% > 10%", s * 100.0));
             }
             let gops = shape.ops() / t_med / 1e9;
+            let vector_peak = if vector_loop.is_some() {
+                (!vector_calibrations.is_empty()).then(|| median(&mut vector_calibrations.clone()))
+            } else {
+                peak
+            };
             let record = Record {
                 kind: "result",
                 shape: shape.label(),
@@ -274,6 +292,8 @@ pub fn run(
                 gops,
                 peak_gops: peak,
                 efficiency: peak.map(|p| gops / p),
+                vector_peak_gops: vector_peak,
+                efficiency_vs_vector_peak: vector_peak.map(|p| gops / p),
                 f32_gflops: shape.ops() / f_med / 1e9,
                 speedup_vs_f32: f_med / t_med,
                 median_ms: t_med * 1e3,
@@ -307,6 +327,10 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
         .map(|t| {
             let rs: Vec<&Record> = records.iter().filter(|r| r.threads == t).collect();
             let mut eff: Vec<f64> = rs.iter().filter_map(|r| r.efficiency).collect();
+            let mut vec_eff: Vec<f64> = rs
+                .iter()
+                .filter_map(|r| r.efficiency_vs_vector_peak)
+                .collect();
             let mut speed: Vec<f64> = rs.iter().map(|r| r.speedup_vs_f32).collect();
             let ratios = if t > 1 {
                 rs.iter()
@@ -325,6 +349,9 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
                 threads: t,
                 median_efficiency: (!eff.is_empty()).then(|| median(&mut eff)),
                 min_efficiency: eff.iter().cloned().reduce(f64::min),
+                median_efficiency_vs_vector_peak: (!vec_eff.is_empty())
+                    .then(|| median(&mut vec_eff)),
+                min_efficiency_vs_vector_peak: vec_eff.iter().cloned().reduce(f64::min),
                 median_speedup_vs_f32: median(&mut speed),
                 min_speedup_vs_f32: speed.iter().cloned().fold(f64::INFINITY, f64::min),
                 time_ratio_vs_1_thread: ratios,

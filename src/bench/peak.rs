@@ -17,8 +17,8 @@ pub enum PeakLoop {
     NeonDot,
     /// `vfmadd zmm` (f32): 32 flops; `ymm` on AVX2-only machines: 16.
     F32Fma,
-    /// AMX `tdpbusd` on 16x64-byte tiles: 16x16x64 int8 MACs = 32768 ops per instruction. Not
-    /// a kernel of ours yet: measured to size the next kernel (`bitvla bench peaks`).
+    /// AMX `tdpbusd` on 16x64-byte tiles: 16x16x64 int8 MACs = 32768 ops per instruction (the
+    /// AMX kernel's `tdpbssd` has the same throughput).
     AmxInt8,
 }
 
@@ -26,12 +26,25 @@ impl PeakLoop {
     /// The int8 loop matching a GEMM kernel (None for the scalar kernel).
     pub fn for_kernel(kind: KernelKind) -> Option<Self> {
         match kind {
+            KernelKind::AmxInt8 => Some(PeakLoop::AmxInt8),
             KernelKind::Avx512Vnni => Some(PeakLoop::Avx512Vnni),
             KernelKind::Avx2 => Some(PeakLoop::Avx2),
             KernelKind::NeonDot | KernelKind::NeonMull => {
                 cfg!(target_arch = "aarch64").then_some(PeakLoop::NeonDot)
             }
             KernelKind::Scalar => None,
+        }
+    }
+}
+
+impl PeakLoop {
+    /// The register-only vector int8 loop (VNNI, AVX2 or NEON) the efficiency targets of the
+    /// kernel issues are defined against: the kernel's own loop, except for the AMX kernel,
+    /// whose tiles are a different execution unit with its own, far higher peak.
+    pub fn vector_for_kernel(kind: KernelKind) -> Option<Self> {
+        match kind {
+            KernelKind::AmxInt8 => Some(PeakLoop::Avx512Vnni),
+            other => Self::for_kernel(other),
         }
     }
 }
@@ -66,7 +79,7 @@ fn run_loop(which: PeakLoop, iters: u64) -> f64 {
             iters as f64 * ACCUMULATORS as f64 * 16.0
         }
         #[cfg(target_arch = "x86_64")]
-        PeakLoop::AmxInt8 if x86::amx_int8_available() => {
+        PeakLoop::AmxInt8 if KernelKind::AmxInt8.is_supported() => {
             // SAFETY: CPU support and the kernel's permission for the tile state checked.
             unsafe { x86::amx(iters) };
             iters as f64 * 4.0 * 32768.0
@@ -100,14 +113,7 @@ pub fn calibrate(which: PeakLoop, pool: &rayon::ThreadPool, seconds: f64) -> Opt
 
 /// AMX-INT8 is usable here: the CPU has it and the OS grants the tile data state.
 pub fn amx_int8_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        x86::amx_int8_available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    KernelKind::AmxInt8.is_supported()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -116,26 +122,6 @@ mod x86 {
     use std::arch::asm;
     use std::arch::x86_64::*;
 
-    /// CPUID.(7,0):EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), then Linux's
-    /// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)` for this process (once).
-    pub(super) fn amx_int8_available() -> bool {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            let leaf = __cpuid_count(7, 0);
-            let hw = leaf.edx & (1 << 24) != 0 && leaf.edx & (1 << 25) != 0;
-            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-            const XFEATURE_XTILEDATA: libc::c_long = 18;
-            // SAFETY: a plain syscall with integer arguments.
-            hw && unsafe {
-                libc::syscall(
-                    libc::SYS_arch_prctl,
-                    ARCH_REQ_XCOMP_PERM,
-                    XFEATURE_XTILEDATA,
-                )
-            } == 0
-        })
-    }
-
     #[repr(C, align(64))]
     struct TileConfig([u8; 64]);
 
@@ -143,7 +129,7 @@ mod x86 {
     /// (tmm4-5) and two B (tmm6-7) tiles, all 16 rows x 64 bytes.
     ///
     /// # Safety
-    /// [`amx_int8_available`] must have returned true.
+    /// `KernelKind::AmxInt8.is_supported()` must have returned true.
     pub(super) unsafe fn amx(iters: u64) {
         let mut cfg = TileConfig([0; 64]);
         cfg.0[0] = 1; // palette 1

@@ -258,7 +258,7 @@ struct KernelsArgs {
     /// Interleaved repetitions per side (median reported).
     #[arg(long, default_value_t = 7)]
     reps: usize,
-    /// Kernel to measure (scalar, avx2, avx512vnni, neon-sdot, neon-smull); default: the best.
+    /// Kernel to measure (scalar, amx-int8, avx512vnni, avx2, neon-sdot, neon-smull); default: the best.
     #[arg(long)]
     kernel: Option<String>,
     /// LLM tokens (M of the LLM shapes).
@@ -631,6 +631,17 @@ fn bench_forward(args: ForwardArgs) -> anyhow::Result<()> {
             report.peak_gops.map_or("?".into(), |p| format!("{p:.1}")),
             report.efficiency.map_or("?".into(), |e| format!("{e:.3}"))
         );
+        if report.vector_peak_gops != report.peak_gops {
+            println!(
+                "  vector int8 peak {} GOP/s; efficiency against it {}",
+                report
+                    .vector_peak_gops
+                    .map_or("?".into(), |p| format!("{p:.1}")),
+                report
+                    .efficiency_vs_vector_peak
+                    .map_or("?".into(), |e| format!("{e:.3}"))
+            );
+        }
         println!(
             "  attention {:.0} GFLOP f32 (f32 peak {} GFLOP/s); efficiency counting it {}",
             report.attention_gflop,
@@ -809,13 +820,22 @@ fn print_human(out: &mut impl Write, line: &serde_json::Value) -> std::io::Resul
             )?;
             writeln!(
                 out,
-                "{:<24} {:>16} {:>3} {:>9} {:>8} {:>9} {:>6} {:>9} {:>8}  noisy",
-                "layer", "MxKxN", "thr", "ms", "GOP/s", "peak", "eff", "f32 GF/s", "speedup"
+                "{:<24} {:>16} {:>3} {:>9} {:>8} {:>9} {:>6} {:>7} {:>9} {:>8}  noisy",
+                "layer",
+                "MxKxN",
+                "thr",
+                "ms",
+                "GOP/s",
+                "peak",
+                "eff",
+                "vec eff",
+                "f32 GF/s",
+                "speedup"
             )
         }
         Some("result") => writeln!(
             out,
-            "{:<24} {:>16} {:>3} {:>9.2} {:>8.1} {:>9.1} {:>6.3} {:>9.1} {:>7.2}x  {}",
+            "{:<24} {:>16} {:>3} {:>9.2} {:>8.1} {:>9.1} {:>6.3} {:>7.3} {:>9.1} {:>7.2}x  {}",
             line["layer"].as_str().unwrap_or("?"),
             line["shape"].as_str().unwrap_or("?"),
             line["threads"],
@@ -823,6 +843,7 @@ fn print_human(out: &mut impl Write, line: &serde_json::Value) -> std::io::Resul
             f("gops").unwrap_or(f64::NAN),
             f("peak_gops").unwrap_or(f64::NAN),
             f("efficiency").unwrap_or(f64::NAN),
+            f("efficiency_vs_vector_peak").unwrap_or(f64::NAN),
             f("f32_gflops").unwrap_or(f64::NAN),
             f("speedup_vs_f32").unwrap_or(f64::NAN),
             if line["noisy"].as_bool() == Some(true) {
@@ -833,10 +854,12 @@ fn print_human(out: &mut impl Write, line: &serde_json::Value) -> std::io::Resul
         ),
         Some("summary") => writeln!(
             out,
-            "threads {}: median efficiency {:.3} (min {:.3}), median speedup vs f32 {:.2}x (min {:.2}x){}{}",
+            "threads {}: median efficiency {:.3} (min {:.3}); against the vector int8 peak {:.3} (min {:.3}); median speedup vs f32 {:.2}x (min {:.2}x){}{}",
             line["threads"],
             f("median_efficiency").unwrap_or(f64::NAN),
             f("min_efficiency").unwrap_or(f64::NAN),
+            f("median_efficiency_vs_vector_peak").unwrap_or(f64::NAN),
+            f("min_efficiency_vs_vector_peak").unwrap_or(f64::NAN),
             f("median_speedup_vs_f32").unwrap_or(f64::NAN),
             f("min_speedup_vs_f32").unwrap_or(f64::NAN),
             match line["time_ratio_vs_1_thread"].as_array() {

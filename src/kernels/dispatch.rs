@@ -6,18 +6,21 @@
 
 use super::AlignedBytes;
 use super::pack::PANEL_COLS;
-use super::quant::ROWS_PER_BLOCK;
+use super::quant::{ActLayout, ROWS_PER_BLOCK};
 use super::tile::{
     Accumulators, Tile, TileFn, TileOutput, UNPACKED_BLOCK_BYTES, tile_scalar, unpack_panel,
 };
 use super::{KernelError, QuantizedActivations, Result, TernaryMatrix};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
 /// A ternary GEMM implementation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelKind {
+    /// x86-64 AMX-INT8 `tdpbssd` (32 × 32 blocks of four 16 × 16 tiles), via `asm!`.
+    AmxInt8,
     /// Portable Rust over the packed layouts (ground-truth fallback).
     Scalar,
     /// x86-64 AVX2 `vpmaddubsw` + `vpmaddwd`, int32 accumulation every step.
@@ -31,8 +34,9 @@ pub enum KernelKind {
 }
 
 impl KernelKind {
-    pub const ALL: [KernelKind; 5] = [
+    pub const ALL: [KernelKind; 6] = [
         KernelKind::Scalar,
+        KernelKind::AmxInt8,
         KernelKind::Avx2,
         KernelKind::Avx512Vnni,
         KernelKind::NeonDot,
@@ -42,6 +46,7 @@ impl KernelKind {
     pub fn name(self) -> &'static str {
         match self {
             KernelKind::Scalar => "scalar",
+            KernelKind::AmxInt8 => "amx-int8",
             KernelKind::Avx2 => "avx2",
             KernelKind::Avx512Vnni => "avx512vnni",
             KernelKind::NeonDot => "neon-sdot",
@@ -55,7 +60,20 @@ impl KernelKind {
 
     /// Whether this CPU can run the kernel (checked at run time).
     pub fn is_supported(self) -> bool {
-        self.tile_fn().is_some()
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::AmxInt8 => super::amx::supported(),
+            _ => self.tile_fn().is_some(),
+        }
+    }
+
+    /// The activation layout the kernel reads ([`super::quantize_activations`] produces the
+    /// selected kernel's; others are converted, at a cost, when handed to the kernel).
+    pub fn act_layout(self) -> ActLayout {
+        match self {
+            KernelKind::AmxInt8 => ActLayout::Tiles,
+            _ => ActLayout::Blocked,
+        }
     }
 
     /// Every kernel this CPU can run, the scalar reference first.
@@ -66,6 +84,7 @@ impl KernelKind {
     /// The fastest kernel this CPU supports.
     pub fn best() -> KernelKind {
         [
+            KernelKind::AmxInt8,
             KernelKind::Avx512Vnni,
             KernelKind::Avx2,
             KernelKind::NeonDot,
@@ -230,6 +249,40 @@ struct Scratch {
     unpacked: Option<AlignedBytes>,
     /// Accumulators carried between K chunks, one per row block of the task.
     carry: Vec<Accumulators>,
+    /// The AMX kernel's carried 32 × 32 blocks.
+    #[cfg(target_arch = "x86_64")]
+    amx_carry: Vec<super::amx::Carry>,
+}
+
+/// How a GEMM is split into tasks over the current pool: about 4 per thread for load balance,
+/// N first (a task owns whole weight panels), then M when N has too few panels. Task `t` covers
+/// panels `split(panels, panel_parts, t / m_parts)` and row blocks
+/// `split(m_blocks, m_parts, t % m_parts)`.
+struct Tasks {
+    panel_parts: usize,
+    m_parts: usize,
+}
+
+impl Tasks {
+    fn new(panels: usize, m_blocks: usize) -> Self {
+        let threads = rayon::current_num_threads().max(1);
+        let target = if threads == 1 { 1 } else { threads * 4 };
+        let panel_parts = panels.min(target);
+        let m_parts = target.div_ceil(panel_parts).min(m_blocks);
+        Tasks {
+            panel_parts,
+            m_parts,
+        }
+    }
+
+    fn run(&self, task: impl Fn(usize) + Sync + Send) {
+        let count = self.panel_parts * self.m_parts;
+        if count == 1 {
+            task(0);
+        } else {
+            (0..count).into_par_iter().for_each(task);
+        }
+    }
 }
 
 thread_local! {
@@ -237,6 +290,34 @@ thread_local! {
 }
 
 fn run(
+    kind: KernelKind,
+    a: &QuantizedActivations,
+    w: &TernaryMatrix,
+    bias: Option<&[f32]>,
+    out: TileOutput,
+) -> Result<()> {
+    if !kind.is_supported() {
+        return Err(KernelError::Unsupported(kind));
+    }
+    let a = if a.layout() == kind.act_layout() {
+        Cow::Borrowed(a)
+    } else {
+        log::debug!(
+            "activations quantized as {:?} converted for kernel {kind}",
+            a.layout()
+        );
+        Cow::Owned(a.to_layout(kind.act_layout()))
+    };
+    #[cfg(target_arch = "x86_64")]
+    if kind == KernelKind::AmxInt8 {
+        run_amx(&a, w, bias, out);
+        return Ok(());
+    }
+    run_tiles(kind, &a, w, bias, out)
+}
+
+/// The vector kernels: 12 × 32 tiles over K chunks.
+fn run_tiles(
     kind: KernelKind,
     a: &QuantizedActivations,
     w: &TernaryMatrix,
@@ -256,20 +337,17 @@ fn run(
     debug_assert_eq!(weights.len(), panels * panel_bytes);
     let chunks = k_blocks.div_ceil(CHUNK_BLOCKS);
 
-    // Tasks: about 4 per thread for load balance. Split N first (a task owns whole weight
-    // panels), then M when N has too few panels.
-    let threads = rayon::current_num_threads().max(1);
-    let target = if threads == 1 { 1 } else { threads * 4 };
-    let panel_parts = panels.min(target);
-    let m_parts = target.div_ceil(panel_parts).min(m_blocks);
+    let tasks = Tasks::new(panels, m_blocks);
+    let (panel_parts, m_parts) = (tasks.panel_parts, tasks.m_parts);
     let task = |t: usize| {
         let (pp, mp) = (t / m_parts, t % m_parts);
         let block_range = split(m_blocks, m_parts, mp);
         SCRATCH.with_borrow_mut(|scratch| {
             let unpacked = scratch
                 .unpacked
-                .get_or_insert_with(|| AlignedBytes::new(CHUNK_BLOCKS * UNPACKED_BLOCK_BYTES, 0))
-                .as_mut_slice();
+                .get_or_insert_with(|| AlignedBytes::new(0, 0));
+            unpacked.ensure_len(CHUNK_BLOCKS * UNPACKED_BLOCK_BYTES);
+            let unpacked = unpacked.as_mut_slice();
             scratch
                 .carry
                 .resize(block_range.len(), [[0; PANEL_COLS]; ROWS_PER_BLOCK]);
@@ -313,10 +391,119 @@ fn run(
             }
         });
     };
-    if panel_parts * m_parts == 1 {
-        task(0);
-    } else {
-        (0..panel_parts * m_parts).into_par_iter().for_each(task);
-    }
+    tasks.run(task);
     Ok(())
+}
+
+/// 16-k blocks per K chunk of the AMX kernel: a multiple of 4 (64-k tile steps), so that only
+/// the last chunk ends inside a step, where the activations' zero padding meets whatever codes
+/// follow the chunk in the unpack buffer.
+#[cfg(target_arch = "x86_64")]
+const AMX_CHUNK_BLOCKS: usize = 16;
+
+/// Weight panels the AMX kernel runs against each block of activations while that block's chunk
+/// sits in L1: a block's 8 KB of codes feed 4 × 32 columns, and the group's unpacked chunks
+/// (4 × 8 KB) stay in L1 with it.
+#[cfg(target_arch = "x86_64")]
+const AMX_GROUP: usize = 4;
+
+/// The AMX kernel: per task, groups of [`AMX_GROUP`] panels; per group, K chunks of
+/// [`AMX_CHUNK_BLOCKS`]; per chunk, every 32-row block against every panel of the group, with
+/// 32 × 32 accumulators carried between chunks. The same task split as the vector kernels.
+#[cfg(target_arch = "x86_64")]
+fn run_amx(a: &QuantizedActivations, w: &TernaryMatrix, bias: Option<&[f32]>, out: TileOutput) {
+    use super::amx;
+    use super::quant::AMX_ROWS;
+    debug_assert_eq!(a.layout(), ActLayout::Tiles);
+    let (m, n) = (a.rows(), w.rows());
+    let panels = w.panels();
+    let m_blocks = a.blocks();
+    let k_blocks = w.k_padded() / 16;
+    let panel_bytes = w.panel_bytes();
+    let block_bytes = AMX_ROWS * a.row_bytes();
+    let (act, weights) = (a.data(), w.packed());
+    let (row_sums, row_dequant, col_scales) = (a.row_sums(), a.row_dequant(), w.column_scales());
+    debug_assert_eq!(act.len(), m_blocks * block_bytes);
+    let chunks = k_blocks.div_ceil(AMX_CHUNK_BLOCKS);
+    let chunk_bytes = AMX_CHUNK_BLOCKS * UNPACKED_BLOCK_BYTES;
+    let tasks = Tasks::new(panels, m_blocks);
+    let (panel_parts, m_parts) = (tasks.panel_parts, tasks.m_parts);
+    tasks.run(|t: usize| {
+        let (pp, mp) = (t / m_parts, t % m_parts);
+        let block_range = split(m_blocks, m_parts, mp);
+        let blocks = block_range.len();
+        SCRATCH.with_borrow_mut(|scratch| {
+            let unpacked = scratch
+                .unpacked
+                .get_or_insert_with(|| AlignedBytes::new(0, 0));
+            unpacked.ensure_len(AMX_GROUP * chunk_bytes);
+            let unpacked = unpacked.as_mut_slice();
+            scratch
+                .amx_carry
+                .resize(AMX_GROUP * blocks, amx::Carry::default());
+            // SAFETY: `run` checked `is_supported`, i.e. `amx::supported()`.
+            let _tiles = unsafe { amx::TileSession::start() };
+            let task_panels = split(panels, panel_parts, pp);
+            for group_start in task_panels.clone().step_by(AMX_GROUP) {
+                let group = group_start..(group_start + AMX_GROUP).min(task_panels.end);
+                for chunk in 0..chunks {
+                    let kb =
+                        (chunk * AMX_CHUNK_BLOCKS)..((chunk + 1) * AMX_CHUNK_BLOCKS).min(k_blocks);
+                    let steps = kb.len().div_ceil(4);
+                    let step0 = kb.start / 4 * 2048;
+                    for (g, panel) in group.clone().enumerate() {
+                        let packed = &weights[panel * panel_bytes..(panel + 1) * panel_bytes];
+                        unpack_panel(
+                            &packed[kb.start * 128..kb.end * 128],
+                            &mut unpacked[g * chunk_bytes..][..kb.len() * UNPACKED_BLOCK_BYTES],
+                        );
+                    }
+                    let last = chunk + 1 == chunks;
+                    for (b, mb) in block_range.clone().enumerate() {
+                        let row0 = mb * AMX_ROWS;
+                        let next = if mb + 1 < block_range.end { mb + 1 } else { mb };
+                        for (g, panel) in group.clone().enumerate() {
+                            let carry = &mut scratch.amx_carry[g * blocks + b];
+                            // The first panel fetches the next block's chunk into L1.
+                            let fetch = if g == 0 { next } else { mb };
+                            // SAFETY: a block holds K_64 / 64 steps of 2048 bytes, zero past
+                            // K_p (quant.rs), so the chunk's steps from k = 16·kb.start (a
+                            // multiple of 64) are readable in this block and the next; the
+                            // panel's unpack slot holds AMX_CHUNK_BLOCKS (>= steps · 4) blocks
+                            // of 512 bytes; the tile session is active on this thread.
+                            unsafe {
+                                amx::block(amx::Block {
+                                    act: act[mb * block_bytes + step0..].as_ptr(),
+                                    prefetch: act[fetch * block_bytes + step0..].as_ptr(),
+                                    weights: unpacked[g * chunk_bytes..].as_ptr(),
+                                    steps,
+                                    carry,
+                                    first: chunk == 0,
+                                })
+                            };
+                            if last && row0 < m {
+                                let col0 = panel * PANEL_COLS;
+                                let epilogue = amx::Epilogue {
+                                    row_sums: row_sums[row0..].as_ptr(),
+                                    row_dequant: row_dequant[row0..].as_ptr(),
+                                    col_scales: col_scales[col0..].as_ptr(),
+                                    bias: bias.map_or(std::ptr::null(), |b| b[col0..].as_ptr()),
+                                    // SAFETY (pointer arithmetic): row0 < m and col0 < n.
+                                    out: unsafe { out.offset(row0 * n + col0) },
+                                    ldo: n,
+                                    rows: (m - row0).min(AMX_ROWS),
+                                    cols: (n - col0).min(PANEL_COLS),
+                                };
+                                // SAFETY: AVX-512 F is part of `amx::supported`; row values are
+                                // padded to whole 32-row blocks, column values to whole panels;
+                                // the output rectangle lies in the m × n output and belongs to
+                                // this (panel, block) only.
+                                unsafe { amx::epilogue(carry, &epilogue) };
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    });
 }

@@ -1,5 +1,5 @@
 //! Compute kernels: the ternary W1.58-A8 GEMM (packing, activation quantization, one runtime
-//! dispatch over scalar / AVX2 / AVX-512 VNNI / NEON implementations) and the f32 operations the
+//! dispatch over scalar / AVX2 / AVX-512 VNNI / AMX-INT8 / NEON implementations) and the f32 operations the
 //! model needs (norms, activations, RoPE, attention, full-precision linear layers).
 //!
 //! The math contract (see `shared/spec/kernels.md` §3.1 and `bitvla-model.md` §2.2):
@@ -25,11 +25,13 @@ mod tile;
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use dispatch::{KernelKind, ternary_matmul, ternary_matmul_i32, ternary_matmul_with};
 pub use pack::TernaryMatrix;
-pub use quant::{QuantizedActivations, quantize_activations};
+pub use quant::{ActLayout, QuantizedActivations, quantize_activations, quantize_activations_for};
 
 /// Errors of the kernel layer: always about the caller's data, never a panic.
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -14,12 +14,75 @@
 //! ```
 //!
 //! so 48 consecutive bytes hold the next 4 k of all 12 rows of the register block.
+//!
+//! # Tile layout (AMX)
+//! The AMX kernel loads 16 rows × 64 bytes per tile, two tiles (32 rows) per 64-k step. Rows are
+//! grouped in blocks of [`AMX_ROWS`] (M padded with zero rows), K is padded with zeros to
+//! `K_64 = round_up(K_p, 64)`, and each step's 32 rows × 64 bytes are contiguous, so a block's
+//! steps are one sequential stream:
+//!
+//! ```text
+//! byte (mb · 32 · K_64) + (s · 2048) + (r · 64) + e  =  q[32·mb + r, 64·s + e]
+//! ```
 
 use super::{AlignedBytes, KernelError, Result, check_matrix};
 use rayon::prelude::*;
 
-/// Rows per register block of every GEMM kernel (the M of the microkernel).
+/// Rows per register block of the vector GEMM kernels (the M of their microkernel).
 pub const ROWS_PER_BLOCK: usize = 12;
+
+/// Rows per block of the AMX kernel: two 16-row tiles.
+pub const AMX_ROWS: usize = 32;
+
+/// How the int8 codes are laid out; each kernel reads one (`KernelKind::act_layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActLayout {
+    /// Blocks of 12 rows with their 4-byte k groups interleaved (vector kernels).
+    #[default]
+    Blocked,
+    /// Blocks of 32 rows, 64-k steps of 32 × 64 bytes (AMX tiles).
+    Tiles,
+}
+
+impl ActLayout {
+    /// Rows per block: M is padded with zero rows to a multiple of it.
+    pub fn block_rows(self) -> usize {
+        match self {
+            ActLayout::Blocked => ROWS_PER_BLOCK,
+            ActLayout::Tiles => AMX_ROWS,
+        }
+    }
+    /// Where one row's codes go: the offset of 4-k group `g` from the row's first byte is
+    /// `(g / 16) · step + (g % 16) · group` with `(group, step)` returned here.
+    fn group_strides(self) -> (usize, usize) {
+        match self {
+            ActLayout::Blocked => (GROUP_STRIDE, 16 * GROUP_STRIDE),
+            ActLayout::Tiles => (4, AMX_ROWS * 64),
+        }
+    }
+    /// A row's share of its block in bytes: `K_p`, rounded up to 64 for the tiles.
+    fn row_bytes(self, k_padded: usize) -> usize {
+        match self {
+            ActLayout::Blocked => k_padded,
+            ActLayout::Tiles => k_padded.div_ceil(64) * 64,
+        }
+    }
+    /// Byte offset of q[row, col].
+    fn offset(self, k_padded: usize, row: usize, col: usize) -> usize {
+        let rows = self.block_rows();
+        let (group, step) = self.group_strides();
+        let lane = match self {
+            ActLayout::Blocked => 4,
+            ActLayout::Tiles => 64,
+        };
+        let g = col / 4;
+        (row / rows) * rows * self.row_bytes(k_padded)
+            + (row % rows) * lane
+            + (g / 16) * step
+            + (g % 16) * group
+            + col % 4
+    }
+}
 
 /// Quantized activations of an `m × k` matrix, ready for [`super::ternary_matmul`].
 #[derive(Debug, Clone, Default)]
@@ -27,6 +90,7 @@ pub struct QuantizedActivations {
     m: usize,
     k: usize,
     k_padded: usize,
+    layout: ActLayout,
     data: Option<AlignedBytes>,
     row_sums: Vec<i32>,
     row_dequant: Vec<f32>,
@@ -45,34 +109,69 @@ impl QuantizedActivations {
     pub fn k_padded(&self) -> usize {
         self.k_padded
     }
-    pub fn blocks(&self) -> usize {
-        self.m.div_ceil(ROWS_PER_BLOCK)
+    pub fn layout(&self) -> ActLayout {
+        self.layout
     }
-    /// Interleaved int8 codes (see the module docs), `blocks() · 12 · k_padded()` bytes.
+    /// Row blocks of `layout().block_rows()` rows.
+    pub fn blocks(&self) -> usize {
+        self.m.div_ceil(self.layout.block_rows())
+    }
+    /// A row's share of its block in bytes (`K_p`, or `K_p` rounded up to 64 for the tiles).
+    pub fn row_bytes(&self) -> usize {
+        self.layout.row_bytes(self.k_padded)
+    }
+    /// The int8 codes in `layout()` (see the module docs): `blocks() · block_rows · row_bytes()`
+    /// bytes.
     pub fn data(&self) -> &[u8] {
+        let len = self.blocks() * self.layout.block_rows() * self.row_bytes();
         match &self.data {
-            Some(d) => &d.as_slice()[..self.blocks() * ROWS_PER_BLOCK * self.k_padded],
+            Some(d) => &d.as_slice()[..len],
             None => &[],
         }
     }
-    /// Σ_k q[m, k] per row, padded with zeros to `blocks() · 12`.
+    /// Σ_k q[m, k] per row, padded with zeros to whole blocks.
     pub fn row_sums(&self) -> &[i32] {
         &self.row_sums
     }
-    /// 1 / s[m] per row, padded with zeros to `blocks() · 12`.
+    /// 1 / s[m] per row, padded with zeros to whole blocks.
     pub fn row_dequant(&self) -> &[f32] {
         &self.row_dequant
     }
-    /// The code q[row, col] read back from the blocked layout.
+    /// The code q[row, col] read back from the layout.
     pub fn code(&self, row: usize, col: usize) -> Option<i8> {
         if row >= self.m || col >= self.k {
             return None;
         }
-        let offset = (row / ROWS_PER_BLOCK) * ROWS_PER_BLOCK * self.k_padded
-            + (col / 4) * 4 * ROWS_PER_BLOCK
-            + (row % ROWS_PER_BLOCK) * 4
-            + col % 4;
-        Some(self.data()[offset] as i8)
+        Some(self.data()[self.layout.offset(self.k_padded, row, col)] as i8)
+    }
+
+    /// The same codes in another layout (a copy; the kernels call it only when handed
+    /// activations quantized for a different kernel).
+    pub fn to_layout(&self, layout: ActLayout) -> QuantizedActivations {
+        let mut out = QuantizedActivations {
+            m: self.m,
+            k: self.k,
+            k_padded: self.k_padded,
+            layout,
+            data: None,
+            row_sums: Vec::new(),
+            row_dequant: Vec::new(),
+        };
+        let padded_rows = out.blocks() * layout.block_rows();
+        let mut data = AlignedBytes::new(padded_rows * out.row_bytes(), 0);
+        let bytes = data.as_mut_slice();
+        for row in 0..self.m {
+            for col in 0..self.k {
+                bytes[layout.offset(self.k_padded, row, col)] =
+                    self.code(row, col).unwrap_or(0) as u8;
+            }
+        }
+        out.data = Some(data);
+        out.row_sums = self.row_sums[..self.m].to_vec();
+        out.row_sums.resize(padded_rows, 0);
+        out.row_dequant = self.row_dequant[..self.m].to_vec();
+        out.row_dequant.resize(padded_rows, 0.0);
+        out
     }
 }
 
@@ -80,9 +179,22 @@ impl QuantizedActivations {
 type BlockItem<'a> = (usize, ((&'a mut [u8], &'a mut [i32]), &'a mut [f32]));
 
 /// Quantizes `x` (row-major `m × k`) for a weight with `k_padded` inputs (a multiple of 16,
-/// `TernaryMatrix::k_padded`). Reuses `out`'s buffers. Non-finite inputs are an error naming the
-/// first offending element.
+/// `TernaryMatrix::k_padded`), in the layout of the kernel [`super::ternary_matmul`] uses.
+/// Reuses `out`'s buffers. Non-finite inputs are an error naming the first offending element.
 pub fn quantize_activations(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    k_padded: usize,
+    out: &mut QuantizedActivations,
+) -> Result<()> {
+    let layout = super::KernelKind::selected().act_layout();
+    quantize_activations_for(layout, x, m, k, k_padded, out)
+}
+
+/// [`quantize_activations`] into an explicit layout.
+pub fn quantize_activations_for(
+    layout: ActLayout,
     x: &[f32],
     m: usize,
     k: usize,
@@ -95,27 +207,35 @@ pub fn quantize_activations(
             "activations: padded K {k_padded} must be a multiple of 16 and >= K = {k}"
         )));
     }
-    let blocks = m.div_ceil(ROWS_PER_BLOCK);
-    let padded_rows = blocks * ROWS_PER_BLOCK;
+    let block_rows = layout.block_rows();
+    let blocks = m.div_ceil(block_rows);
+    let padded_rows = blocks * block_rows;
+    let row_bytes = layout.row_bytes(k_padded);
+    let (group, step) = layout.group_strides();
+    // The row's groups quantize_row writes, and all its groups (the rest is zero padding).
+    let (written, groups) = (k.div_ceil(16) * 4, row_bytes / 4);
     out.m = m;
     out.k = k;
     out.k_padded = k_padded;
+    out.layout = layout;
     let data = out.data.get_or_insert_with(|| AlignedBytes::new(0, 0));
     // Every byte of the used region is written below (padding rows and columns with zeros), so
     // the buffer only has to be large enough.
-    data.ensure_len(padded_rows * k_padded);
+    data.ensure_len(padded_rows * row_bytes);
     out.row_sums.resize(padded_rows, 0);
     out.row_dequant.resize(padded_rows, 0.0);
 
-    let block_bytes = ROWS_PER_BLOCK * k_padded;
+    let block_bytes = block_rows * row_bytes;
     let quantize_block = |(block, ((bytes, sums), dequant)): BlockItem<'_>| -> Result<()> {
-        for r in 0..ROWS_PER_BLOCK {
-            let row = block * ROWS_PER_BLOCK + r;
-            let lane = &mut bytes[r * 4..];
+        for r in 0..block_rows {
+            let row = block * block_rows + r;
+            let lane = &mut bytes[layout.offset(k_padded, r, 0)..];
+            // Padding codes: whole padding rows, and the groups past what quantize_row writes.
+            for g in if row >= m { 0 } else { written }..groups {
+                let at = (g / 16) * step + (g % 16) * group;
+                lane[at..at + 4].fill(0);
+            }
             if row >= m {
-                for group in lane.chunks_mut(GROUP_STRIDE) {
-                    group[..4].fill(0);
-                }
                 sums[r] = 0;
                 dequant[r] = 0.0;
                 continue;
@@ -132,15 +252,15 @@ pub fn quantize_activations(
                 });
             }
             let scale = 127.0 / f32::from_bits(absmax_bits).max(1e-5);
-            sums[r] = quantize_row(xs, scale, lane);
+            sums[r] = quantize_row(xs, scale, lane, group, step);
             dequant[r] = 1.0 / scale;
         }
         Ok(())
     };
-    let blocks_iter = data.as_mut_slice()[..padded_rows * k_padded]
+    let blocks_iter = data.as_mut_slice()[..padded_rows * row_bytes]
         .par_chunks_mut(block_bytes)
-        .zip(out.row_sums.par_chunks_mut(ROWS_PER_BLOCK))
-        .zip(out.row_dequant.par_chunks_mut(ROWS_PER_BLOCK))
+        .zip(out.row_sums.par_chunks_mut(block_rows))
+        .zip(out.row_dequant.par_chunks_mut(block_rows))
         .enumerate();
     let result = if rayon::current_num_threads() == 1 || blocks == 1 {
         blocks_iter
@@ -176,26 +296,37 @@ fn absmax_bits(xs: &[f32]) -> u32 {
     absmax_bits_generic(xs)
 }
 
-/// Quantizes one row; code k goes to `dst[(k / 4) · GROUP_STRIDE + k % 4]`. Returns Σ q.
-fn quantize_row(xs: &[f32], scale: f32, dst: &mut [u8]) -> i32 {
-    let groups = xs.len().div_ceil(16) * 4;
+/// Byte offset of the 16 codes `16·c .. 16·c + 16` of a row: 4-k groups at `group` bytes, every
+/// 16 groups (64 k) a `step`.
+#[inline(always)]
+fn chunk_offset(c: usize, group: usize, step: usize) -> usize {
+    (c / 4) * step + (c % 4) * 4 * group
+}
+
+/// Quantizes one row; code k goes to `dst[(g / 16) · step + (g % 16) · group + k % 4]` with
+/// `g = k / 4` (the row is padded with zero codes to a multiple of 16). Returns Σ q.
+fn quantize_row(xs: &[f32], scale: f32, dst: &mut [u8], group: usize, step: usize) -> i32 {
+    let chunks = xs.len().div_ceil(16);
     assert!(
-        dst.len() >= (groups - 1) * GROUP_STRIDE + 4,
+        group >= 4 && step >= 16 * group,
+        "quantize_row: overlapping groups"
+    );
+    assert!(
+        dst.len() >= chunk_offset(chunks - 1, group, step) + 3 * group + 4,
         "quantize_row: destination too short"
     );
     #[cfg(target_arch = "x86_64")]
     if avx512::supported() {
         // SAFETY: the CPU supports AVX-512 F/BW; dst holds every group (checked above).
-        return unsafe { avx512::quantize_row(xs, scale, dst) };
+        return unsafe { avx512::quantize_row(xs, scale, dst, group, step) };
     }
-    quantize_row_generic(xs, scale, dst)
+    quantize_row_generic(xs, scale, dst, group, step)
 }
 
 /// AVX-512 versions of the two row functions: the same arithmetic as the generic versions (no
 /// FMA; the same magic-number rounding), so the results are identical bit for bit.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::GROUP_STRIDE;
     use std::arch::x86_64::*;
 
     pub(super) fn supported() -> bool {
@@ -228,9 +359,15 @@ mod avx512 {
     }
 
     /// # Safety
-    /// AVX-512 F/BW, and `dst` holds `ceil(len/16)·4` groups at stride `GROUP_STRIDE`.
+    /// AVX-512 F/BW, and `dst` holds `ceil(len/16)·4` groups at the strides (`quantize_row`).
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn quantize_row(xs: &[f32], scale: f32, dst: &mut [u8]) -> i32 {
+    pub(super) unsafe fn quantize_row(
+        xs: &[f32],
+        scale: f32,
+        dst: &mut [u8],
+        group: usize,
+        step: usize,
+    ) -> i32 {
         let s = _mm512_set1_ps(scale);
         let magic = _mm512_set1_ps(12_582_912.0);
         let offset = _mm512_set1_epi32(0x4B40_0000);
@@ -249,22 +386,17 @@ mod avx512 {
             );
             sum = _mm512_add_epi32(sum, q);
             let bytes = _mm512_cvtepi32_epi8(q);
-            let at = chunk_index * 4 * GROUP_STRIDE;
+            let at = super::chunk_offset(chunk_index, group, step);
             // SAFETY: groups 4·chunk_index .. +4 lie inside dst (the caller's contract).
             unsafe {
-                _mm_storeu_si32(out.add(at).cast(), bytes);
-                _mm_storeu_si32(
-                    out.add(at + GROUP_STRIDE).cast(),
-                    _mm_srli_si128::<4>(bytes),
-                );
-                _mm_storeu_si32(
-                    out.add(at + 2 * GROUP_STRIDE).cast(),
-                    _mm_srli_si128::<8>(bytes),
-                );
-                _mm_storeu_si32(
-                    out.add(at + 3 * GROUP_STRIDE).cast(),
-                    _mm_srli_si128::<12>(bytes),
-                );
+                if group == 4 {
+                    _mm_storeu_si128(out.add(at).cast(), bytes);
+                } else {
+                    _mm_storeu_si32(out.add(at).cast(), bytes);
+                    _mm_storeu_si32(out.add(at + group).cast(), _mm_srli_si128::<4>(bytes));
+                    _mm_storeu_si32(out.add(at + 2 * group).cast(), _mm_srli_si128::<8>(bytes));
+                    _mm_storeu_si32(out.add(at + 3 * group).cast(), _mm_srli_si128::<12>(bytes));
+                }
             }
         }
         _mm512_reduce_add_epi32(sum)
@@ -303,7 +435,7 @@ const GROUP_STRIDE: usize = 4 * ROWS_PER_BLOCK;
 /// `0x4B40_0000 + n`. Here |v| <= 127 (|x| <= max |x|), so this equals `round_ties_even`, needs
 /// no float-to-int conversion, and vectorizes everywhere.
 #[inline(always)]
-fn quantize_row_generic(xs: &[f32], scale: f32, dst: &mut [u8]) -> i32 {
+fn quantize_row_generic(xs: &[f32], scale: f32, dst: &mut [u8], group: usize, step: usize) -> i32 {
     #[inline(always)]
     fn code(v: f32, scale: f32) -> i32 {
         const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
@@ -312,25 +444,26 @@ fn quantize_row_generic(xs: &[f32], scale: f32, dst: &mut [u8]) -> i32 {
     let mut sums = [0i32; 16];
     let chunks = xs.chunks_exact(16);
     let tail = chunks.remainder();
-    let mut at = 0;
-    for chunk in chunks {
+    let full = chunks.len();
+    for (c, chunk) in chunks.enumerate() {
         let mut codes = [0u8; 16];
         for ((q, &v), s) in codes.iter_mut().zip(chunk).zip(sums.iter_mut()) {
             let r = code(v, scale);
             *q = r as u8;
             *s += r;
         }
-        for group in codes.chunks_exact(4) {
-            dst[at..at + 4].copy_from_slice(group);
-            at += GROUP_STRIDE;
+        let at = chunk_offset(c, group, step);
+        for (i, g) in codes.chunks_exact(4).enumerate() {
+            dst[at + i * group..at + i * group + 4].copy_from_slice(g);
         }
     }
     let mut sum: i32 = sums.iter().sum();
     if !tail.is_empty() {
         // The last chunk of 16: its padding codes are 0.
+        let at = chunk_offset(full, group, step);
         for i in 0..16 {
             let r = tail.get(i).map_or(0, |&v| code(v, scale));
-            dst[at + (i / 4) * GROUP_STRIDE + i % 4] = r as u8;
+            dst[at + (i / 4) * group + i % 4] = r as u8;
             sum += r;
         }
     }
@@ -342,8 +475,12 @@ mod tests {
     use super::*;
 
     fn quantize(x: &[f32], m: usize, k: usize) -> QuantizedActivations {
+        quantize_in(ActLayout::Blocked, x, m, k)
+    }
+
+    fn quantize_in(layout: ActLayout, x: &[f32], m: usize, k: usize) -> QuantizedActivations {
         let mut q = QuantizedActivations::new();
-        quantize_activations(x, m, k, k.div_ceil(16) * 16, &mut q).unwrap();
+        quantize_activations_for(layout, x, m, k, k.div_ceil(16) * 16, &mut q).unwrap();
         q
     }
 
@@ -396,54 +533,75 @@ mod tests {
     }
 
     #[test]
-    fn blocked_layout_round_trips_with_tails() {
-        let (m, k) = (19, 37);
+    fn both_layouts_round_trip_with_tails() {
+        let (m, k) = (37, 37);
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 7919) % 255) as f32 - 127.0)
             .collect();
-        let q = quantize(&x, m, k);
-        assert_eq!(q.k_padded(), 48);
-        assert_eq!(
-            q.data().len(),
-            m.div_ceil(ROWS_PER_BLOCK) * ROWS_PER_BLOCK * 48
-        );
-        for r in 0..m {
-            let s = 127.0
-                / x[r * k..(r + 1) * k]
-                    .iter()
-                    .fold(0f32, |a, v| a.max(v.abs()));
-            let mut sum = 0;
-            for c in 0..k {
-                let expect = (x[r * k + c] * s).round_ties_even().clamp(-128.0, 127.0) as i8;
-                assert_eq!(q.code(r, c), Some(expect), "row {r} col {c}");
-                sum += expect as i32;
+        for layout in [ActLayout::Blocked, ActLayout::Tiles] {
+            let q = quantize_in(layout, &x, m, k);
+            assert_eq!(q.k_padded(), 48);
+            let rows = m.div_ceil(layout.block_rows()) * layout.block_rows();
+            let row_bytes = match layout {
+                ActLayout::Blocked => 48,
+                ActLayout::Tiles => 64,
+            };
+            assert_eq!(q.data().len(), rows * row_bytes, "{layout:?}");
+            for r in 0..m {
+                let s = 127.0
+                    / x[r * k..(r + 1) * k]
+                        .iter()
+                        .fold(0f32, |a, v| a.max(v.abs()));
+                let mut sum = 0;
+                for c in 0..k {
+                    let expect = (x[r * k + c] * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+                    assert_eq!(q.code(r, c), Some(expect), "{layout:?} row {r} col {c}");
+                    sum += expect as i32;
+                }
+                assert_eq!(q.row_sums()[r], sum);
             }
-            assert_eq!(q.row_sums()[r], sum);
+            assert_eq!(q.row_sums()[m..], vec![0; rows - m][..]);
+            // padding rows and columns are zero
+            let count_nonzero = q.data().iter().filter(|&&b| b != 0).count();
+            let expected_nonzero = (0..m * k)
+                .filter(|&i| q.code(i / k, i % k) != Some(0))
+                .count();
+            assert_eq!(count_nonzero, expected_nonzero, "{layout:?}");
+            // converting to the other layout and back changes nothing
+            let other = match layout {
+                ActLayout::Blocked => ActLayout::Tiles,
+                ActLayout::Tiles => ActLayout::Blocked,
+            };
+            let there = q.to_layout(other);
+            assert_eq!(there.layout(), other);
+            let fresh = quantize_in(other, &x, m, k);
+            assert_eq!(there.data(), fresh.data());
+            assert_eq!(there.row_sums(), fresh.row_sums());
+            assert_eq!(there.row_dequant(), fresh.row_dequant());
+            assert_eq!(there.to_layout(layout).data(), q.data());
         }
-        assert_eq!(
-            q.row_sums()[m..],
-            vec![0; q.blocks() * ROWS_PER_BLOCK - m][..]
-        );
-        // padding rows and columns are zero
-        let count_nonzero = q.data().iter().filter(|&&b| b != 0).count();
-        let expected_nonzero = (0..m * k)
-            .filter(|&i| q.code(i / k, i % k) != Some(0))
-            .count();
-        assert_eq!(count_nonzero, expected_nonzero);
     }
 
     #[test]
     fn reused_buffers_hold_no_stale_codes() {
-        let mut q = QuantizedActivations::new();
-        let big: Vec<f32> = (0..30 * 64).map(|i| (i % 7) as f32 - 3.0).collect();
-        quantize_activations(&big, 30, 64, 64, &mut q).unwrap();
-        let small: Vec<f32> = (0..5 * 20).map(|i| (i % 5) as f32 - 2.0).collect();
-        quantize_activations(&small, 5, 20, 32, &mut q).unwrap();
-        let mut fresh = QuantizedActivations::new();
-        quantize_activations(&small, 5, 20, 32, &mut fresh).unwrap();
-        assert_eq!(q.data(), fresh.data());
-        assert_eq!(q.row_sums(), fresh.row_sums());
-        assert_eq!(q.row_dequant(), fresh.row_dequant());
+        for layout in [ActLayout::Blocked, ActLayout::Tiles] {
+            let mut q = QuantizedActivations::new();
+            let big: Vec<f32> = (0..40 * 128).map(|i| (i % 7) as f32 - 3.0).collect();
+            quantize_activations_for(layout, &big, 40, 128, 128, &mut q).unwrap();
+            let small: Vec<f32> = (0..5 * 20).map(|i| (i % 5) as f32 - 2.0).collect();
+            // K_p = 48 > 32: the columns past the row's last 16 must be cleared too.
+            quantize_activations_for(layout, &small, 5, 20, 48, &mut q).unwrap();
+            let mut fresh = QuantizedActivations::new();
+            quantize_activations_for(layout, &small, 5, 20, 48, &mut fresh).unwrap();
+            assert_eq!(q.data(), fresh.data(), "{layout:?}");
+            assert_eq!(q.row_sums(), fresh.row_sums());
+            assert_eq!(q.row_dequant(), fresh.row_dequant());
+            let nonzero = (0..5 * 20).filter(|&i| q.code(i / 20, i % 20) != Some(0));
+            assert_eq!(
+                q.data().iter().filter(|&&b| b != 0).count(),
+                nonzero.count()
+            );
+        }
     }
 
     #[test]
@@ -457,20 +615,25 @@ mod tests {
                 ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
             })
             .collect();
-        for len in [1000, 1003, 16, 7] {
+        let layouts = [(GROUP_STRIDE, 16 * GROUP_STRIDE), (4, 2048)];
+        for (len, (group, step)) in [1000, 1003, 16, 7]
+            .into_iter()
+            .flat_map(|l| layouts.map(|g| (l, g)))
+        {
             let x = &x[..len];
             let s = 127.0 / f32::from_bits(absmax_bits_generic(x));
-            let size = len.div_ceil(16) * 4 * GROUP_STRIDE;
+            let size = len.div_ceil(64) * step;
             let mut a = vec![0u8; size];
             let mut b = vec![0u8; size];
             assert_eq!(absmax_bits(x), absmax_bits_generic(x));
             assert_eq!(
-                quantize_row(x, s, &mut a),
-                quantize_row_generic(x, s, &mut b)
+                quantize_row(x, s, &mut a, group, step),
+                quantize_row_generic(x, s, &mut b, group, step)
             );
             assert_eq!(a, b);
             for (k, v) in x.iter().enumerate() {
-                let q = a[(k / 4) * GROUP_STRIDE + k % 4] as i8;
+                let g = k / 4;
+                let q = a[(g / 16) * step + (g % 16) * group + k % 4] as i8;
                 assert_eq!(q, (v * s).round_ties_even().clamp(-128.0, 127.0) as i8);
             }
         }
