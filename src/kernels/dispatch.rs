@@ -275,6 +275,42 @@ impl Tasks {
         }
     }
 
+    /// For the AMX kernel, whose units are coarse (groups of 4 panels, 32-row blocks): the split
+    /// with the least estimated time, `⌈tasks / threads⌉ · (groups per task) · (blocks per task
+    /// + 1)` (the +1: each task unpacks its weights once per block range), preferring more tasks
+    /// (up to 4 per thread) among equals so that work stealing can absorb a busy core.
+    fn balanced(groups: usize, m_blocks: usize) -> Self {
+        let threads = rayon::current_num_threads().max(1);
+        let limit = 4 * threads;
+        let mut best = (
+            usize::MAX,
+            0,
+            Tasks {
+                panel_parts: 1,
+                m_parts: 1,
+            },
+        );
+        for panel_parts in 1..=groups.min(limit) {
+            for m_parts in 1..=m_blocks.min(limit / panel_parts).max(1) {
+                let tasks = panel_parts * m_parts;
+                let cost = tasks.div_ceil(threads)
+                    * groups.div_ceil(panel_parts)
+                    * (m_blocks.div_ceil(m_parts) + 1);
+                if cost < best.0 || (cost == best.0 && tasks > best.1) {
+                    best = (
+                        cost,
+                        tasks,
+                        Tasks {
+                            panel_parts,
+                            m_parts,
+                        },
+                    );
+                }
+            }
+        }
+        best.2
+    }
+
     fn run(&self, task: impl Fn(usize) + Sync + Send) {
         let count = self.panel_parts * self.m_parts;
         if count == 1 {
@@ -426,7 +462,9 @@ fn run_amx(a: &QuantizedActivations, w: &TernaryMatrix, bias: Option<&[f32]>, ou
     debug_assert_eq!(act.len(), m_blocks * block_bytes);
     let chunks = k_blocks.div_ceil(AMX_CHUNK_BLOCKS);
     let chunk_bytes = AMX_CHUNK_BLOCKS * UNPACKED_BLOCK_BYTES;
-    let tasks = Tasks::new(panels, m_blocks);
+    // Tasks own whole groups of panels (a group shares each block's trip through L1).
+    let groups = panels.div_ceil(AMX_GROUP);
+    let tasks = Tasks::balanced(groups, m_blocks);
     let (panel_parts, m_parts) = (tasks.panel_parts, tasks.m_parts);
     tasks.run(|t: usize| {
         let (pp, mp) = (t / m_parts, t % m_parts);
@@ -443,7 +481,9 @@ fn run_amx(a: &QuantizedActivations, w: &TernaryMatrix, bias: Option<&[f32]>, ou
                 .resize(AMX_GROUP * blocks, amx::Carry::default());
             // SAFETY: `run` checked `is_supported`, i.e. `amx::supported()`.
             let _tiles = unsafe { amx::TileSession::start() };
-            let task_panels = split(panels, panel_parts, pp);
+            let task_groups = split(groups, panel_parts, pp);
+            let task_panels =
+                task_groups.start * AMX_GROUP..(task_groups.end * AMX_GROUP).min(panels);
             for group_start in task_panels.clone().step_by(AMX_GROUP) {
                 let group = group_start..(group_start + AMX_GROUP).min(task_panels.end);
                 for chunk in 0..chunks {
