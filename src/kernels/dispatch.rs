@@ -276,8 +276,8 @@ impl Tasks {
     }
 
     /// For the AMX kernel, whose units are coarse (groups of 4 panels, 32-row blocks): the split
-    /// with the least estimated time, `⌈tasks / threads⌉ · (groups per task) · (blocks per task
-    /// + 1)` (the +1: each task unpacks its weights once per block range), preferring more tasks
+    /// with the least estimated time, `⌈tasks / threads⌉ · groups_per_task · (blocks_per_task
+    /// plus one)` (each task unpacks its weights once per block range), preferring more tasks
     /// (up to 4 per thread) among equals so that work stealing can absorb a busy core.
     fn balanced(groups: usize, m_blocks: usize) -> Self {
         let threads = rayon::current_num_threads().max(1);
