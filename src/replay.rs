@@ -10,9 +10,9 @@
 //! by the bag clock and runs inference on the node's worker thread, as live.
 
 use crate::bag::msgs::{
-    self, ActionChunkMsg, BoolMsg, CompressedImage, DiagnosticArray, DiagnosticStatus, Header,
-    Image, JointState, JointTrajectory, JointTrajectoryPoint, PoseStamped, StringMsg, TwistStamped,
-    command_values, decode,
+    self, BoolMsg, CompressedImage, DiagnosticArray, DiagnosticStatus, Header, Image, JointState,
+    JointTrajectory, JointTrajectoryPoint, PoseStamped, StringMsg, TwistStamped, command_values,
+    decode,
 };
 use crate::bag::{BagReader, BagWriter, Connection};
 use crate::control::core::{Command, CommandMode, ControlCore, CoreConfig, TickOutput, percentile};
@@ -436,17 +436,7 @@ impl Replayer<'_> {
             self.latencies_s.push(c.latency_s);
             self.report.preprocess_s += c.chunk.timings.preprocess_ms / 1e3;
             let stamp = self.base_ns as i128 + (c.observation_stamp * 1e9).round() as i128;
-            let msg = ActionChunkMsg {
-                header: Header::new(stamp as i64, &p.frame_id),
-                sequence: c.id,
-                instruction: c.instruction.clone(),
-                unnorm_key: c.chunk.unnorm_key.clone(),
-                horizon: c.chunk.horizon as u32,
-                dimension_names: msgs::dimension_names(c.chunk.action_dim),
-                normalized: c.chunk.normalized.clone(),
-                actions: c.chunk.actions.clone(),
-                inference_latency_s: c.latency_s,
-            };
+            let msg = c.message(stamp as i64, &p.frame_id);
             let topic = self.chunk_topic.clone();
             self.write(&topic, t_ns, &msg);
         }
@@ -535,19 +525,10 @@ impl Replayer<'_> {
                 *pairs += 1;
             }
         }
-        let st = self.core.status(self.core_time(t_ns));
-        let status = msgs::PolicyStatusMsg {
-            header: Header::new(t_ns as i64, &p.frame_id),
-            state: st.state,
-            reason: st.reason.clone(),
-            instruction: st.instruction.clone(),
-            chunk_sequence: st.chunk.map_or(0, |c| c.0),
-            chunk_index: st.chunk.map_or(0, |c| c.1 as u32),
-            inferences: st.inferences,
-            last_inference_latency_s: st.last_latency_s.unwrap_or(0.0),
-            camera_age_s: st.camera_age_s.unwrap_or(-1.0),
-            dry_run: st.dry_run,
-        };
+        let status = self
+            .core
+            .status(self.core_time(t_ns))
+            .message(t_ns as i64, &p.frame_id);
         self.write(&format!("/{NODE_NAME}/status"), t_ns, &status);
         if let Some(d) = out.diagnostics {
             let msg = DiagnosticArray {

@@ -3,6 +3,7 @@
 //! called once per control period and says what to submit to the policy, which command to
 //! publish, why it holds, and when to publish diagnostics. Nothing here knows ROS or bags.
 
+use crate::bag::msgs;
 use crate::control::mapping::clamp_to_workspace;
 use crate::control::{
     ChunkScheduler, EeScales, Hold, SafetyConfig, SafetyInputs, SchedulerConfig, pose_target, twist,
@@ -84,6 +85,24 @@ pub struct ChunkEvent {
     pub chunk: ActionChunk,
 }
 
+impl ChunkEvent {
+    /// The `bitvla_ros/msg/ActionChunk` the node publishes on `~/action_chunk` and the replay
+    /// writes: stamped with the observation (`stamp_ns`, the caller's clock).
+    pub fn message(&self, stamp_ns: i64, frame_id: &str) -> msgs::ActionChunkMsg {
+        msgs::ActionChunkMsg {
+            header: msgs::Header::new(stamp_ns, frame_id),
+            sequence: self.id,
+            instruction: self.instruction.clone(),
+            unnorm_key: self.chunk.unnorm_key.clone(),
+            horizon: self.chunk.horizon as u32,
+            dimension_names: msgs::dimension_names(self.chunk.action_dim),
+            normalized: self.chunk.normalized.clone(),
+            actions: self.chunk.actions.clone(),
+            inference_latency_s: self.latency_s,
+        }
+    }
+}
+
 /// A `/diagnostics` status.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Diagnostics {
@@ -131,6 +150,24 @@ pub struct Status {
     pub last_latency_s: Option<f64>,
     pub camera_age_s: Option<f64>,
     pub dry_run: bool,
+}
+
+impl Status {
+    /// The `bitvla_ros/msg/PolicyStatus` the node publishes on `~/status` and the replay writes.
+    pub fn message(&self, stamp_ns: i64, frame_id: &str) -> msgs::PolicyStatusMsg {
+        msgs::PolicyStatusMsg {
+            header: msgs::Header::new(stamp_ns, frame_id),
+            state: self.state,
+            reason: self.reason.clone(),
+            instruction: self.instruction.clone(),
+            chunk_sequence: self.chunk.map_or(0, |c| c.0),
+            chunk_index: self.chunk.map_or(0, |c| c.1 as u32),
+            inferences: self.inferences,
+            last_inference_latency_s: self.last_latency_s.unwrap_or(0.0),
+            camera_age_s: self.camera_age_s.unwrap_or(-1.0),
+            dry_run: self.dry_run,
+        }
+    }
 }
 
 /// Counters over the whole run (the replay's report and the node's diagnostics).
