@@ -546,6 +546,25 @@ impl Replayer<'_> {
     }
 }
 
+/// This package's messages (`bitvla_ros/msg/*`) in a bag whose embedded definition differs from
+/// this build's `msg/` (a bag recorded with another version): named, never decoded.
+pub fn foreign_definitions(bag: &BagReader) -> Vec<String> {
+    bag.definitions()
+        .into_iter()
+        .filter(|(_, ty, def)| {
+            ty.starts_with("bitvla_ros/") && msgs::same_definition(ty, def) != Some(true)
+        })
+        .map(|(topic, ty, _)| {
+            let file = ty.rsplit('/').next().unwrap_or(&ty).to_owned();
+            format!(
+                "topic {topic}: the bag's definition of {ty} differs from this build's \
+                 msg/{file}.msg (recorded by another version of bitvla_ros); its messages are not \
+                 decoded"
+            )
+        })
+        .collect()
+}
+
 /// The result of a replay: the report and the commands published (in order).
 pub struct ReplayOutcome {
     pub report: ReplayReport,
@@ -593,6 +612,7 @@ pub fn replay(
             );
         }
     }
+    let definition_warnings = foreign_definitions(bag);
     let dt_ns = (1e9 / p.control_rate_hz).round().max(1.0) as u64;
     let (inline, worker) = if opts.realtime {
         let worker = InferenceWorker::spawn(policy, opts.threads)
@@ -710,7 +730,7 @@ pub fn replay(
     if let Some(e) = r.write_error.take() {
         return Err(e.context("writing the output bag"));
     }
-    for w in read.warnings {
+    for w in definition_warnings.into_iter().chain(read.warnings) {
         r.warn(w);
     }
     let stats = r.core.stats().clone();

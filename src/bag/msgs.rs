@@ -138,6 +138,32 @@ fn dependencies(package: &str, text: &str) -> Vec<String> {
 
 /// The `ros2msg` schema text of a type (`pkg/msg/Type` or `pkg/Type`) with its dependencies, or
 /// None when the type is not one of ours.
+/// Whether a definition embedded in a bag describes the same message as this build's definition
+/// of `type_name`: the same fields in the same order and the same constants (comments, blank
+/// lines, spacing and where writers put the constants aside). None when the type is unknown.
+pub fn same_definition(type_name: &str, embedded: &str) -> Option<bool> {
+    let ours = schema_text(type_name)?;
+    let parse = |text: &str| -> (Vec<String>, Vec<String>) {
+        let sep = "=".repeat(80);
+        let lines = text
+            .lines()
+            .take_while(|l| l.trim() != sep)
+            .map(|l| {
+                let l = l.split('#').next().unwrap_or("");
+                l.split_whitespace().collect::<Vec<_>>().join(" ")
+            })
+            .filter(|l| !l.is_empty());
+        let (mut constants, fields): (Vec<String>, Vec<String>) =
+            lines.partition(|l| l.contains('='));
+        for c in &mut constants {
+            c.retain(|ch| ch != ' ');
+        }
+        constants.sort();
+        (fields, constants)
+    };
+    Some(parse(&ours) == parse(embedded))
+}
+
 pub fn schema_text(type_name: &str) -> Option<String> {
     let lookup = |name: &str| {
         DEFINITIONS
@@ -789,6 +815,46 @@ pub fn command_values(type_name: &str, data: &[u8]) -> Option<Result<Vec<f64>, C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn definitions_compare_by_fields_and_constants() {
+        let ours = schema_text("bitvla_ros/msg/PolicyStatus").unwrap();
+        assert_eq!(
+            same_definition("bitvla_ros/msg/PolicyStatus", &ours),
+            Some(true)
+        );
+        // rosbags writes the constants first and Header's stamp as `time`.
+        let reordered = include_str!("../../msg/PolicyStatus.msg")
+            .lines()
+            .filter(|l| l.contains('='))
+            .chain(
+                include_str!("../../msg/PolicyStatus.msg")
+                    .lines()
+                    .filter(|l| !l.contains('=')),
+            )
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n================================================================================\nMSG: std_msgs/Header\ntime stamp\nstring frame_id\n";
+        assert_eq!(
+            same_definition("bitvla_ros/msg/PolicyStatus", &reordered),
+            Some(true)
+        );
+        let extra = format!(
+            "{}\nfloat64 extra_field\n",
+            include_str!("../../msg/ActionChunk.msg")
+        );
+        assert_eq!(
+            same_definition("bitvla_ros/msg/ActionChunk", &extra),
+            Some(false)
+        );
+        let swapped =
+            include_str!("../../msg/ActionChunk.msg").replace("uint32 horizon", "uint64 horizon");
+        assert_eq!(
+            same_definition("bitvla_ros/msg/ActionChunk", &swapped),
+            Some(false)
+        );
+        assert_eq!(same_definition("pkg/msg/Unknown", "int32 x"), None);
+    }
 
     #[test]
     fn schema_text_concatenates_dependencies_in_first_seen_order() {

@@ -213,6 +213,45 @@ impl BagReader {
         Some(topics)
     }
 
+    /// The message definitions the bag embeds, per (topic, type): MCAP schema records, and the
+    /// sqlite3 `message_definitions` table of rosbag2 Iron and later (older sqlite bags carry
+    /// none). Unreadable summaries give an empty list.
+    pub fn definitions(&self) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for (file, storage) in &self.files {
+            match storage {
+                Storage::Mcap => {
+                    let Ok(map) = map_file(file) else { continue };
+                    let Ok(Some(summary)) = mcap::Summary::read(&map) else {
+                        continue;
+                    };
+                    for c in summary.channels.values() {
+                        if let Some(s) = &c.schema {
+                            let text = String::from_utf8_lossy(&s.data).into_owned();
+                            out.push((c.topic.clone(), s.name.clone(), text));
+                        }
+                    }
+                }
+                Storage::Sqlite3 => {
+                    let Ok(db) = open_db(file) else { continue };
+                    let sql = "SELECT t.name, t.type, d.encoded_message_definition FROM topics t \
+                               JOIN message_definitions d ON d.topic_type = t.type";
+                    let Ok(mut stmt) = db.prepare(sql) else {
+                        continue;
+                    };
+                    if let Ok(rows) =
+                        stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))
+                    {
+                        out.extend(rows.flatten());
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Visits every message in storage order until `visit` breaks. Damage inside a file ends
     /// that file with a warning; the next file is still read.
     pub fn read(

@@ -279,6 +279,7 @@ impl Tasks {
     /// with the least estimated time, `⌈tasks / threads⌉ · groups_per_task · (blocks_per_task
     /// plus one)` (each task unpacks its weights once per block range), preferring more tasks
     /// (up to 4 per thread) among equals so that work stealing can absorb a busy core.
+    #[cfg(target_arch = "x86_64")]
     fn balanced(groups: usize, m_blocks: usize) -> Self {
         let threads = rayon::current_num_threads().max(1);
         let limit = 4 * threads;

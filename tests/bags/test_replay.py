@@ -66,7 +66,7 @@ def scene(h, w, phase):
 
 
 def write_episode(path, plugin, *, seconds=3.0, bad_step_at=None, camera_type=None, out_of_order=False,
-                  encoding="bgr8", size=(96, 128), keep=lambda t: True):
+                  encoding="bgr8", size=(96, 128), keep=lambda t: True, extra=None):
     """A two-camera episode: raw camera (padded rows), JPEG wrist, instructions at 0 and 1.5 s."""
     h, w = size
     with Writer(path, version=9, storage_plugin=plugin) as bag:
@@ -112,6 +112,8 @@ def write_episode(path, plugin, *, seconds=3.0, bad_step_at=None, camera_type=No
             layout = T["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
             events.append((t, action, T["std_msgs/msg/Float64MultiArray"](
                 layout=layout, data=np.array([0.1, 0.0, -0.1, 0.0, 0.0, 0.05, -1.0]))))
+        if extra:
+            events.extend(extra(bag))  # (t, connection, serialized bytes)
         events.sort(key=lambda e: e[0])
         if out_of_order:
             # One camera message written 0.3 s late (its timestamp is in the past).
@@ -120,7 +122,7 @@ def write_episode(path, plugin, *, seconds=3.0, bad_step_at=None, camera_type=No
             events.insert(k + 12, ev)
         for t, conn, msg in events:
             if keep(t):
-                bag.write(conn, t, TS.serialize_cdr(msg, conn.msgtype))
+                bag.write(conn, t, msg if isinstance(msg, bytes) else TS.serialize_cdr(msg, conn.msgtype))
     return path
 
 
@@ -166,6 +168,34 @@ class Ctx:
         return out, rep, p
 
 
+def msg_dir_decodes_like_the_bag(out, conns):
+    """The definitions the replay embeds for the package's messages are msg/'s (without comments),
+    and a typestore
+    built from msg/ alone decodes every message exactly as the bag's own definitions do."""
+    sep = "\n" + "=" * 80 + "\n"
+    own = get_typestore(Stores.ROS2_JAZZY)
+    topics = {"/bitvla_node/action_chunk": "ActionChunk", "/bitvla_node/status": "PolicyStatus"}
+    for topic, name in topics.items():
+        text = (ROOT / "msg" / f"{name}.msg").read_text()
+        embedded = conns[topic].msgdef.data
+        fields = [line.split("#")[0].strip() for line in text.splitlines()]
+        assert embedded.split(sep)[0].strip().splitlines() == [f for f in fields if f], (topic, embedded[:300])
+        own.register(get_types_from_msg(text, f"bitvla_ros/msg/{name}"))
+    bag_store = get_typestore(Stores.ROS2_JAZZY)
+    n = 0
+    with Reader(out) as r:
+        for c in r.connections:
+            if c.topic in topics:
+                bag_store.register(get_types_from_msg(c.msgdef.data, c.msgtype))
+        for c, _, raw in r.messages():
+            if c.topic in topics:
+                a = own.deserialize_cdr(raw, c.msgtype)
+                b = bag_store.deserialize_cdr(raw, c.msgtype)
+                assert repr(a) == repr(b), (c.topic, a, b)
+                n += 1
+    assert n > 20, n
+
+
 def commands(out):
     msgs, _ = read_bag(out)
     return [(t, m.header.stamp.sec, m.header.stamp.nanosec,
@@ -179,6 +209,7 @@ def test_mcap_replay_output_reads_back_with_rosbags(c):
     msgs, conns = read_bag(out)
     assert set(msgs) == {"/servo_node/delta_twist_cmds", "/bitvla_node/action_chunk", "/diagnostics",
                          "/gripper/command", "/bitvla_node/status"}, set(msgs)
+    msg_dir_decodes_like_the_bag(out, conns)
     assert conns["/bitvla_node/status"].msgtype == "bitvla_ros/msg/PolicyStatus"
     status = [m for _, _, m in msgs["/bitvla_node/status"]]
     states = [st.state for st in status]
@@ -299,6 +330,47 @@ def test_deterministic_across_threads_and_expect_catches_a_change(c):
 def test_measured_latency_runs(c):
     _, rep, _ = c.replay(c.mcap, "--latency", "measured")
     assert rep["latency_model"] == "measured" and rep["chunks"] > 3
+
+
+def test_package_messages_from_another_msg_version_are_reported(c):
+    """A bag recorded from a live node carries bitvla_ros messages; one whose embedded definition
+    differs from this build's msg/ is named in the report (not decoded), one that matches is not."""
+    for plugin in (StoragePlugin.MCAP, StoragePlugin.SQLITE3):
+        def extra(bag):
+            events = []
+            for name, topic, suffix in (("ActionChunk", "/old/action_chunk", "\nfloat64 extra_field\n"),
+                                        ("PolicyStatus", "/old/status", "")):
+                store = get_typestore(Stores.ROS2_JAZZY)
+                msgtype = f"bitvla_ros/msg/{name}"
+                store.register(get_types_from_msg((ROOT / "msg" / f"{name}.msg").read_text() + suffix, msgtype))
+                conn = bag.add_connection(topic, msgtype, typestore=store)
+                fields = {f: 0 for f in ("sequence", "horizon", "state", "chunk_sequence", "chunk_index",
+                                         "inferences")}
+                msg_cls = store.types[msgtype]
+                kwargs = {}
+                for f in msg_cls.__dataclass_fields__:
+                    if f == "header":
+                        kwargs[f] = header(START)
+                    elif f in ("instruction", "unnorm_key", "reason"):
+                        kwargs[f] = "x"
+                    elif f == "dimension_names":
+                        kwargs[f] = ["a"]
+                    elif f in ("normalized", "actions"):
+                        kwargs[f] = np.zeros(2, np.float32)
+                    elif f == "dry_run":
+                        kwargs[f] = False
+                    elif f in fields:
+                        kwargs[f] = 0
+                    else:
+                        kwargs[f] = 0.0
+                events.append((START + 10_000_000, conn, bytes(store.serialize_cdr(msg_cls(**kwargs), msgtype))))
+            return events
+        bag = write_episode(c.tmp / f"foreign_{plugin.name}", plugin, extra=extra)
+        _, rep, _ = c.replay(bag)
+        foreign = [w for w in rep["warnings"] if "differs from this build's" in w]
+        assert len(foreign) == 1 and "/old/action_chunk" in foreign[0] and "msg/ActionChunk.msg" in foreign[0], \
+            (plugin, rep["warnings"])
+        assert rep["chunks"] > 3, rep
 
 
 def test_damaged_and_mistyped_input(c):
