@@ -22,7 +22,10 @@ rm -rf "$ws"
 mkdir -p "$ws/src"
 ln -sfn "$root" "$ws/src/bitvla_ros"
 cd "$ws"
-# The cargo step reuses the node's release build from scripts/test_ros.sh ($CARGO_TARGET_DIR).
+# The cargo step builds in its own target dir: r2r 0.9.7 loses its sim-time support when its
+# build script reruns in a target dir it already generated bindings in for another ROS
+# environment (src/ros/mod.rs), and this environment differs from scripts/test_ros.sh's.
+export CARGO_TARGET_DIR="$root/target/ros-colcon"
 colcon build --base-paths src \
   --cmake-args -DPython3_EXECUTABLE="$venv/bin/python" -DPython3_NumPy_INCLUDE_DIR="$np_link" \
   -DBUILD_TESTING=OFF 2>&1 | tail -n 20
@@ -32,7 +35,7 @@ pass=0
 ok() { echo "ok   $1"; pass=$((pass + 1)); }
 bad() { echo "FAIL $1"; fail=$((fail + 1)); }
 missing=()
-for f in lib/bitvla_ros/bitvla_node lib/bitvla_ros/bitvla share/bitvla_ros/package.xml \
+for f in lib/bitvla_ros/bitvla_node lib/bitvla_ros/bitvla lib/bitvla_ros/sim_arm.py share/bitvla_ros/package.xml \
          share/bitvla_ros/launch/bitvla_real.launch.py share/bitvla_ros/launch/bitvla_sim.launch.py \
          share/bitvla_ros/config/real_arm.yaml share/bitvla_ros/config/sim_arm.yaml \
          share/bitvla_ros/msg/ActionChunk.msg share/bitvla_ros/msg/PolicyStatus.msg \

@@ -83,7 +83,8 @@ pub struct NodeParams {
     /// See gripper_scale
     pub gripper_offset: f64,
     /// ee_delta_twist: publish a zero twist each tick while waiting for the next chunk (keeps
-    /// the command stream at the control rate; safety holds publish nothing)
+    /// the command stream at the control rate) and while the e-stop is engaged (stops the arm
+    /// at once, not after the controller's command timeout); other safety holds publish nothing
     pub hold_zero_twist: bool,
     /// Rotate camera images by 180 degrees (LIBERO simulator cameras)
     pub rotate_180: bool,

@@ -670,7 +670,7 @@ impl ControlCore {
                 None => Some(Hold::NoJointState),
             },
             Err(hold) => {
-                if hold == Hold::NoChunk
+                if matches!(hold, Hold::NoChunk | Hold::EStop)
                     && self.config.hold_zero_twist
                     && self.config.mode == CommandMode::EeDeltaTwist
                 {

@@ -20,6 +20,12 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+// `use_sim_time` needs r2r built with rosgraph_msgs; without it r2r ignores the parameter and the
+// node would silently run on wall time. r2r 0.9.7's build script also drops this support when it
+// reuses its cached bindings (a target dir built before with another AMENT_PREFIX_PATH or
+// IDL_PACKAGE_FILTER): `cargo clean -p r2r` (or one target dir per ROS environment) fixes that.
+r2r::assert_compiled_with_use_sim_time_support!();
+
 /// Under simulation time, at most this much missed time is caught up tick by tick [s].
 const MAX_CATCH_UP_S: u64 = 2;
 
