@@ -1,7 +1,10 @@
-"""bitvla_node driving a simulated arm (LIBERO-like cameras rotated by 180 degrees, commands
-published for real).
+"""The project's simulated arm (sim/sim_arm.py: MuJoCo, two cameras, differential IK) and
+bitvla_node driving it, on simulation time. Type an instruction to see the arm move:
 
     ros2 launch bitvla_ros bitvla_sim.launch.py model_path:=/models/libero_spatial.bitvla
+    ros2 topic pub --once /instruction std_msgs/msg/String "{data: 'pick up the red cube'}"
+
+(Without `ros2 launch`, scripts/sim_demo.sh starts the same processes with the same parameters.)
 
 Arguments:
     model_path     checkpoint directory or packed .bitvla file (required)
@@ -11,6 +14,7 @@ Arguments:
     command_topic  twist command input of the simulated arm
     use_sim_time   true: follow /clock
     dry_run        false in simulation
+    sim_model      a user MJCF for the sim (default: the built-in scene)
 """
 
 import os
@@ -34,6 +38,20 @@ def generate_launch_description():
         DeclareLaunchArgument("command_topic", default_value="/servo_node/delta_twist_cmds"),
         DeclareLaunchArgument("dry_run", default_value="false"),
         DeclareLaunchArgument("use_sim_time", default_value="true"),
+        DeclareLaunchArgument("sim_model", default_value=""),
+        Node(
+            package="bitvla_ros",
+            executable="sim_arm.py",
+            name="sim_arm",
+            output="screen",
+            parameters=[{
+                "model_path": arg("sim_model"),
+                "camera_topic": arg("camera_topic"),
+                "wrist_camera_topic": arg("wrist_camera_topic"),
+                "twist_topic": arg("command_topic"),
+                "use_sim_time": ParameterValue(arg("use_sim_time"), value_type=bool),
+            }],
+        ),
         Node(
             package="bitvla_ros",
             executable="bitvla_node",

@@ -19,6 +19,8 @@ need_apt=()
 command -v clang >/dev/null 2>&1 || dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+# Off-screen rendering for the simulated arm (sim/sim_arm.py, MUJOCO_GL=osmesa).
+dpkg -s libosmesa6 >/dev/null 2>&1 || need_apt+=(libosmesa6)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
 fi
@@ -78,7 +80,7 @@ venv="$root/.ros/venv"
   ros-jazzy-rcl ros-jazzy-rcl-action ros-jazzy-std-msgs ros-jazzy-sensor-msgs \
   ros-jazzy-geometry-msgs ros-jazzy-trajectory-msgs ros-jazzy-diagnostic-msgs \
   ros-jazzy-rosgraph-msgs ros-jazzy-rmw-fastrtps-cpp ros-jazzy-rclpy numpy pillow \
-  rosbags==0.11.9
+  rosbags==0.11.9 mujoco==3.17.0
 # What building interfaces (msg/) needs beyond the runtime: the ament CMake family, the rosidl
 # generators and ament_package/catkin_pkg for CMake's Python (spec ros2.md §4.4).
 "$venv/bin/pip" install --quiet \

@@ -18,7 +18,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 run_tests() { cargo test --quiet --all-targets "$@" 2>&1 | tee -a "$log"; }
 summary() {
-  awk '/^test result:/ || /^ros: [0-9]+ passed/ || /^bags: [0-9]+ passed/ || /^colcon: [0-9]+ passed/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  awk '/^test result:/ || /^ros: [0-9]+ passed/ || /^bags: [0-9]+ passed/ || /^colcon: [0-9]+ passed/ || /^sim: [0-9]+ passed/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
        END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
 }
 
@@ -42,6 +42,12 @@ ros_tests() {
   fi
   if ! scripts/test_ros.sh 2>&1 | tee -a "$log"; then
     echo "error: the ROS 2 node tests failed" >&2
+    summary
+    exit 1
+  fi
+  step "the simulated arm in closed loop with the node"
+  if ! scripts/test_sim.sh 2>&1 | tee -a "$log"; then
+    echo "error: the simulated-arm tests failed" >&2
     summary
     exit 1
   fi
