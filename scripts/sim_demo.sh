@@ -6,7 +6,7 @@
 #   scripts/sim_demo.sh [--model M] [--instruction TEXT] [--seconds S] [--json]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup_ros.sh >/dev/null
+scripts/setup_ros.sh
 # shellcheck disable=SC1091
 . .ros/env
 cargo build --release --quiet --features ros --bins

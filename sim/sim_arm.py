@@ -4,6 +4,7 @@ gripper built from primitives, a table, three colored cubes, a third-person and 
 as a ROS 2 node (rclpy).
 
 Publishes   <camera_topic>, <wrist_camera_topic>   sensor_msgs/Image rgb8 (camera_rate_hz, 20)
+            <camera_topic>/compressed, ...         sensor_msgs/CompressedImage jpeg (compressed:=true)
             <joint_states_topic>                   sensor_msgs/JointState (state_rate_hz)
             <ee_pose_topic>                        geometry_msgs/PoseStamped (site "ee", world frame)
             /clock                                 rosgraph_msgs/Clock (use_sim_time:=true)
@@ -39,7 +40,7 @@ from geometry_msgs.msg import PoseStamped, TwistStamped  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
-from sensor_msgs.msg import Image, JointState  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
 from std_msgs.msg import Float64MultiArray  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
@@ -310,8 +311,8 @@ class Expert:
 
 
 def stamp(t):
-    sec = int(t)
-    return Time(sec=sec, nanosec=int(round((t - sec) * 1e9)) % 1_000_000_000)
+    sec, nanosec = divmod(int(round(t * 1e9)), 1_000_000_000)
+    return Time(sec=sec, nanosec=nanosec)
 
 
 class SimNode(Node):
@@ -325,7 +326,7 @@ class SimNode(Node):
             "positions_topic": "/forward_position_controller/commands",
             "gripper_topic": "/gripper/command", "frame_id": "world",
             "camera_rate_hz": 20.0, "state_rate_hz": 50.0, "image_size": 224,
-            "command_timeout_s": 0.25, "real_time": True,
+            "command_timeout_s": 0.25, "real_time": True, "compressed": False, "jpeg_quality": 90,
             # The scripted expert drives the arm instead of the policy when set (a body name).
             "expert_object": "", "expert_action_topic": "/expert/action", "expert_rate_hz": 20.0,
         }
@@ -339,6 +340,10 @@ class SimNode(Node):
         self.real_time = g("real_time")
         self.cam_pub = self.create_publisher(Image, g("camera_topic"), qos_profile_sensor_data)
         self.wrist_pub = self.create_publisher(Image, g("wrist_camera_topic"), qos_profile_sensor_data)
+        self.compressed_pubs = [
+            self.create_publisher(CompressedImage, f"{g(t)}/compressed", qos_profile_sensor_data)
+            for t in ("camera_topic", "wrist_camera_topic")] if g("compressed") else None
+        self.jpeg_quality = g("jpeg_quality")
         self.js_pub = self.create_publisher(JointState, g("joint_states_topic"), qos_profile_sensor_data)
         self.pose_pub = self.create_publisher(PoseStamped, g("ee_pose_topic"), 10)
         self.clock_pub = self.create_publisher(Clock, "/clock", 10) if self.use_sim_time else None
@@ -412,11 +417,18 @@ class SimNode(Node):
                       frame_id=self.frame_id)
 
     def publish_images(self, t):
-        for pub, cam in ((self.cam_pub, "third_person"), (self.wrist_pub, "wrist")):
+        for i, (pub, cam) in enumerate(((self.cam_pub, "third_person"), (self.wrist_pub, "wrist"))):
             img = self.arm.render(cam)
             h, w = img.shape[:2]
             pub.publish(Image(header=self.header(t), height=h, width=w, encoding="rgb8",
                               is_bigendian=0, step=w * 3, data=img.tobytes()))
+            if self.compressed_pubs:
+                import io
+                from PIL import Image as PilImage
+                buf = io.BytesIO()
+                PilImage.fromarray(img).save(buf, format="JPEG", quality=self.jpeg_quality)
+                self.compressed_pubs[i].publish(CompressedImage(header=self.header(t), format="jpeg",
+                                                                data=buf.getvalue()))
         self.stats["frames"] += 1
 
     def loop(self):

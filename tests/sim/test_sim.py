@@ -238,6 +238,38 @@ def main():
             stop(nd)
             peer.estop.publish(Bool(data=False))
 
+    def joint_positions_mode_with_a_compressed_wrist_camera():
+        """Float64MultiArray joint positions (a forward position controller), the node reading the
+        wrist camera as CompressedImage from a second sim... the same sim, asked for JPEG too."""
+        stop(procs[0])
+        sim2 = start("simc", [sys.executable, SIM, "--ros-args", "-p", "use_sim_time:=true",
+                              "-p", "compressed:=true"])
+        positions = []
+        sub = peer.node.create_subscription(Float64MultiArray, "/forward_position_controller/commands",
+                                            positions.append, 10)
+        nd = node("-p", "command_mode:=joint_positions", "-p", "command_topic:=/forward_position_controller/commands",
+                  "-p", f"joint_names:={','.join(JOINTS)}", "-p", "joint_action:=delta",
+                  "-p", "joint_scale_rad:=0.02", "-p", "proprio_source:=joint_states",
+                  "-p", "joint_states_topic:=/joint_states",
+                  "-p", "wrist_camera_topic:=/sim/wrist/image_raw/compressed", "-p", "wrist_camera_transport:=compressed")
+        try:
+            peer.wait("the node", 60, lambda: peer.instruction.get_subscription_count() > 0
+                      and peer.estop.get_subscription_count() > 0 and peer.status and peer.status[-1].camera_age_s >= 0)
+            peer.instruction.publish(String(data=INSTRUCTION))
+            peer.wait("joint position commands", 60, lambda: len(positions) > 40)
+            target = np.array(positions[-1].data)
+            assert target.shape == (6,), target.shape
+            peer.estop.publish(Bool(data=True))
+            peer.spin_for(1.5)
+            q = np.array(peer.joints[-1].position)
+            assert np.abs(q - target).max() < 0.05, (q, target)
+            assert np.abs(target - np.array(positions[0].data)).max() > 0.05, "the arm did not move"
+        finally:
+            peer.node.destroy_subscription(sub)
+            stop(nd)
+            stop(sim2)
+            peer.estop.publish(Bool(data=False))
+
     def bad_commands_are_rejected_and_the_arm_holds():
         peer.spin_for(0.5)
         before = np.array(peer.joints[-1].position)
@@ -272,14 +304,15 @@ def main():
     def a_scripted_expert_episode_is_recorded_and_replayed():
         """The expert picks the red cube and places it; the recorder writes the episode; `bitvla
         replay` runs it through the node's logic and reports predicted vs recorded actions."""
-        stop(sim)  # one sim at a time on this graph
+        # one sim at a time on this graph (the previous test stopped its own)
         expert = start("expert", [sys.executable, SIM, "--ros-args", "-p", "use_sim_time:=true",
                                   "-p", "expert_object:=red_cube"])
         peer.clear()
         peer.wait("the expert's sim", 60, lambda: len(peer.images) > 3)
         bag = work / "expert_episode"
         rec = start("recorder", [sys.executable, ROOT / "sim" / "record.py", "--out", bag, "--seconds", "11"])
-        peer.wait("the recorder", 30, lambda: peer.instruction.get_subscription_count() > 0)
+        peer.wait("the recorder", 30, lambda: any(
+            i.node_name == "sim_recorder" for i in peer.node.get_subscriptions_info_by_topic("/instruction")))
         peer.spin_for(0.5)
         peer.instruction.publish(String(data=INSTRUCTION))
         peer.wait("the recording", 120, lambda: rec.poll() is not None)
@@ -297,6 +330,7 @@ def main():
         vs = rep.get("recorded_vs_predicted") or {}
         print(f"     replay: {rep['chunks']} chunks, {rep['commands']} commands; vs recorded: "
               f"{vs.get('pairs')} pairs, RMSE {np.round(vs.get('rmse', []), 3).tolist()}")
+        assert rep["instructions"] and not [w for w in rep["warnings"] if "goes back" in w], rep["warnings"]
         assert rep["chunks"] > 5 and rep["commands"].get("/servo_node/delta_twist_cmds", 0) > 50, rep
         assert vs and vs.get("pairs", 0) > 50, vs
         assert "recorded" in p.stdout, p.stdout[-1500:]
@@ -310,6 +344,8 @@ def main():
         ("joint_trajectory: the sim reaches the node's targets", joint_trajectory_mode_is_applied),
         ("NaN, wrong-length and unknown-joint commands are rejected; the arm holds",
          bad_commands_are_rejected_and_the_arm_holds),
+        ("joint_positions (Float64MultiArray) reaches its targets; JPEG wrist camera",
+         joint_positions_mode_with_a_compressed_wrist_camera),
         ("a malformed MJCF is a clear error", a_malformed_mjcf_is_a_clear_error),
         ("a scripted-expert episode is recorded (MCAP) and replayed with predicted vs recorded actions",
          a_scripted_expert_episode_is_recorded_and_replayed),
