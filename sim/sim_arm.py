@@ -5,7 +5,8 @@ as a ROS 2 node (rclpy).
 
 Publishes   <camera_topic>, <wrist_camera_topic>   sensor_msgs/Image rgb8 (camera_rate_hz, 20)
             <camera_topic>/compressed, ...         sensor_msgs/CompressedImage jpeg (compressed:=true)
-            <joint_states_topic>                   sensor_msgs/JointState (state_rate_hz)
+            <joint_states_topic>                   sensor_msgs/JointState (state_rate_hz): the arm
+                                                   joints, then finger_left/finger_right (m)
             <ee_pose_topic>                        geometry_msgs/PoseStamped (site "ee", world frame)
             /clock                                 rosgraph_msgs/Clock (use_sim_time:=true)
 Accepts     <twist_topic>        geometry_msgs/TwistStamped: end-effector velocity in the world
@@ -160,8 +161,12 @@ class Arm:
         if missing_act:
             raise SimError(f"the MJCF has no position actuators for {missing_act}")
         self.act = np.array([act_joint[j] for j in jids])
-        self.fingers = [act_joint[jid] for jid in (mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_JOINT, f)
-                                                   for f in ("finger_left", "finger_right")) if jid in act_joint]
+        finger_ids = [mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_JOINT, f) for f in ("finger_left", "finger_right")]
+        finger_ids = [j for j in finger_ids if j in act_joint]
+        self.fingers = [act_joint[j] for j in finger_ids]
+        self.finger_names = [mujoco.mj_id2name(m, mujoco.mjtObj.mjOBJ_JOINT, j) for j in finger_ids]
+        self.finger_qadr = np.array([m.jnt_qposadr[j] for j in finger_ids], dtype=int)
+        self.finger_dadr = np.array([m.jnt_dofadr[j] for j in finger_ids], dtype=int)
         self.site = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_SITE, "ee")
         if xml is None:
             self.data.qpos[self.qadr] = HOME
@@ -252,9 +257,12 @@ class Arm:
             mujoco.mj_step(m, d)
 
     def joints(self):
+        """Arm joints, then the gripper's finger joints (each finger's opening in m)."""
         d = self.data
-        names = self.arm_joints
-        return names, d.qpos[self.qadr].copy(), d.qvel[self.dadr].copy()
+        names = self.arm_joints + self.finger_names
+        qadr = np.concatenate([self.qadr, self.finger_qadr]).astype(int)
+        dadr = np.concatenate([self.dadr, self.finger_dadr]).astype(int)
+        return names, d.qpos[qadr].copy(), d.qvel[dadr].copy()
 
     def ee_pose(self):
         pos = self.data.site_xpos[self.site].copy()

@@ -50,7 +50,8 @@ class Peer:
         self.positions_in = n.create_publisher(Float64MultiArray, "/forward_position_controller/commands", 10)
         self.trajectory_in = n.create_publisher(JointTrajectory, "/arm_controller/joint_trajectory", 10)
         self.images, self.wrist, self.joints, self.poses, self.twists, self.clock = [], [], [], [], [], []
-        self.trajectories, self.status = [], []
+        self.trajectories, self.status, self.grippers = [], [], []
+        n.create_subscription(Float64MultiArray, "/gripper/command", self.grippers.append, 10)
         n.create_subscription(Image, "/sim/agentview/image_raw", self.images.append, qos_profile_sensor_data)
         n.create_subscription(Image, "/sim/wrist/image_raw", self.wrist.append, qos_profile_sensor_data)
         n.create_subscription(JointState, "/joint_states", self.joints.append, qos_profile_sensor_data)
@@ -75,7 +76,7 @@ class Peer:
 
     def clear(self):
         for buf in (self.images, self.wrist, self.joints, self.poses, self.twists, self.clock,
-                    self.trajectories, self.status):
+                    self.trajectories, self.status, self.grippers):
             buf.clear()
 
 
@@ -141,7 +142,7 @@ def main():
             pixels = np.frombuffer(bytes(img.data), np.uint8)
             assert pixels.size == 224 * 224 * 3 and pixels.std() > 10, pixels.std()  # a scene, not blank
         js = peer.joints[-1]
-        assert list(js.name) == JOINTS and len(js.position) == 6, js.name
+        assert list(js.name) == JOINTS + ["finger_left", "finger_right"] and len(js.position) == 8, js.name
         p = ee_positions(peer.poses[-1:])[0]
         assert 0.3 < p[0] < 0.6 and abs(p[1]) < 0.05 and 0.1 < p[2] < 0.3, p  # home: above the table
         t = [time_s(c.clock) for c in peer.clock]
@@ -188,6 +189,14 @@ def main():
             assert path > 0.02, path
             assert cos > 0.8, cos
             assert 0.3 < np.linalg.norm(moved) / np.linalg.norm(commanded) < 1.5
+            # The gripper commands (opening in m, LIBERO -1 open / +1 closed -> 0.08 / 0) are
+            # applied: each finger at half the last commanded opening.
+            steady = lambda: len(peer.grippers) >= 10 and len({m.data[0] for m in peer.grippers[-10:]}) == 1  # noqa: E731
+            peer.wait("10 equal gripper commands in a row", 10, steady)
+            g = peer.grippers[-1].data[0]
+            assert g in (0.0, 0.08), g
+            fingers = np.array(peer.joints[-1].position)[6:]
+            assert np.all(np.abs(fingers - g / 2) < 0.006), (fingers, g)
             # The e-stop: the node holds with zero twists; the arm stops within one control period.
             peer.estop.publish(Bool(data=True))
             peer.wait("a zero twist", 5, lambda: peer.twists and not any(
@@ -230,7 +239,7 @@ def main():
             target = np.array(last.points[0].positions)
             peer.estop.publish(Bool(data=True))  # stop commanding; the arm settles on the last target
             peer.spin_for(1.5)
-            q = np.array(peer.joints[-1].position)
+            q = np.array(peer.joints[-1].position)[:6]
             assert np.abs(q - target).max() < 0.05, (q, target)
             first = np.array(peer.trajectories[0].points[0].positions)
             assert np.abs(target - first).max() > 0.05, "the arm did not move"
@@ -261,7 +270,7 @@ def main():
             assert target.shape == (6,), target.shape
             peer.estop.publish(Bool(data=True))
             peer.spin_for(1.5)
-            q = np.array(peer.joints[-1].position)
+            q = np.array(peer.joints[-1].position)[:6]
             assert np.abs(q - target).max() < 0.05, (q, target)
             assert np.abs(target - np.array(positions[0].data)).max() > 0.05, "the arm did not move"
         finally:
@@ -272,7 +281,7 @@ def main():
 
     def bad_commands_are_rejected_and_the_arm_holds():
         peer.spin_for(0.5)
-        before = np.array(peer.joints[-1].position)
+        before = np.array(peer.joints[-1].position)[:6]
         nan = TwistStamped()
         nan.twist.linear.x = float("nan")
         peer.twist_in.publish(nan)
@@ -286,7 +295,7 @@ def main():
             assert what in text, (what, text[-1500:])
         peer.clear()
         peer.wait("joint states", 5, lambda: len(peer.joints) > 5)
-        q = np.array(peer.joints[-1].position)
+        q = np.array(peer.joints[-1].position)[:6]
         assert np.abs(q - before).max() < 0.01, (q, before)
 
     def a_malformed_mjcf_is_a_clear_error():
@@ -339,7 +348,7 @@ def main():
     for name, fn in [
         ("the sim publishes two 224x224 cameras, joint states, the end-effector pose and /clock",
          sim_publishes_cameras_state_pose_and_clock),
-        ("ee_delta_twist: the arm moves as commanded, the e-stop stops it, 300 steps without leaks",
+        ("ee_delta_twist: the arm moves as commanded, the gripper follows, the e-stop stops it, 300 steps without leaks",
          twist_mode_moves_the_arm_as_commanded),
         ("joint_trajectory: the sim reaches the node's targets", joint_trajectory_mode_is_applied),
         ("NaN, wrong-length and unknown-joint commands are rejected; the arm holds",
