@@ -25,6 +25,7 @@ Physics runs at 500 Hz; simulation time advances with it (with use_sim_time the 
 slower than real time when rendering is slow; without, it is paced to real time at best).
 """
 
+import io
 import math
 import os
 import sys
@@ -40,9 +41,10 @@ from builtin_interfaces.msg import Time  # noqa: E402
 from geometry_msgs.msg import PoseStamped, TwistStamped  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+from PIL import Image as PilImage  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
-from std_msgs.msg import Float64MultiArray  # noqa: E402
+from std_msgs.msg import Float64MultiArray, Header  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 ARM_JOINTS = ["joint1", "joint2", "joint3", "joint4", "joint5", "joint6"]
@@ -420,7 +422,6 @@ class SimNode(Node):
         self.pose_pub.publish(pose)
 
     def header(self, t):
-        from std_msgs.msg import Header
         return Header(stamp=stamp(t) if self.use_sim_time else self.get_clock().now().to_msg(),
                       frame_id=self.frame_id)
 
@@ -431,8 +432,6 @@ class SimNode(Node):
             pub.publish(Image(header=self.header(t), height=h, width=w, encoding="rgb8",
                               is_bigendian=0, step=w * 3, data=img.tobytes()))
             if self.compressed_pubs:
-                import io
-                from PIL import Image as PilImage
                 buf = io.BytesIO()
                 PilImage.fromarray(img).save(buf, format="JPEG", quality=self.jpeg_quality)
                 self.compressed_pubs[i].publish(CompressedImage(header=self.header(t), format="jpeg",

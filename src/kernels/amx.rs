@@ -17,7 +17,7 @@
 
 use super::pack::PANEL_COLS;
 use super::quant::AMX_ROWS;
-use super::tile::TileOutput;
+use super::tile::{Epilogue, TileOutput};
 use std::arch::asm;
 use std::arch::x86_64::*;
 
@@ -209,19 +209,6 @@ pub(crate) unsafe fn block(b: Block<'_>) {
             options(nostack)
         );
     }
-}
-
-/// Where and how one finished block is written: rows `0..rows`, columns `0..cols` (<= 32).
-pub(crate) struct Epilogue {
-    pub row_sums: *const i32,
-    pub row_dequant: *const f32,
-    /// 32 readable values each; `bias` may be null.
-    pub col_scales: *const f32,
-    pub bias: *const f32,
-    pub out: TileOutput,
-    pub ldo: usize,
-    pub rows: usize,
-    pub cols: usize,
 }
 
 /// The epilogue of the math contract on a finished block, 16 columns at a time with masked

@@ -8,7 +8,8 @@ use super::AlignedBytes;
 use super::pack::PANEL_COLS;
 use super::quant::{ActLayout, ROWS_PER_BLOCK};
 use super::tile::{
-    Accumulators, Tile, TileFn, TileOutput, UNPACKED_BLOCK_BYTES, tile_scalar, unpack_panel,
+    Accumulators, Epilogue, Tile, TileFn, TileOutput, UNPACKED_BLOCK_BYTES, tile_scalar,
+    unpack_panel,
 };
 use super::{KernelError, QuantizedActivations, Result, TernaryMatrix};
 use rayon::prelude::*;
@@ -238,6 +239,35 @@ fn split(len: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
     (i * len / parts)..((i + 1) * len / parts)
 }
 
+/// The epilogue of the output rectangle at (`row0`, `col0`): at most `block_rows` × 32, clipped
+/// to the m × n output.
+///
+/// # Safety
+/// `row0 < m` and `col0 < n` (the output pointer is advanced to their element).
+unsafe fn epilogue_at(
+    a: &QuantizedActivations,
+    w: &TernaryMatrix,
+    bias: Option<&[f32]>,
+    out: TileOutput,
+    row0: usize,
+    col0: usize,
+    block_rows: usize,
+) -> Epilogue {
+    let (m, n) = (a.rows(), w.rows());
+    debug_assert!(row0 < m && col0 < n);
+    Epilogue {
+        row_sums: a.row_sums()[row0..].as_ptr(),
+        row_dequant: a.row_dequant()[row0..].as_ptr(),
+        col_scales: w.column_scales()[col0..].as_ptr(),
+        bias: bias.map_or(std::ptr::null(), |b| b[col0..].as_ptr()),
+        // SAFETY (pointer arithmetic): row0·n + col0 < m·n, the output's length.
+        out: unsafe { out.offset(row0 * n + col0) },
+        ldo: n,
+        rows: (m - row0).min(block_rows),
+        cols: (n - col0).min(PANEL_COLS),
+    }
+}
+
 /// 16-k blocks per K chunk: 32 blocks = 512 k, i.e. 16 KB of unpacked weights plus 6 KB of
 /// activations per tile, resident in L1 while every row block of the task passes over them.
 const CHUNK_BLOCKS: usize = 64;
@@ -362,14 +392,12 @@ fn run_tiles(
     out: TileOutput,
 ) -> Result<()> {
     let tile_fn = kind.tile_fn().ok_or(KernelError::Unsupported(kind))?;
-    let (m, n) = (a.rows(), w.rows());
     let panels = w.panels();
     let m_blocks = a.blocks();
     let k_blocks = w.k_padded() / 16;
     let panel_bytes = w.panel_bytes();
     let act_block_bytes = ROWS_PER_BLOCK * w.k_padded();
     let (act, weights) = (a.data(), w.packed());
-    let (row_sums, row_dequant, col_scales) = (a.row_sums(), a.row_dequant(), w.column_scales());
     debug_assert_eq!(act.len(), m_blocks * act_block_bytes);
     debug_assert_eq!(weights.len(), panels * panel_bytes);
     let chunks = k_blocks.div_ceil(CHUNK_BLOCKS);
@@ -397,7 +425,6 @@ fn run_tiles(
                     unpack_panel(&panel_packed[kb.start * 128..kb.end * 128], chunk_unpacked);
                     for (mb, carry) in block_range.clone().zip(scratch.carry.iter_mut()) {
                         let row0 = mb * ROWS_PER_BLOCK;
-                        let offset = row0 * n + col0;
                         let act_offset = mb * act_block_bytes + kb.start * 16 * ROWS_PER_BLOCK;
                         let tile = Tile {
                             act: act[act_offset..].as_ptr(),
@@ -406,15 +433,10 @@ fn run_tiles(
                             carry,
                             first: chunk == 0,
                             last: chunk + 1 == chunks,
-                            row_sums: row_sums[row0..].as_ptr(),
-                            row_dequant: row_dequant[row0..].as_ptr(),
-                            col_scales: col_scales[col0..].as_ptr(),
-                            bias: bias.map_or(std::ptr::null(), |b| b[col0..].as_ptr()),
-                            // SAFETY (pointer arithmetic): offset < m·n, the output's length.
-                            out: unsafe { out.offset(offset) },
-                            ldo: n,
-                            rows: (m - row0).min(ROWS_PER_BLOCK),
-                            cols: (n - col0).min(PANEL_COLS),
+                            // SAFETY: row0 < m and col0 < n.
+                            epi: unsafe {
+                                epilogue_at(a, w, bias, out, row0, col0, ROWS_PER_BLOCK)
+                            },
                         };
                         // SAFETY: the slices above hold the chunk of a full row block, the
                         // unpacked chunk, 12 row values and 32 column values (all padded by
@@ -452,14 +474,13 @@ fn run_amx(a: &QuantizedActivations, w: &TernaryMatrix, bias: Option<&[f32]>, ou
     use super::amx;
     use super::quant::AMX_ROWS;
     debug_assert_eq!(a.layout(), ActLayout::Tiles);
-    let (m, n) = (a.rows(), w.rows());
+    let m = a.rows();
     let panels = w.panels();
     let m_blocks = a.blocks();
     let k_blocks = w.k_padded() / 16;
     let panel_bytes = w.panel_bytes();
     let block_bytes = AMX_ROWS * a.row_bytes();
     let (act, weights) = (a.data(), w.packed());
-    let (row_sums, row_dequant, col_scales) = (a.row_sums(), a.row_dequant(), w.column_scales());
     debug_assert_eq!(act.len(), m_blocks * block_bytes);
     let chunks = k_blocks.div_ceil(AMX_CHUNK_BLOCKS);
     let chunk_bytes = AMX_CHUNK_BLOCKS * UNPACKED_BLOCK_BYTES;
@@ -524,17 +545,9 @@ fn run_amx(a: &QuantizedActivations, w: &TernaryMatrix, bias: Option<&[f32]>, ou
                             };
                             if last && row0 < m {
                                 let col0 = panel * PANEL_COLS;
-                                let epilogue = amx::Epilogue {
-                                    row_sums: row_sums[row0..].as_ptr(),
-                                    row_dequant: row_dequant[row0..].as_ptr(),
-                                    col_scales: col_scales[col0..].as_ptr(),
-                                    bias: bias.map_or(std::ptr::null(), |b| b[col0..].as_ptr()),
-                                    // SAFETY (pointer arithmetic): row0 < m and col0 < n.
-                                    out: unsafe { out.offset(row0 * n + col0) },
-                                    ldo: n,
-                                    rows: (m - row0).min(AMX_ROWS),
-                                    cols: (n - col0).min(PANEL_COLS),
-                                };
+                                // SAFETY: row0 < m and col0 < n (a panel of the weight).
+                                let epilogue =
+                                    unsafe { epilogue_at(a, w, bias, out, row0, col0, AMX_ROWS) };
                                 // SAFETY: AVX-512 F is part of `amx::supported`; row values are
                                 // padded to whole 32-row blocks, column values to whole panels;
                                 // the output rectangle lies in the m × n output and belongs to

@@ -51,10 +51,18 @@ pub(crate) struct Tile {
     pub carry: *mut Accumulators,
     pub first: bool,
     pub last: bool,
-    /// 12 values each.
+    /// Where the results go after the last chunk (12 row values).
+    pub epi: Epilogue,
+}
+
+/// Where and how a finished tile or block is written, shared by every kernel: rows `0..rows`
+/// and columns `0..cols` of the output at stride `ldo`, with the per-row and per-column values
+/// of the math contract.
+pub(crate) struct Epilogue {
+    /// One value per row of the tile or block.
     pub row_sums: *const i32,
     pub row_dequant: *const f32,
-    /// 32 values each; `bias` may be null.
+    /// 32 values each (padded to whole panels); `bias` may be null.
     pub col_scales: *const f32,
     pub bias: *const f32,
     pub out: TileOutput,
@@ -75,6 +83,7 @@ pub(crate) type TileFn = unsafe fn(&Tile);
 /// `tile`'s pointers must satisfy the invariants of [`Tile`].
 #[inline(always)]
 pub(crate) unsafe fn epilogue_scalar(acc: &Accumulators, tile: &Tile) {
+    let tile = &tile.epi;
     for (r, acc_row) in acc.iter().enumerate().take(tile.rows) {
         // SAFETY (all reads/writes below): r < rows <= 12, c < cols <= 32, per the Tile invariants.
         let sum = unsafe { *tile.row_sums.add(r) };

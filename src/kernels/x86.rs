@@ -52,8 +52,9 @@ pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
         }
     }
 
-    let full = tile.rows == ROWS_PER_BLOCK && tile.cols == PANEL_COLS;
-    match tile.out {
+    let e = &tile.epi;
+    let full = e.rows == ROWS_PER_BLOCK && e.cols == PANEL_COLS;
+    match e.out {
         _ if !tile.last => {
             let carry = tile.carry as *mut i32;
             for (i, a) in acc.iter().enumerate() {
@@ -65,25 +66,21 @@ pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
             // SAFETY: Tile invariants (12 row values, 32 column values, full 12 × 32 output rect).
             unsafe {
                 let scales = [
-                    _mm512_loadu_ps(tile.col_scales),
-                    _mm512_loadu_ps(tile.col_scales.add(16)),
+                    _mm512_loadu_ps(e.col_scales),
+                    _mm512_loadu_ps(e.col_scales.add(16)),
                 ];
-                let bias = (!tile.bias.is_null()).then(|| {
-                    [
-                        _mm512_loadu_ps(tile.bias),
-                        _mm512_loadu_ps(tile.bias.add(16)),
-                    ]
-                });
+                let bias = (!e.bias.is_null())
+                    .then(|| [_mm512_loadu_ps(e.bias), _mm512_loadu_ps(e.bias.add(16))]);
                 for r in 0..ROWS_PER_BLOCK {
-                    let sum = _mm512_set1_epi32(*tile.row_sums.add(r));
-                    let dequant = _mm512_set1_ps(*tile.row_dequant.add(r));
+                    let sum = _mm512_set1_epi32(*e.row_sums.add(r));
+                    let dequant = _mm512_set1_ps(*e.row_dequant.add(r));
                     for h in 0..2 {
                         let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[2 * r + h], sum));
                         let mut y = _mm512_mul_ps(v, _mm512_mul_ps(scales[h], dequant));
                         if let Some(b) = bias {
                             y = _mm512_add_ps(y, b[h]);
                         }
-                        _mm512_storeu_ps(out.add(r * tile.ldo + 16 * h), y);
+                        _mm512_storeu_ps(out.add(r * e.ldo + 16 * h), y);
                     }
                 }
             }

@@ -119,6 +119,14 @@ def main():
         return start("node", [BIN / "bitvla_node", "--ros-args", "--params-file", ROOT / "config/sim_arm.yaml",
                               "-p", f"model_path:={model}", "-p", "threads:=1", *extra])
 
+    def joint_node(mode, topic, *extra):
+        """The node in a joint command mode: deltas of 0.02 rad per unit action on the sim's
+        joints, joint states as proprioception."""
+        return node("-p", f"command_mode:={mode}", "-p", f"command_topic:={topic}",
+                    "-p", f"joint_names:={','.join(JOINTS)}", "-p", "joint_action:=delta",
+                    "-p", "joint_scale_rad:=0.02", "-p", "proprio_source:=joint_states",
+                    "-p", "joint_states_topic:=/joint_states", *extra)
+
     rclpy.init()
     peer = Peer()
     sim = start("sim", [sys.executable, SIM, "--ros-args", "-p", "use_sim_time:=true"])
@@ -223,10 +231,7 @@ def main():
             peer.estop.publish(Bool(data=False))
 
     def joint_trajectory_mode_is_applied():
-        nd = node("-p", "command_mode:=joint_trajectory", "-p", "command_topic:=/arm_controller/joint_trajectory",
-                  "-p", f"joint_names:={','.join(JOINTS)}", "-p", "joint_action:=delta",
-                  "-p", "joint_scale_rad:=0.02", "-p", "proprio_source:=joint_states",
-                  "-p", "joint_states_topic:=/joint_states")
+        nd = joint_node("joint_trajectory", "/arm_controller/joint_trajectory")
         try:
             peer.wait("the node", 30, lambda: peer.instruction.get_subscription_count() > 0
                       and peer.estop.get_subscription_count() > 0)
@@ -256,11 +261,9 @@ def main():
         positions = []
         sub = peer.node.create_subscription(Float64MultiArray, "/forward_position_controller/commands",
                                             positions.append, 10)
-        nd = node("-p", "command_mode:=joint_positions", "-p", "command_topic:=/forward_position_controller/commands",
-                  "-p", f"joint_names:={','.join(JOINTS)}", "-p", "joint_action:=delta",
-                  "-p", "joint_scale_rad:=0.02", "-p", "proprio_source:=joint_states",
-                  "-p", "joint_states_topic:=/joint_states",
-                  "-p", "wrist_camera_topic:=/sim/wrist/image_raw/compressed", "-p", "wrist_camera_transport:=compressed")
+        nd = joint_node("joint_positions", "/forward_position_controller/commands",
+                        "-p", "wrist_camera_topic:=/sim/wrist/image_raw/compressed",
+                        "-p", "wrist_camera_transport:=compressed")
         try:
             peer.wait("the node", 60, lambda: peer.instruction.get_subscription_count() > 0
                       and peer.estop.get_subscription_count() > 0 and peer.status and peer.status[-1].camera_age_s >= 0)
