@@ -323,10 +323,13 @@ def main():
         peer.wait("the expert's sim", 60, lambda: len(peer.images) > 3)
         bag = work / "expert_episode"
         rec = start("recorder", [sys.executable, ROOT / "sim" / "record.py", "--out", bag, "--seconds", "11"])
-        peer.wait("the recorder", 30, lambda: any(
+        # A publisher of its own: its match count is the recorder's subscription (no stale match
+        # left by the nodes of earlier tests).
+        say = peer.node.create_publisher(String, "/instruction", 10)
+        peer.wait("the recorder", 30, lambda: say.get_subscription_count() > 0 and any(
             i.node_name == "sim_recorder" for i in peer.node.get_subscriptions_info_by_topic("/instruction")))
         peer.spin_for(0.5)
-        peer.instruction.publish(String(data=INSTRUCTION))
+        say.publish(String(data=INSTRUCTION))
         peer.wait("the recording", 120, lambda: rec.poll() is not None)
         stop(expert)
         assert rec.returncode == 0, logs["recorder" + str(len(procs) - 1)].read_text()[-1000:]
