@@ -51,6 +51,7 @@ ros_tests() {
     summary
     exit 1
   fi
+  prune target/ros
   step "colcon packaging: colcon build and the installed layout"
   if ! scripts/test_colcon.sh 2>&1 | tee -a "$log"; then
     echo "error: the colcon packaging check failed" >&2
@@ -58,6 +59,17 @@ ros_tests() {
     exit 1
   fi
 }
+
+# CI machines have little disk: with BITVLA_PRUNE_TARGETS=1 (.ci/run) each phase's build output
+# is deleted once no later phase needs it, so the peak is one phase's, not the sum of all.
+prune() {
+  if [ "${BITVLA_PRUNE_TARGETS:-0}" = "1" ]; then
+    rm -rf "$@"
+    echo "(pruned $*; $(df -h --output=avail . | tail -1 | tr -d ' ') free)"
+  fi
+}
+
+step "disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free on $(df --output=target . | tail -1)"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -67,12 +79,14 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 step "cargo test (native: $(uname -m))"
 run_tests
+prune target/debug
 
 step "aarch64 kernels under qemu-user"
 if ! scripts/setup_cross.sh; then
   skipped BITVLA_REQUIRE_AARCH64 "the aarch64 build (cross toolchain)"
 else
   run_tests --target aarch64-unknown-linux-gnu
+  prune target/aarch64-unknown-linux-gnu
 fi
 
 step "bitvla replay against bags written and read by rosbags"

@@ -13,6 +13,7 @@ from the instruction to the first end-effector motion (the numbers issue 7 asks 
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,8 @@ def main():
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if not args.model:
+            shutil.rmtree(model, ignore_errors=True)  # ~100 MB; the logs stay
     if args.json:
         print(json.dumps(report))
     else:

@@ -1,27 +1,18 @@
 //! Broken checkpoints and bad observations: each is a clear error naming the file, tensor, field
 //! or input at fault, never a panic, and the policy keeps serving afterwards.
 
-use bitvla_ros::model::tiny::{TinyShape, make_tiny};
+use bitvla_ros::model::tiny::{ScratchModel, TinyShape};
 use bitvla_ros::model::{Observation, Policy, PolicyOptions};
 use std::path::{Path, PathBuf};
 
-struct Scratch(PathBuf);
+struct Scratch(ScratchModel);
 
 impl Scratch {
     fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("bitvla-bad-{tag}-{}", std::process::id()));
-        std::fs::remove_dir_all(&dir).ok();
-        make_tiny(&dir, 3, TinyShape::default()).unwrap();
-        Self(dir)
+        Self(ScratchModel::new(&format!("bad-{tag}"), 3, TinyShape::default()).unwrap())
     }
     fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
     }
 }
 

@@ -5,7 +5,7 @@
 //! mistake (unshifted action rows, un-zeroed action slots, causal attention).
 
 use bitvla_ros::model::policy::Ablation;
-use bitvla_ros::model::tiny::{TinyShape, make_tiny};
+use bitvla_ros::model::tiny::{ScratchModel, TinyShape};
 use bitvla_ros::model::{Observation, Policy, PolicyOptions};
 use bitvla_ros::obs::{ImageOptions, prepare_u8};
 use safetensors::SafeTensors;
@@ -106,10 +106,8 @@ fn action_limit(meta: &serde_json::Value) -> f64 {
     0.01 * (spread / 0.012).max(1.0)
 }
 
-fn tiny_model(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bitvla-golden-{tag}-{}", std::process::id()));
-    make_tiny(&dir, 0, TinyShape::default()).unwrap();
-    dir
+fn tiny_model(tag: &str) -> ScratchModel {
+    ScratchModel::new(&format!("golden-{tag}"), 0, TinyShape::default()).unwrap()
 }
 
 fn options(meta: &serde_json::Value, ablation: Ablation) -> PolicyOptions {
@@ -190,7 +188,6 @@ fn every_stage_matches_the_reference() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
     assert_eq!((chunk.horizon, chunk.action_dim), (8, 7));
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
@@ -232,7 +229,6 @@ fn known_mistakes_fail_the_comparison() {
             "{name} is not detected: max rel {err}, limit {limit}"
         );
     }
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
@@ -252,7 +248,6 @@ fn the_packed_file_gives_the_same_actions_bit_for_bit() {
         .unwrap();
     assert_eq!(a.normalized, b.normalized);
     assert_eq!(a.actions, b.actions);
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
@@ -275,5 +270,4 @@ fn actions_do_not_depend_on_the_thread_count() {
         assert_eq!(chunk.normalized, runs[0].0.normalized);
         assert_eq!(stages.hidden, runs[0].1.hidden);
     }
-    std::fs::remove_dir_all(dir).ok();
 }

@@ -1,15 +1,11 @@
 //! Checkpoint and observation variants the shapes and config decide: one camera, a
 //! full-precision vision tower (`vit_weight_bits` absent), other chunk lengths.
 
-use bitvla_ros::model::tiny::{TinyShape, make_tiny};
+use bitvla_ros::model::tiny::{ScratchModel, TinyShape};
 use bitvla_ros::model::{Observation, Policy, PolicyOptions};
-use std::path::PathBuf;
 
-fn model(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bitvla-variant-{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    make_tiny(&dir, 5, TinyShape::default()).unwrap();
-    dir
+fn model(tag: &str) -> ScratchModel {
+    ScratchModel::new(&format!("variant-{tag}"), 5, TinyShape::default()).unwrap()
 }
 
 fn observation(images: usize) -> Observation {
@@ -30,7 +26,6 @@ fn one_camera_uses_one_image_block() {
     assert_eq!(two.tokens - one.tokens, 256);
     assert!(one.actions.iter().all(|v| v.is_finite()));
     assert_ne!(one.normalized, two.normalized);
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
@@ -59,7 +54,6 @@ fn full_precision_vision_tower() {
         .predict(&observation(2))
         .unwrap();
     assert_eq!(again.normalized, full.normalized);
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
@@ -82,5 +76,4 @@ fn chunk_length_comes_from_the_options() {
         (4, 7, 28)
     );
     assert_eq!(eight.tokens - four.tokens, 4 * 7);
-    std::fs::remove_dir_all(dir).ok();
 }

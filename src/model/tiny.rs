@@ -13,7 +13,7 @@ use crate::kernels::pseudo_random;
 use half::bf16;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Shapes of the tiny model (the real ones are in `config.rs` defaults).
 #[derive(Debug, Clone, Copy)]
@@ -199,6 +199,44 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 }
 
 /// Writes the tiny checkpoint into `dir` (created if needed).
+/// A tiny model in a fresh scratch directory under the system temp dir, removed when dropped
+/// (also when a test fails), so test and demo runs leave nothing behind.
+pub struct ScratchModel(PathBuf);
+
+impl ScratchModel {
+    /// `tag` names the directory (with the process id) so parallel tests never share one.
+    pub fn new(tag: &str, seed: u64, shape: TinyShape) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("bitvla-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let scratch = Self(dir);
+        make_tiny(&scratch.0, seed, shape)?;
+        Ok(scratch)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for ScratchModel {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for ScratchModel {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchModel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::file(dir, e))?;
     let mut g = Gen::default();

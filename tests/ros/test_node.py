@@ -8,6 +8,7 @@ Prints 'N passed, M failed'.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -584,6 +585,9 @@ def main():
     failed = [n for n, e in results if e]
     if failed:
         print((work / "node.log").read_text()[-3000:])
+        print(f"logs, model and bags kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"ros: {len(results) - len(failed)} passed, {len(failed)} failed")
     sys.exit(1 if failed else 0)
 

@@ -7,6 +7,7 @@ Run by scripts/test_sim.sh (after scripts/setup_ros.sh and the node's release bu
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -372,6 +373,9 @@ def main():
     if failed:
         for name, path in logs.items():
             print(f"--- {name} log (tail)\n{path.read_text()[-2500:]}")
+        print(f"logs, model and bags kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"sim: {len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
