@@ -70,6 +70,11 @@ prune() {
 }
 
 step "disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free on $(df --output=target . | tail -1)"
+free_kb=$(df --output=avail -k . | tail -1 | tr -d ' ')
+if [ "$free_kb" -lt $((4 * 1024 * 1024)) ]; then
+  echo "WARNING: under 4 GB free; the suite's builds need about 3 GB with BITVLA_PRUNE_TARGETS=1" \
+    "and several more without it. Free space (e.g. 'cargo clean') if a link step fails." >&2
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
