@@ -10,6 +10,7 @@ actions, stamped with simulation time (/clock). The input `bitvla replay --recor
 import argparse
 import signal
 import sys
+import time
 from pathlib import Path
 
 import rclpy
@@ -51,14 +52,24 @@ def main():
             start[0] = now[0]
 
     node.create_subscription(Clock, "/clock", on_clock, 10)
+    # Subscribe to the data topics only once the clock runs: a message that arrived before it
+    # would have no time stamp. Whoever waits for this recorder's subscriptions (the tests do)
+    # thereby knows nothing it publishes will be dropped.
+    deadline = time.monotonic() + 30.0
+    while rclpy.ok() and start[0] is None and not stop[0]:
+        if time.monotonic() > deadline:
+            print("error: no /clock within 30 s: start the sim (sim/sim_arm.py) first", file=sys.stderr)
+            return 2
+        rclpy.spin_once(node, timeout_sec=0.05)
     with Writer(args.out, version=9, storage_plugin=StoragePlugin.MCAP) as bag:
         for topic, cls, msgtype, qos in TOPICS:
             conn = bag.add_connection(topic, msgtype, typestore=store)
 
             def write(data, conn=conn, topic=topic):
-                if now[0]:
-                    bag.write(conn, now[0], bytes(data))
-                    counts[topic] = counts.get(topic, 0) + 1
+                bag.write(conn, now[0], bytes(data))
+                counts[topic] = counts.get(topic, 0) + 1
+                if topic == "/instruction":
+                    print(f"recorded an instruction at t={now[0] / 1e9:.3f} s", flush=True)
 
             node.create_subscription(cls, topic, write, qos, raw=True)
         try:

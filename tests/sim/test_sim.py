@@ -329,8 +329,18 @@ def main():
         say = peer.node.create_publisher(String, "/instruction", 10)
         peer.wait("the recorder", 30, lambda: say.get_subscription_count() > 0 and any(
             i.node_name == "sim_recorder" for i in peer.node.get_subscriptions_info_by_topic("/instruction")))
-        peer.spin_for(0.5)
-        say.publish(String(data=INSTRUCTION))
+        rec_log = logs["recorder" + str(len(procs) - 1)]
+        # Discovery is not symmetric: the recorder may match this publisher a little after this
+        # publisher matched it. Publish until the recorder reports the instruction recorded.
+        for _ in range(10):
+            peer.spin_for(0.5)
+            say.publish(String(data=INSTRUCTION))
+            try:
+                peer.wait("the recorder to record the instruction", 2,
+                          lambda: "recorded an instruction" in rec_log.read_text())
+                break
+            except AssertionError:
+                continue
         peer.wait("the recording", 120, lambda: rec.poll() is not None)
         stop(expert)
         assert rec.returncode == 0, logs["recorder" + str(len(procs) - 1)].read_text()[-1000:]
