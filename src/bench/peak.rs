@@ -20,6 +20,11 @@ pub enum PeakLoop {
     /// AMX `tdpbusd` on 16x64-byte tiles: 16x16x64 int8 MACs = 32768 ops per instruction (the
     /// AMX kernel's `tdpbssd` has the same throughput).
     AmxInt8,
+    /// The same four `tdpbusd` per step, each step first loading its two A and two B tiles
+    /// from L1-resident memory: the ceiling of any 2x2-blocked AMX GEMM (8 tile registers allow
+    /// no more reuse), which is bound by `tileloadd` where a tile load costs more than a
+    /// `tdpbusd`.
+    AmxInt8Streaming,
 }
 
 impl PeakLoop {
@@ -81,7 +86,13 @@ fn run_loop(which: PeakLoop, iters: u64) -> f64 {
         #[cfg(target_arch = "x86_64")]
         PeakLoop::AmxInt8 if KernelKind::AmxInt8.is_supported() => {
             // SAFETY: CPU support and the kernel's permission for the tile state checked.
-            unsafe { x86::amx(iters) };
+            unsafe { x86::amx(iters, false) };
+            iters as f64 * 4.0 * 32768.0
+        }
+        #[cfg(target_arch = "x86_64")]
+        PeakLoop::AmxInt8Streaming if KernelKind::AmxInt8.is_supported() => {
+            // SAFETY: as above.
+            unsafe { x86::amx(iters, true) };
             iters as f64 * 4.0 * 32768.0
         }
         #[cfg(target_arch = "aarch64")]
@@ -126,11 +137,12 @@ mod x86 {
     struct TileConfig([u8; 64]);
 
     /// `iters` x 4 `tdpbusd` into four independent accumulator tiles (tmm0-3) from two A
-    /// (tmm4-5) and two B (tmm6-7) tiles, all 16 rows x 64 bytes.
+    /// (tmm4-5) and two B (tmm6-7) tiles, all 16 rows x 64 bytes; with `streaming`, each
+    /// iteration reloads the four operand tiles from (L1-resident) memory first.
     ///
     /// # Safety
     /// `KernelKind::AmxInt8.is_supported()` must have returned true.
-    pub(super) unsafe fn amx(iters: u64) {
+    pub(super) unsafe fn amx(iters: u64, streaming: bool) {
         let mut cfg = TileConfig([0; 64]);
         cfg.0[0] = 1; // palette 1
         for t in 0..8 {
@@ -152,17 +164,38 @@ mod x86 {
                 b = in(reg) b.as_ptr(), b2 = in(reg) b.as_ptr().add(1024), s = in(reg) 64usize,
                 options(nostack, readonly),
             );
-            asm!(
-                "2:",
-                "tdpbusd tmm0, tmm4, tmm6",
-                "tdpbusd tmm1, tmm4, tmm7",
-                "tdpbusd tmm2, tmm5, tmm6",
-                "tdpbusd tmm3, tmm5, tmm7",
-                "dec {n}",
-                "jnz 2b",
-                n = inout(reg) iters.max(1) => _,
-                options(nostack, nomem),
-            );
+            if streaming {
+                asm!(
+                    "2:",
+                    "tileloadd tmm4, [{a} + {s}*1]",
+                    "tileloadd tmm6, [{b} + {s}*1]",
+                    "tdpbusd tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b2} + {s}*1]",
+                    "tdpbusd tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a2} + {s}*1]",
+                    "tdpbusd tmm2, tmm5, tmm6",
+                    "tdpbusd tmm3, tmm5, tmm7",
+                    "dec {n}",
+                    "jnz 2b",
+                    a = in(reg) a.as_ptr(), a2 = in(reg) a.as_ptr().add(1024),
+                    b = in(reg) b.as_ptr(), b2 = in(reg) b.as_ptr().add(1024),
+                    s = in(reg) 64usize,
+                    n = inout(reg) iters.max(1) => _,
+                    options(nostack, readonly),
+                );
+            } else {
+                asm!(
+                    "2:",
+                    "tdpbusd tmm0, tmm4, tmm6",
+                    "tdpbusd tmm1, tmm4, tmm7",
+                    "tdpbusd tmm2, tmm5, tmm6",
+                    "tdpbusd tmm3, tmm5, tmm7",
+                    "dec {n}",
+                    "jnz 2b",
+                    n = inout(reg) iters.max(1) => _,
+                    options(nostack, nomem),
+                );
+            }
             asm!("tilestored [{c} + {s}*1], tmm0", c = in(reg) c.as_mut_ptr(), s = in(reg) 64usize,
                  options(nostack));
             asm!("tilerelease", options(nostack, nomem));

@@ -539,6 +539,10 @@ fn bench_peaks(args: PeaksArgs) -> anyhow::Result<()> {
     loops.push(("f32 fma", PeakLoop::F32Fma));
     if amx_int8_available() {
         loops.push(("amx-int8 tdpbusd", PeakLoop::AmxInt8));
+        loops.push((
+            "amx-int8 tdpbusd, 2x2 tiles loaded from L1 each step",
+            PeakLoop::AmxInt8Streaming,
+        ));
     }
     let mut results = Vec::new();
     for threads in [1, all] {

@@ -523,11 +523,11 @@ fn run_amx(a: &QuantizedActivations, w: &TernaryMatrix, bias: Option<&[f32]>, ou
                     let last = chunk + 1 == chunks;
                     for (b, mb) in block_range.clone().enumerate() {
                         let row0 = mb * AMX_ROWS;
-                        let next = if mb + 1 < block_range.end { mb + 1 } else { mb };
+                        let next = (mb + 1 < block_range.end).then_some(mb + 1);
                         for (g, panel) in group.clone().enumerate() {
                             let carry = &mut scratch.amx_carry[g * blocks + b];
                             // The first panel fetches the next block's chunk into L1.
-                            let fetch = if g == 0 { next } else { mb };
+                            let fetch = next.filter(|_| g == 0);
                             // SAFETY: a block holds K_64 / 64 steps of 2048 bytes, zero past
                             // K_p (quant.rs), so the chunk's steps from k = 16·kb.start (a
                             // multiple of 64) are readable in this block and the next; the
@@ -536,7 +536,9 @@ fn run_amx(a: &QuantizedActivations, w: &TernaryMatrix, bias: Option<&[f32]>, ou
                             unsafe {
                                 amx::block(amx::Block {
                                     act: act[mb * block_bytes + step0..].as_ptr(),
-                                    prefetch: act[fetch * block_bytes + step0..].as_ptr(),
+                                    prefetch: fetch.map_or(std::ptr::null(), |f| {
+                                        act[f * block_bytes + step0..].as_ptr()
+                                    }),
                                     weights: unpacked[g * chunk_bytes..].as_ptr(),
                                     steps,
                                     carry,
