@@ -111,6 +111,40 @@ pub(crate) struct Block<'a> {
     pub first: bool,
 }
 
+/// The K loop of [`block`]: per 64-k step, two activation and two weight tiles into the four C
+/// tiles, then the `extra` instructions (the prefetches) with their `operands`.
+macro_rules! step_loop {
+    ($b:expr; $($extra:literal),*; $($operands:tt)*) => {
+        asm!(
+            "2:",
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tdpbssd tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbssd tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tdpbssd tmm2, tmm5, tmm6",
+            "tdpbssd tmm3, tmm5, tmm7",
+            $($extra,)*
+            "add {a0}, 2048",
+            "add {a1}, 2048",
+            "add {b0}, 2048",
+            "add {b1}, 2048",
+            "dec {n}",
+            "jnz 2b",
+            a0 = inout(reg) $b.act => _,
+            a1 = inout(reg) $b.act.add(1024) => _,
+            b0 = inout(reg) $b.weights => _,
+            b1 = inout(reg) $b.weights.add(64) => _,
+            n = inout(reg) $b.steps => _,
+            $($operands)*
+            sa = in(reg) 64usize,
+            sb = in(reg) 128usize,
+            options(nostack, readonly)
+        )
+    };
+}
+
 /// Accumulates one block's chunk into `carry`.
 ///
 /// # Safety
@@ -144,42 +178,10 @@ pub(crate) unsafe fn block(b: Block<'_>) {
         // The prefetching loop only where there is a next block to fetch: 32 `prefetcht0` per
         // step compete with the tile loads for the load ports.
         if b.prefetch.is_null() {
-            asm!(
-                "2:",
-                "tileloadd tmm4, [{a0} + {sa}*1]",
-                "tileloadd tmm6, [{b0} + {sb}*1]",
-                "tdpbssd tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
-                "tdpbssd tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1} + {sa}*1]",
-                "tdpbssd tmm2, tmm5, tmm6",
-                "tdpbssd tmm3, tmm5, tmm7",
-                "add {a0}, 2048",
-                "add {a1}, 2048",
-                "add {b0}, 2048",
-                "add {b1}, 2048",
-                "dec {n}",
-                "jnz 2b",
-                a0 = inout(reg) b.act => _,
-                a1 = inout(reg) b.act.add(1024) => _,
-                b0 = inout(reg) b.weights => _,
-                b1 = inout(reg) b.weights.add(64) => _,
-                n = inout(reg) b.steps => _,
-                sa = in(reg) 64usize,
-                sb = in(reg) 128usize,
-                options(nostack, readonly)
-            );
+            step_loop!(b;;);
         } else {
-            asm!(
-                "2:",
-                "tileloadd tmm4, [{a0} + {sa}*1]",
-                "tileloadd tmm6, [{b0} + {sb}*1]",
-                "tdpbssd tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
-                "tdpbssd tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1} + {sa}*1]",
-                "tdpbssd tmm2, tmm5, tmm6",
-                "tdpbssd tmm3, tmm5, tmm7",
+            step_loop!(
+                b;
                 "prefetcht0 [{pf} + 0]",
                 "prefetcht0 [{pf} + 64]",
                 "prefetcht0 [{pf} + 128]",
@@ -212,22 +214,8 @@ pub(crate) unsafe fn block(b: Block<'_>) {
                 "prefetcht0 [{pf} + 1856]",
                 "prefetcht0 [{pf} + 1920]",
                 "prefetcht0 [{pf} + 1984]",
-                "add {pf}, 2048",
-                "add {a0}, 2048",
-                "add {a1}, 2048",
-                "add {b0}, 2048",
-                "add {b1}, 2048",
-                "dec {n}",
-                "jnz 2b",
-                a0 = inout(reg) b.act => _,
-                a1 = inout(reg) b.act.add(1024) => _,
-                b0 = inout(reg) b.weights => _,
-                b1 = inout(reg) b.weights.add(64) => _,
-                n = inout(reg) b.steps => _,
+                "add {pf}, 2048";
                 pf = inout(reg) b.prefetch => _,
-                sa = in(reg) 64usize,
-                sb = in(reg) 128usize,
-                options(nostack, readonly)
             );
         }
         asm!(
