@@ -198,7 +198,6 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     std::fs::write(path, text + "\n").map_err(|e| ModelError::file(path, e))
 }
 
-/// Writes the tiny checkpoint into `dir` (created if needed).
 /// A tiny model in a fresh scratch directory under the system temp dir, removed when dropped
 /// (also when a test fails), so test and demo runs leave nothing behind.
 pub struct ScratchModel(PathBuf);
@@ -212,21 +211,11 @@ impl ScratchModel {
         make_tiny(&scratch.0, seed, shape)?;
         Ok(scratch)
     }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
 }
 
 impl std::ops::Deref for ScratchModel {
     type Target = Path;
     fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for ScratchModel {
-    fn as_ref(&self) -> &Path {
         &self.0
     }
 }
@@ -237,6 +226,7 @@ impl Drop for ScratchModel {
     }
 }
 
+/// Writes the tiny checkpoint into `dir` (created if needed).
 pub fn make_tiny(dir: &Path, seed: u64, s: TinyShape) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::file(dir, e))?;
     let mut g = Gen::default();

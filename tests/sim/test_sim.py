@@ -343,7 +343,7 @@ def main():
                 continue
         peer.wait("the recording", 120, lambda: rec.poll() is not None)
         stop(expert)
-        assert rec.returncode == 0, logs["recorder" + str(len(procs) - 1)].read_text()[-1000:]
+        assert rec.returncode == 0, rec_log.read_text()[-1000:]
         # The expert finished over the place position (the cube is released there).
         final = peer.poses[-1]
         report = work / "expert_report.json"
