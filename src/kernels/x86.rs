@@ -18,6 +18,12 @@ pub(crate) fn avx2_supported() -> bool {
     is_x86_feature_detected!("avx2")
 }
 
+/// How far ahead of its loads the VNNI loop prefetches activations: 32 groups of 12 rows × 4
+/// bytes, about 400 cycles of `vpdpbusd` at peak, enough to cover an L3 hit. Measured on the
+/// 625×2560×2560 shape at 1 thread: efficiency 0.61 without, 0.69 with (1024 to 3072 bytes are
+/// within the noise of each other).
+const ACT_PREFETCH_BYTES: usize = 1536;
+
 /// 12 rows × 32 columns: 24 zmm accumulators (row r, half h). Per 4-k group: two 64-byte weight
 /// loads from the unpacked chunk and one `vpbroadcastd` of 4 activation bytes per row, each used by
 /// two `vpdpbusd` — no shuffles or unpacking in the loop.
@@ -37,6 +43,11 @@ pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
     let mut w = tile.weights;
     let mut a = tile.act as *const i32;
     for _ in 0..tile.k_blocks * 4 {
+        // The weight chunk sits in L1, but the activations stream in from L2 or L3: each row
+        // block's chunk is read once per panel. The hardware prefetchers stop at every 4 KB
+        // page, so fetch ahead into L1 explicitly (one line per 48-byte group covers every
+        // line). A prefetch never faults: past the tile's end it is merely wasted.
+        _mm_prefetch::<_MM_HINT_T0>((a as *const i8).wrapping_add(ACT_PREFETCH_BYTES));
         // SAFETY: w points at the 128 weight bytes of this 4-k group, a at its 4-byte activation
         // words (one per row), both inside the tile's extents.
         unsafe {
