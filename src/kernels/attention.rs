@@ -62,6 +62,55 @@ pub fn attention_masked(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) -> Result<()> {
+    attention_with(AttentionImpl::best(), shape, causal, q, k, v, out, scratch)
+}
+
+/// How the two products of attention are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// Per head, the `gemm` crate for Q·Kᵀ and P·V with the softmax in between (portable).
+    Gemm,
+    /// x86-64 AVX-512: K and V packed once per KV head, then per block of 12 queries a 12 × 32
+    /// FMA register tile for the scores, the softmax while the block's scores sit in L1, and
+    /// the same tile for P·V.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl AttentionImpl {
+    pub fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::supported() {
+            return AttentionImpl::Avx512;
+        }
+        AttentionImpl::Gemm
+    }
+
+    /// Every implementation this CPU runs.
+    #[cfg(test)]
+    pub(crate) fn supported() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut all = vec![AttentionImpl::Gemm];
+        #[cfg(target_arch = "x86_64")]
+        if avx512::supported() {
+            all.push(AttentionImpl::Avx512);
+        }
+        all
+    }
+}
+
+/// [`attention_masked`] with an explicit implementation.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(
+    imp: AttentionImpl,
+    shape: AttentionShape,
+    causal: bool,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> Result<()> {
     shape.validate()?;
     let AttentionShape {
         tokens: l,
@@ -86,6 +135,12 @@ pub fn attention_masked(
     }
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
+    #[cfg(target_arch = "x86_64")]
+    if imp == AttentionImpl::Avx512 {
+        avx512::attention(shape, causal, scale, q, k, v, out, scratch);
+        return Ok(());
+    }
+    let _ = imp;
     let dst = SendPtr(out.as_mut_ptr());
     // One l × l score buffer per worker, not per head: the LLM's 20 heads × 625² scores would
     // be 31 MB at once.
@@ -166,6 +221,359 @@ pub fn attention_masked(
     }
 }
 
+/// The AVX-512 path. Per call, K and V of every KV head are packed into 32-column panels (keys
+/// for Kᵀ, head dimensions for V, zero-padded). Heads run in parallel; per head, blocks of
+/// [`avx512::ROWS`] queries: scores `scale · Q_blk · Kᵀ` into an L1-resident buffer, the softmax
+/// rows there, then `P_blk · V` into the output. Every output row is computed by one task in a
+/// fixed order, so results do not depend on the thread count.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::AttentionShape;
+    use crate::kernels::f32_linear::SendPtr;
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+
+    /// Query rows per register tile (12 × 32: 24 accumulators, 2 operand and 1 broadcast
+    /// register).
+    pub(super) const ROWS: usize = 12;
+    const COLS: usize = 32;
+    const PF: usize = 1024;
+
+    pub(super) fn supported() -> bool {
+        is_x86_feature_detected!("avx512f")
+    }
+
+    thread_local! {
+        /// A block's scores, `ROWS × keys` (padded to whole panels), per worker and across calls.
+        static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention(
+        shape: AttentionShape,
+        causal: bool,
+        scale: f32,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+        packed: &mut Vec<f32>,
+    ) {
+        let AttentionShape {
+            tokens: l,
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = shape;
+        let (q_width, kv_width) = (heads * d, kv_heads * d);
+        let key_panels = l.div_ceil(COLS);
+        let l_pad = key_panels * COLS;
+        let d_panels = d.div_ceil(COLS);
+        // Per KV head: Kᵀ as key panels [panel][dim][32 keys], then V as dim panels
+        // [panel][key][32 dims]; zeros in the padding.
+        let kt_len = l_pad * d;
+        let v_len = d_panels * COLS * l;
+        let per_group = kt_len + v_len;
+        if packed.len() < kv_heads * per_group {
+            packed.resize(kv_heads * per_group, 0.0);
+        }
+        let packed = &mut packed[..kv_heads * per_group];
+        let pack = |(g, dst): (usize, &mut [f32])| {
+            let (kt, vp) = dst.split_at_mut(kt_len);
+            // Key by key: contiguous reads, and the writes stay in the panel (L1).
+            for (p, panel) in kt.chunks_exact_mut(d * COLS).enumerate() {
+                for j in 0..COLS {
+                    let key = p * COLS + j;
+                    let src = (key < l).then(|| &k[key * kv_width + g * d..][..d]);
+                    for t in 0..d {
+                        panel[t * COLS + j] = src.map_or(0.0, |row| row[t]);
+                    }
+                }
+            }
+            for (c, panel) in vp.chunks_exact_mut(l * COLS).enumerate() {
+                for (key, lanes) in panel.chunks_exact_mut(COLS).enumerate() {
+                    for (j, lane) in lanes.iter_mut().enumerate() {
+                        let t = c * COLS + j;
+                        *lane = if t < d {
+                            v[key * kv_width + g * d + t]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        };
+        let group = heads / kv_heads;
+        let dst = SendPtr(out.as_mut_ptr());
+        let packed = &*{
+            if rayon::current_num_threads() == 1 {
+                packed
+                    .chunks_exact_mut(per_group)
+                    .enumerate()
+                    .for_each(pack);
+            } else {
+                packed
+                    .par_chunks_exact_mut(per_group)
+                    .enumerate()
+                    .for_each(pack);
+            }
+            packed
+        };
+        let head = |h: usize| {
+            // The whole SendPtr (Sync), not its raw pointer field.
+            let dst = &dst;
+            let g = h / group;
+            let (kt, vp) = packed[g * per_group..(g + 1) * per_group].split_at(kt_len);
+            BLOCK.with_borrow_mut(|block| {
+                if block.len() < ROWS * l_pad {
+                    block.resize(ROWS * l_pad, 0.0);
+                }
+                for i0 in (0..l).step_by(ROWS) {
+                    let rows = ROWS.min(l - i0);
+                    // Rows past the end repeat the last row: always valid memory, never stored.
+                    let q_rows: [*const f32; ROWS] = std::array::from_fn(|r| {
+                        q[(i0 + r.min(rows - 1)) * q_width + h * d..].as_ptr()
+                    });
+                    // SAFETY: the CPU supports AVX-512 F (`supported`); each q row has d values;
+                    // kt holds key_panels · d · 32 values; block holds ROWS · l_pad.
+                    unsafe { scores(&q_rows, d, kt, key_panels, scale, block.as_mut_ptr(), l_pad) };
+                    for r in 0..rows {
+                        let row = &mut block[r * l_pad..r * l_pad + l];
+                        if causal {
+                            row[i0 + r + 1..].fill(f32::NEG_INFINITY);
+                        }
+                        // SAFETY: AVX-512 F (`supported`).
+                        unsafe { softmax_row(row) };
+                    }
+                    let p_rows: [*const f32; ROWS] =
+                        std::array::from_fn(|r| block[r.min(rows - 1) * l_pad..].as_ptr());
+                    // SAFETY: the output rows i0..i0+rows, columns h·d..h·d+d are this task's;
+                    // p rows hold l values; vp holds d_panels · l · 32 values.
+                    unsafe {
+                        let out_rows: [*mut f32; ROWS] = std::array::from_fn(|r| {
+                            dst.0.add((i0 + r.min(rows - 1)) * q_width + h * d)
+                        });
+                        values(&p_rows, l, vp, d, &out_rows, rows);
+                    }
+                }
+            });
+        };
+        if rayon::current_num_threads() == 1 {
+            (0..heads).for_each(head);
+        } else {
+            (0..heads).into_par_iter().for_each(head);
+        }
+    }
+
+    /// Mask of the first `n` (≤ 16) lanes.
+    fn lanes(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    /// e^x for x ≤ 0 (a score minus its row's maximum): Cody–Waite reduction x = n·ln2 + r and
+    /// the degree-6 polynomial of `ops::exp` with fused multiply-adds, scaled by 2^n with
+    /// `vscalefps`; exactly 0 below -87.3 (so -∞, a masked score, gives 0), NaN stays NaN.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::excessive_precision)] // the published Cephes coefficients of `ops::exp`
+    fn exp_nonpositive(x: __m512) -> __m512 {
+        const LOW: f32 = -87.336_55;
+        let underflow = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(LOW));
+        // max(LOW, x) returns x when x is NaN (the second operand), so NaN propagates.
+        let xc = _mm512_max_ps(_mm512_set1_ps(LOW), x);
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), xc);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5.000_000_1e-1,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_add_ps(
+            _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+            _mm512_set1_ps(1.0),
+        );
+        _mm512_maskz_mov_ps(!underflow, _mm512_scalef_ps(y, n))
+    }
+
+    /// Softmax of one row in place: max, then e^(x − max) and its sum in one pass, then the
+    /// scaling. A NaN anywhere makes the whole row NaN (as in `ops::softmax_rows`), so a broken
+    /// activation is reported downstream instead of hidden.
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn softmax_row(row: &mut [f32]) {
+        let (full, tail) = (row.len() / 16, row.len() % 16);
+        let ptr = row.as_mut_ptr();
+        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut max = neg_inf;
+        // SAFETY (all loads and stores): chunks i < full are 16 values of the row; the tail is
+        // masked to its `tail` values.
+        for i in 0..full {
+            max = _mm512_max_ps(max, unsafe { _mm512_loadu_ps(ptr.add(16 * i)) });
+        }
+        if tail > 0 {
+            let v = unsafe { _mm512_mask_loadu_ps(neg_inf, lanes(tail), ptr.add(16 * full)) };
+            max = _mm512_max_ps(max, v);
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+        let mut sum = _mm512_setzero_ps();
+        for i in 0..full {
+            let at = unsafe { ptr.add(16 * i) };
+            let e = exp_nonpositive(_mm512_sub_ps(unsafe { _mm512_loadu_ps(at) }, max));
+            sum = _mm512_add_ps(sum, e);
+            unsafe { _mm512_storeu_ps(at, e) };
+        }
+        if tail > 0 {
+            let (m, at) = (lanes(tail), unsafe { ptr.add(16 * full) });
+            let x = unsafe { _mm512_maskz_loadu_ps(m, at) };
+            let e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(x, max)));
+            sum = _mm512_add_ps(sum, e);
+            unsafe { _mm512_mask_storeu_ps(at, m, e) };
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        for i in 0..full {
+            let at = unsafe { ptr.add(16 * i) };
+            unsafe { _mm512_storeu_ps(at, _mm512_mul_ps(_mm512_loadu_ps(at), inv)) };
+        }
+        if tail > 0 {
+            let (m, at) = (lanes(tail), unsafe { ptr.add(16 * full) });
+            unsafe {
+                _mm512_mask_storeu_ps(at, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, at), inv))
+            };
+        }
+    }
+
+    /// `block[r][key] = scale · Σ_t q_rows[r][t] · Kᵀ[t][key]` for every key panel.
+    ///
+    /// # Safety
+    /// AVX-512 F; `q_rows` point at d readable values each; `kt` holds `panels · d · 32`
+    /// values; `block` holds `ROWS · ld` writable values, `ld ≥ panels · 32`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores(
+        q_rows: &[*const f32; ROWS],
+        d: usize,
+        kt: &[f32],
+        panels: usize,
+        scale: f32,
+        block: *mut f32,
+        ld: usize,
+    ) {
+        let s = _mm512_set1_ps(scale);
+        for p in 0..panels {
+            let mut acc = [_mm512_setzero_ps(); 2 * ROWS];
+            let mut b = kt[p * d * COLS..].as_ptr();
+            for t in 0..d {
+                // SAFETY: panel p's row t of 32 values; q row r's value t.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>((b as *const i8).wrapping_add(PF));
+                    _mm_prefetch::<_MM_HINT_T0>((b as *const i8).wrapping_add(PF + 64));
+                    let b0 = _mm512_loadu_ps(b);
+                    let b1 = _mm512_loadu_ps(b.add(16));
+                    for r in 0..ROWS {
+                        let a = _mm512_set1_ps(*q_rows[r].add(t));
+                        acc[2 * r] = _mm512_fmadd_ps(a, b0, acc[2 * r]);
+                        acc[2 * r + 1] = _mm512_fmadd_ps(a, b1, acc[2 * r + 1]);
+                    }
+                    b = b.add(COLS);
+                }
+            }
+            for r in 0..ROWS {
+                // SAFETY: row r, columns p·32 .. p·32 + 32 < ld.
+                unsafe {
+                    let at = block.add(r * ld + p * COLS);
+                    _mm512_storeu_ps(at, _mm512_mul_ps(acc[2 * r], s));
+                    _mm512_storeu_ps(at.add(16), _mm512_mul_ps(acc[2 * r + 1], s));
+                }
+            }
+        }
+    }
+
+    /// `out_rows[r][t] = Σ_key p_rows[r][key] · V[key][t]` for r < rows, t < d.
+    ///
+    /// # Safety
+    /// AVX-512 F; `p_rows` point at `keys` readable values each; `vp` holds
+    /// `⌈d/32⌉ · keys · 32` values; `out_rows[r]` for r < rows point at d writable values.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn values(
+        p_rows: &[*const f32; ROWS],
+        keys: usize,
+        vp: &[f32],
+        d: usize,
+        out_rows: &[*mut f32; ROWS],
+        rows: usize,
+    ) {
+        for c in 0..d.div_ceil(COLS) {
+            let width = (d - c * COLS).min(COLS);
+            let panel = vp[c * keys * COLS..].as_ptr();
+            let out_at: [*mut f32; ROWS] =
+                std::array::from_fn(|r| out_rows[r].wrapping_add(c * COLS));
+            // SAFETY: forwarded; a last panel of at most 16 dimensions needs one vector per row.
+            unsafe {
+                if width > 16 {
+                    values_panel::<2>(p_rows, keys, panel, &out_at, rows, width);
+                } else {
+                    values_panel::<1>(p_rows, keys, panel, &out_at, rows, width);
+                }
+            }
+        }
+    }
+
+    /// One 32-dimension panel of [`values`], of which the first `H` × 16 are computed and the
+    /// first `width` stored.
+    ///
+    /// # Safety
+    /// As [`values`], with `panel` at the panel's `keys · 32` values and `out_at[r]` at its
+    /// first output column.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn values_panel<const H: usize>(
+        p_rows: &[*const f32; ROWS],
+        keys: usize,
+        panel: *const f32,
+        out_at: &[*mut f32; ROWS],
+        rows: usize,
+        width: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); H]; ROWS];
+        let mut b = panel;
+        for key in 0..keys {
+            // SAFETY: the panel's row `key` of 32 values; p row r's value `key`.
+            unsafe {
+                for h in 0..H {
+                    _mm_prefetch::<_MM_HINT_T0>((b as *const i8).wrapping_add(PF + 64 * h));
+                }
+                let bv: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(b.add(16 * h)));
+                for r in 0..ROWS {
+                    let a = _mm512_set1_ps(*p_rows[r].add(key));
+                    for h in 0..H {
+                        acc[r][h] = _mm512_fmadd_ps(a, bv[h], acc[r][h]);
+                    }
+                }
+                b = b.add(COLS);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate().take(rows) {
+            for (h, &v) in acc.iter().enumerate() {
+                let lanes = width.saturating_sub(16 * h).min(16);
+                // SAFETY: the row's columns 16h .. 16h + lanes of this panel (masked).
+                unsafe {
+                    _mm512_mask_storeu_ps(out_at[r].add(16 * h), super::avx512::lanes(lanes), v)
+                };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +583,16 @@ mod tests {
     }
 
     fn reference(shape: AttentionShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
+        reference_masked(shape, false, q, k, v)
+    }
+
+    fn reference_masked(
+        shape: AttentionShape,
+        causal: bool,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> Vec<f64> {
         let AttentionShape {
             tokens: l,
             heads,
@@ -187,6 +605,9 @@ mod tests {
             for i in 0..l {
                 let s: Vec<f64> = (0..l)
                     .map(|j| {
+                        if causal && j > i {
+                            return f64::NEG_INFINITY;
+                        }
                         (0..d)
                             .map(|t| {
                                 f64::from(q[i * heads * d + h * d + t])
@@ -244,24 +665,58 @@ mod tests {
             );
             let (q, k, v) = (data(l * hd, 1), data(l * kvd, 2), data(l * kvd, 3));
             let expect = reference(shape, &q, &k, &v);
-            let mut first: Option<Vec<f32>> = None;
-            for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let mut out = vec![0.0; l * hd];
+            for imp in AttentionImpl::supported() {
+                let mut first: Option<Vec<f32>> = None;
+                // A scratch buffer reused across calls, as the model does.
                 let mut scratch = Vec::new();
-                pool.install(|| attention(shape, &q, &k, &v, &mut out, &mut scratch))
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut out = vec![f32::NAN; l * hd];
+                    pool.install(|| {
+                        attention_with(imp, shape, false, &q, &k, &v, &mut out, &mut scratch)
+                    })
                     .unwrap();
-                for (a, b) in out.iter().zip(&expect) {
-                    assert!((f64::from(*a) - b).abs() < 2e-5, "{shape:?}: {a} vs {b}");
-                }
-                match &first {
-                    None => first = Some(out),
-                    Some(f) => assert!(f.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits())),
+                    for (a, b) in out.iter().zip(&expect) {
+                        assert!(
+                            (f64::from(*a) - b).abs() < 2e-5,
+                            "{imp:?} {shape:?}: {a} vs {b}"
+                        );
+                    }
+                    match &first {
+                        None => first = Some(out),
+                        Some(f) => assert!(
+                            f.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{imp:?} {shape:?}: {threads} threads differ from 1"
+                        ),
+                    }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn causal_mask_matches_f64_reference() {
+        let shape = AttentionShape {
+            tokens: 41,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 40,
+        };
+        let (l, hd, kvd) = (41, 4 * 40, 2 * 40);
+        let (q, k, v) = (data(l * hd, 4), data(l * kvd, 5), data(l * kvd, 6));
+        let expect = reference_masked(shape, true, &q, &k, &v);
+        let unmasked = reference(shape, &q, &k, &v);
+        for imp in AttentionImpl::supported() {
+            let mut out = vec![f32::NAN; l * hd];
+            attention_with(imp, shape, true, &q, &k, &v, &mut out, &mut Vec::new()).unwrap();
+            for (a, b) in out.iter().zip(&expect) {
+                assert!((f64::from(*a) - b).abs() < 2e-5, "{imp:?}: {a} vs {b}");
+            }
+            // The mask matters: the first query's row sees only itself.
+            assert!((f64::from(out[0]) - unmasked[0]).abs() > 1e-3, "{imp:?}");
         }
     }
 
