@@ -200,6 +200,25 @@ enum Bench {
     /// The machine's register-only peaks, interleaved: the int8 loop of the selected GEMM
     /// kernel, f32 FMA, and AMX-INT8 `tdpbusd` where the CPU and OS allow it.
     Peaks(PeaksArgs),
+    /// The model's attention shapes on every implementation this CPU runs, interleaved
+    /// against the portable `gemm`-crate path, with the f32 FMA peak calibrated in the same run.
+    Attention(AttentionArgs),
+}
+
+#[derive(Args)]
+struct AttentionArgs {
+    /// Thread counts to measure (default: 1 and all available cores).
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Interleaved calls per implementation (median reported).
+    #[arg(long, default_value_t = 9)]
+    reps: usize,
+    /// Seconds per peak-calibration repetition.
+    #[arg(long, default_value_t = 0.05)]
+    calib_seconds: f64,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -284,6 +303,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo(args),
         Command::Bench(Bench::Forward(args)) => bench_forward(args),
         Command::Bench(Bench::Peaks(args)) => bench_peaks(args),
+        Command::Bench(Bench::Attention(args)) => bench_attention(args),
         Command::Bench(Bench::Bag(args)) => {
             let report = bitvla_ros::bench::bag::run(&bitvla_ros::bench::bag::Options {
                 size_mb: args.size_mb,
@@ -523,6 +543,45 @@ fn replay_with(args: ReplayArgs, params: NodeParams) -> anyhow::Result<()> {
     }
     if report.interrupted {
         anyhow::bail!("interrupted: the output bag holds the commands up to the interruption");
+    }
+    Ok(())
+}
+
+fn bench_attention(args: AttentionArgs) -> anyhow::Result<()> {
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = if args.threads.is_empty() {
+        if all > 1 { vec![1, all] } else { vec![1] }
+    } else {
+        args.threads
+    };
+    let rows = bitvla_ros::bench::attention::run(&threads, args.reps.max(1), args.calib_seconds)?;
+    if !args.json {
+        println!(
+            "{}; medians of {} interleaved calls",
+            bitvla_ros::bench::machine::cpu_model(),
+            args.reps.max(1)
+        );
+    }
+    for row in rows {
+        if args.json {
+            println!("{row}");
+            continue;
+        }
+        for r in row["results"].as_array().into_iter().flatten() {
+            println!(
+                "{:<7} L={:<4} {:>2}x{:<3} thr {}  {:<7} {:>8.2} ms {:>6.0} GFLOP/s  eff {:.2}  time vs gemm {:.3}",
+                row["shape"].as_str().unwrap_or(""),
+                row["tokens"],
+                row["heads"],
+                row["head_dim"],
+                row["threads"],
+                r["impl"].as_str().unwrap_or(""),
+                r["ms"].as_f64().unwrap_or(f64::NAN),
+                r["gflops"].as_f64().unwrap_or(f64::NAN),
+                r["efficiency"].as_f64().unwrap_or(f64::NAN),
+                r["time_vs_gemm"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
     }
     Ok(())
 }
