@@ -281,26 +281,29 @@ mod avx512 {
         let packed = &mut packed[..kv_heads * per_group];
         let pack = |(g, dst): (usize, &mut [f32])| {
             let (kt, vp) = dst.split_at_mut(kt_len);
-            // Key by key: contiguous reads, and the writes stay in the panel (L1).
+            // Kᵀ key by key: contiguous reads, and the writes stay in the panel (L1).
             for (p, panel) in kt.chunks_exact_mut(d * COLS).enumerate() {
                 for j in 0..COLS {
                     let key = p * COLS + j;
-                    let src = (key < l).then(|| &k[key * kv_width + g * d..][..d]);
-                    for t in 0..d {
-                        panel[t * COLS + j] = src.map_or(0.0, |row| row[t]);
+                    if key < l {
+                        let row = &k[key * kv_width + g * d..][..d];
+                        for (t, &x) in row.iter().enumerate() {
+                            panel[t * COLS + j] = x;
+                        }
+                    } else {
+                        for t in 0..d {
+                            panel[t * COLS + j] = 0.0;
+                        }
                     }
                 }
             }
+            // V: each key's row of a panel is a contiguous piece of its row of v.
             for (c, panel) in vp.chunks_exact_mut(l * COLS).enumerate() {
+                let width = (d - c * COLS).min(COLS);
                 for (key, lanes) in panel.chunks_exact_mut(COLS).enumerate() {
-                    for (j, lane) in lanes.iter_mut().enumerate() {
-                        let t = c * COLS + j;
-                        *lane = if t < d {
-                            v[key * kv_width + g * d + t]
-                        } else {
-                            0.0
-                        };
-                    }
+                    let at = key * kv_width + g * d + c * COLS;
+                    lanes[..width].copy_from_slice(&v[at..at + width]);
+                    lanes[width..].fill(0.0);
                 }
             }
         };
