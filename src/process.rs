@@ -1,21 +1,34 @@
 //! Process-wide settings for an inference process.
 
-/// Limits glibc's malloc to two arenas. Inference threads allocate a few large activation buffers
-/// per layer; with one arena per thread (glibc's default allows 8 per core) each arena keeps its
-/// own freed buffers, which costs about 50 MB of resident memory for nothing on the full model.
+/// Tunes glibc's malloc for an inference process:
+/// - two arenas: inference threads allocate a few large activation buffers per layer; with one
+///   arena per thread (glibc's default allows 8 per core) each arena keeps its own freed
+///   buffers, which costs about 50 MB of resident memory for nothing on the full model;
+/// - a fixed mmap threshold of 1 MiB: by default glibc raises the threshold to the size of each
+///   large block freed, so the next forward's activation buffers come from the heap, which
+///   fragments and does not shrink; peak RSS then grew from call to call (930 MB to 1024 MB over
+///   five forwards of the full model). With the threshold fixed, every large buffer is mapped
+///   and unmapped whole and the peak stays at 926 MB.
+///
 /// No effect on other C libraries.
-pub fn limit_malloc_arenas() {
+pub fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
+        const M_MMAP_THRESHOLD: i32 = -3;
         const M_ARENA_MAX: i32 = -8;
         unsafe extern "C" {
             fn mallopt(param: i32, value: i32) -> i32;
         }
-        // SAFETY: mallopt is glibc's documented tuning entry point; called before any worker
-        // thread exists, with a valid parameter.
-        let ok = unsafe { mallopt(M_ARENA_MAX, 2) };
-        if ok != 1 {
-            log::debug!("mallopt(M_ARENA_MAX) was refused");
+        for (name, param, value) in [
+            ("M_ARENA_MAX", M_ARENA_MAX, 2),
+            ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, 1 << 20),
+        ] {
+            // SAFETY: mallopt is glibc's documented tuning entry point; called before any
+            // worker thread exists, with valid parameters.
+            let ok = unsafe { mallopt(param, value) };
+            if ok != 1 {
+                log::debug!("mallopt({name}) was refused");
+            }
         }
     }
 }

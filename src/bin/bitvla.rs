@@ -296,7 +296,7 @@ struct KernelsArgs {
 
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    bitvla_ros::process::limit_malloc_arenas();
+    bitvla_ros::process::tune_malloc();
     match Cli::parse().command {
         Command::Bench(Bench::Kernels(args)) => bench_kernels(args),
         Command::Run(args) => run(args),

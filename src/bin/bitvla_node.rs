@@ -3,7 +3,7 @@
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    bitvla_ros::process::limit_malloc_arenas();
+    bitvla_ros::process::tune_malloc();
     if let Err(e) = bitvla_ros::ros::run_node() {
         eprintln!("bitvla_node: {e:#}");
         std::process::exit(1);
