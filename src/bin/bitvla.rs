@@ -547,13 +547,24 @@ fn replay_with(args: ReplayArgs, params: NodeParams) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_attention(args: AttentionArgs) -> anyhow::Result<()> {
-    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = if args.threads.is_empty() {
-        if all > 1 { vec![1, all] } else { vec![1] }
+/// The thread counts a benchmark measures: those requested, or 1 and all available cores.
+fn thread_counts(requested: &[usize]) -> anyhow::Result<Vec<usize>> {
+    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut threads = if requested.is_empty() {
+        vec![1, available]
     } else {
-        args.threads
+        requested.to_vec()
     };
+    threads.dedup();
+    anyhow::ensure!(
+        threads.iter().all(|&t| t >= 1),
+        "--threads values must be >= 1"
+    );
+    Ok(threads)
+}
+
+fn bench_attention(args: AttentionArgs) -> anyhow::Result<()> {
+    let threads = thread_counts(&args.threads)?;
     let rows = bitvla_ros::bench::attention::run(&threads, args.reps.max(1), args.calib_seconds)?;
     if !args.json {
         println!(
@@ -820,17 +831,7 @@ fn bench_kernels(args: KernelsArgs) -> anyhow::Result<()> {
         })?,
         None => KernelKind::selected(),
     };
-    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut threads = if args.threads.is_empty() {
-        vec![1, available]
-    } else {
-        args.threads.clone()
-    };
-    threads.dedup();
-    anyhow::ensure!(
-        threads.iter().all(|&t| t >= 1),
-        "--threads values must be >= 1"
-    );
+    let threads = thread_counts(&args.threads)?;
     let shapes: Vec<_> = kbench::bitvla_shapes(args.llm_tokens, args.vit_tokens)
         .into_iter()
         .filter(|s| {

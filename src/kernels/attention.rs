@@ -1,9 +1,10 @@
 //! Multi-head attention with grouped KV heads and a full (bidirectional) mask, in f32:
 //! `softmax(Q_h K_gᵀ / √d) V_g` per query head h with KV head g = h / (heads / kv_heads).
 //!
-//! Heads run in parallel on the current rayon pool; each head's products run single-threaded in
-//! the `gemm` crate and its softmax rows in a fixed order, so results are identical for any
-//! thread count.
+//! Two implementations ([`AttentionImpl`]): on x86-64 with AVX-512, K and V packed once per KV
+//! head and 12 × 32 FMA register tiles per block of queries; elsewhere, per head, the `gemm`
+//! crate. Heads run in parallel on the current rayon pool and every output row is computed by one
+//! task in a fixed order, so results are identical for any thread count.
 
 use super::f32_linear::{SendPtr, View, matmul_strided};
 use super::ops::softmax_rows;
@@ -38,8 +39,9 @@ impl AttentionShape {
 }
 
 /// `q`: tokens × (heads·d), `k`, `v`: tokens × (kv_heads·d), `out`: tokens × (heads·d), all
-/// row-major (the layout of the projections). `scratch` holds the score matrix of the
-/// single-threaded path (parallel workers use their own).
+/// row-major (the layout of the projections), with the best implementation for this CPU.
+/// `scratch` is a buffer the caller keeps across calls (packed K and V, or the score matrix of
+/// the single-threaded `gemm` path).
 pub fn attention(
     shape: AttentionShape,
     q: &[f32],
@@ -48,21 +50,7 @@ pub fn attention(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) -> Result<()> {
-    attention_masked(shape, false, q, k, v, out, scratch)
-}
-
-/// [`attention`] with an optional causal mask (query i sees keys 0..=i). BitVLA itself is
-/// bidirectional; the causal form exists to show that tests can tell the two apart.
-pub fn attention_masked(
-    shape: AttentionShape,
-    causal: bool,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-) -> Result<()> {
-    attention_with(AttentionImpl::best(), shape, causal, q, k, v, out, scratch)
+    attention_with(AttentionImpl::best(), shape, false, q, k, v, out, scratch)
 }
 
 /// How the two products of attention are computed.
@@ -86,9 +74,8 @@ impl AttentionImpl {
         AttentionImpl::Gemm
     }
 
-    /// Every implementation this CPU runs.
-    #[cfg(test)]
-    pub(crate) fn supported() -> Vec<Self> {
+    /// Every implementation this CPU runs, the portable one first.
+    pub fn supported() -> Vec<Self> {
         #[allow(unused_mut)]
         let mut all = vec![AttentionImpl::Gemm];
         #[cfg(target_arch = "x86_64")]
@@ -99,7 +86,9 @@ impl AttentionImpl {
     }
 }
 
-/// [`attention_masked`] with an explicit implementation.
+/// [`attention`] with an explicit implementation and an optional causal mask (query i sees
+/// keys 0..=i). BitVLA itself is bidirectional; the causal form exists to show that tests can
+/// tell the two apart.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with(
     imp: AttentionImpl,
@@ -133,14 +122,38 @@ pub fn attention_with(
             });
         }
     }
-    let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    #[cfg(target_arch = "x86_64")]
-    if imp == AttentionImpl::Avx512 {
-        avx512::attention(shape, causal, scale, q, k, v, out, scratch);
-        return Ok(());
+    match imp {
+        AttentionImpl::Gemm => attention_gemm(shape, causal, scale, q, k, v, out, scratch),
+        #[cfg(target_arch = "x86_64")]
+        AttentionImpl::Avx512 => {
+            avx512::attention(shape, causal, scale, q, k, v, out, scratch);
+            Ok(())
+        }
     }
-    let _ = imp;
+}
+
+/// The portable path: per head, Q·Kᵀ and P·V in the `gemm` crate with the softmax in between.
+/// Shapes and lengths are checked by [`attention_with`].
+#[allow(clippy::too_many_arguments)]
+fn attention_gemm(
+    shape: AttentionShape,
+    causal: bool,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> Result<()> {
+    let AttentionShape {
+        tokens: l,
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = shape;
+    let (q_width, kv_width) = (heads * d, kv_heads * d);
+    let group = heads / kv_heads;
     let dst = SendPtr(out.as_mut_ptr());
     // One l × l score buffer per worker, not per head: the LLM's 20 heads × 625² scores would
     // be 31 MB at once.
@@ -230,6 +243,7 @@ pub fn attention_with(
 mod avx512 {
     use super::AttentionShape;
     use crate::kernels::f32_linear::SendPtr;
+    use crate::kernels::ops::{EXP_LN2_HI, EXP_LN2_LO, EXP_MIN, EXP_POLY};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
     use std::cell::RefCell;
@@ -374,30 +388,23 @@ mod avx512 {
         ((1u32 << n) - 1) as __mmask16
     }
 
-    /// e^x for x ≤ 0 (a score minus its row's maximum): Cody–Waite reduction x = n·ln2 + r and
-    /// the degree-6 polynomial of `ops::exp` with fused multiply-adds, scaled by 2^n with
-    /// `vscalefps`; exactly 0 below -87.3 (so -∞, a masked score, gives 0), NaN stays NaN.
+    /// e^x for x ≤ 0 (a score minus its row's maximum): the reduction and polynomial of
+    /// `ops::exp` with fused multiply-adds, scaled by 2^n with `vscalefps`; exactly 0 below
+    /// `EXP_MIN` (so -∞, a masked score, gives 0), NaN stays NaN.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::excessive_precision)] // the published Cephes coefficients of `ops::exp`
     fn exp_nonpositive(x: __m512) -> __m512 {
-        const LOW: f32 = -87.336_55;
-        let underflow = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(LOW));
-        // max(LOW, x) returns x when x is NaN (the second operand), so NaN propagates.
-        let xc = _mm512_max_ps(_mm512_set1_ps(LOW), x);
+        let low = _mm512_set1_ps(EXP_MIN);
+        let underflow = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, low);
+        // max(low, x) returns x when x is NaN (the second operand), so NaN propagates.
+        let xc = _mm512_max_ps(low, x);
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), xc);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            5.000_000_1e-1,
-        ] {
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), xc);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         let y = _mm512_add_ps(
@@ -471,33 +478,22 @@ mod avx512 {
         block: *mut f32,
         ld: usize,
     ) {
-        let s = _mm512_set1_ps(scale);
         for p in 0..panels {
-            let mut acc = [_mm512_setzero_ps(); 2 * ROWS];
-            let mut b = kt[p * d * COLS..].as_ptr();
-            for t in 0..d {
-                // SAFETY: panel p's row t of 32 values; q row r's value t.
-                unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>((b as *const i8).wrapping_add(PF));
-                    _mm_prefetch::<_MM_HINT_T0>((b as *const i8).wrapping_add(PF + 64));
-                    let b0 = _mm512_loadu_ps(b);
-                    let b1 = _mm512_loadu_ps(b.add(16));
-                    for r in 0..ROWS {
-                        let a = _mm512_set1_ps(*q_rows[r].add(t));
-                        acc[2 * r] = _mm512_fmadd_ps(a, b0, acc[2 * r]);
-                        acc[2 * r + 1] = _mm512_fmadd_ps(a, b1, acc[2 * r + 1]);
-                    }
-                    b = b.add(COLS);
-                }
-            }
-            for r in 0..ROWS {
-                // SAFETY: row r, columns p·32 .. p·32 + 32 < ld.
-                unsafe {
-                    let at = block.add(r * ld + p * COLS);
-                    _mm512_storeu_ps(at, _mm512_mul_ps(acc[2 * r], s));
-                    _mm512_storeu_ps(at.add(16), _mm512_mul_ps(acc[2 * r + 1], s));
-                }
-            }
+            let out_at: [*mut f32; ROWS] =
+                std::array::from_fn(|r| block.wrapping_add(r * ld + p * COLS));
+            // SAFETY: forwarded; panel p holds d rows of 32 values; every row of the block
+            // has the panel's 32 columns.
+            unsafe {
+                tile::<2>(
+                    q_rows,
+                    d,
+                    kt[p * d * COLS..].as_ptr(),
+                    &out_at,
+                    ROWS,
+                    COLS,
+                    scale,
+                )
+            };
         }
     }
 
@@ -520,44 +516,47 @@ mod avx512 {
             let panel = vp[c * keys * COLS..].as_ptr();
             let out_at: [*mut f32; ROWS] =
                 std::array::from_fn(|r| out_rows[r].wrapping_add(c * COLS));
-            // SAFETY: forwarded; a last panel of at most 16 dimensions needs one vector per row.
+            // SAFETY: forwarded; a last panel of at most 16 dimensions needs one vector per
+            // row. Scaling by 1 is exact.
             unsafe {
                 if width > 16 {
-                    values_panel::<2>(p_rows, keys, panel, &out_at, rows, width);
+                    tile::<2>(p_rows, keys, panel, &out_at, rows, width, 1.0);
                 } else {
-                    values_panel::<1>(p_rows, keys, panel, &out_at, rows, width);
+                    tile::<1>(p_rows, keys, panel, &out_at, rows, width, 1.0);
                 }
             }
         }
     }
 
-    /// One 32-dimension panel of [`values`], of which the first `H` × 16 are computed and the
-    /// first `width` stored.
+    /// The register tile of both products: `out_at[r][j] = scale · Σ_i a_rows[r][i] ·
+    /// panel[i][j]` for r < rows and j < width, over `len` rows of a 32-wide panel, of which
+    /// the first `H` × 16 columns are computed (12 × 16·H accumulators).
     ///
     /// # Safety
-    /// As [`values`], with `panel` at the panel's `keys · 32` values and `out_at[r]` at its
-    /// first output column.
+    /// AVX-512 F; `a_rows` point at `len` readable values each; `panel` at `len · 32`;
+    /// `out_at[r]` for r < rows at `width` (≤ 16·H) writable values.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn values_panel<const H: usize>(
-        p_rows: &[*const f32; ROWS],
-        keys: usize,
+    unsafe fn tile<const H: usize>(
+        a_rows: &[*const f32; ROWS],
+        len: usize,
         panel: *const f32,
         out_at: &[*mut f32; ROWS],
         rows: usize,
         width: usize,
+        scale: f32,
     ) {
         let mut acc = [[_mm512_setzero_ps(); H]; ROWS];
         let mut b = panel;
-        for key in 0..keys {
-            // SAFETY: the panel's row `key` of 32 values; p row r's value `key`.
+        for i in 0..len {
+            // SAFETY: the panel's row i of 32 values; a row r's value i.
             unsafe {
                 for h in 0..H {
                     _mm_prefetch::<_MM_HINT_T0>((b as *const i8).wrapping_add(PF + 64 * h));
                 }
                 let bv: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(b.add(16 * h)));
                 for r in 0..ROWS {
-                    let a = _mm512_set1_ps(*p_rows[r].add(key));
+                    let a = _mm512_set1_ps(*a_rows[r].add(i));
                     for h in 0..H {
                         acc[r][h] = _mm512_fmadd_ps(a, bv[h], acc[r][h]);
                     }
@@ -565,12 +564,17 @@ mod avx512 {
                 b = b.add(COLS);
             }
         }
+        let s = _mm512_set1_ps(scale);
         for (r, acc) in acc.iter().enumerate().take(rows) {
             for (h, &v) in acc.iter().enumerate() {
                 let lanes = width.saturating_sub(16 * h).min(16);
-                // SAFETY: the row's columns 16h .. 16h + lanes of this panel (masked).
+                // SAFETY: the row's columns 16h .. 16h + lanes (masked).
                 unsafe {
-                    _mm512_mask_storeu_ps(out_at[r].add(16 * h), super::avx512::lanes(lanes), v)
+                    _mm512_mask_storeu_ps(
+                        out_at[r].add(16 * h),
+                        super::avx512::lanes(lanes),
+                        _mm512_mul_ps(v, s),
+                    )
                 };
             }
         }

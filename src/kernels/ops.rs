@@ -241,10 +241,27 @@ fn relu_squared_mul_generic(gate: &mut [f32], up: &[f32]) {
 /// and the sum's mantissa holds that integer + 2^22.
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
+/// The constants of [`exp`] (Cephes `expf`), shared with the vectorized e^x of the AVX-512
+/// attention: the range limits, ln 2 split for the Cody–Waite reduction, and the polynomial
+/// coefficients from the highest degree down.
+pub(crate) const EXP_MIN: f32 = -87.336_55;
+pub(crate) const EXP_MAX: f32 = 88.722_83;
+pub(crate) const EXP_LN2_HI: f32 = 0.693_359_4;
+#[allow(clippy::excessive_precision)] // published Cephes coefficients, kept verbatim
+pub(crate) const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+#[allow(clippy::excessive_precision)]
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    5.000_000_1e-1,
+];
+
 /// e^x in f32, |relative error| ≲ 2 ulp on [-87, 88]; 0 below, +∞ above, NaN propagates.
 /// Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, then a degree-6 polynomial (Cephes `expf`).
 #[inline(always)]
-#[allow(clippy::excessive_precision)] // published Cephes coefficients, kept verbatim
 pub fn exp(x: f32) -> f32 {
     // Integer-only from here so the function vectorizes: n = round(xc·log2 e) via the magic
     // number, its integer value read from the mantissa (no float→int conversion, whose NaN and
@@ -253,19 +270,17 @@ pub fn exp(x: f32) -> f32 {
     let xc = if x.is_nan() {
         0.0
     } else {
-        x.clamp(-87.336_55, 88.722_83)
+        x.clamp(EXP_MIN, EXP_MAX)
     };
     let t = xc * std::f32::consts::LOG2_E + ROUND_MAGIC;
     let n = t - ROUND_MAGIC;
     let ni = (t.to_bits() & 0x7f_ffff) as i32 - 0x40_0000;
-    let r = (xc - n * 0.693_359_4) - n * (-2.121_944_4e-4);
+    let r = (xc - n * EXP_LN2_HI) - n * EXP_LN2_LO;
     let r2 = r * r;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
     let y = (p * r2 + r) + 1.0;
     // 2^n by building the exponent bits; n ∈ [-126, 128] after the clamp. Split to stay normal.
     let half = ni >> 1;
@@ -274,9 +289,9 @@ pub fn exp(x: f32) -> f32 {
     let out = y * s1 * s2;
     if x.is_nan() {
         x
-    } else if x < -87.336_55 {
+    } else if x < EXP_MIN {
         0.0
-    } else if x > 88.722_83 {
+    } else if x > EXP_MAX {
         f32::INFINITY
     } else {
         out

@@ -6,7 +6,7 @@ use super::linear::{Linear, LinearKind};
 use super::store::TensorStore;
 use super::{KernelContext, Result};
 use crate::kernels::QuantizedActivations;
-use crate::kernels::attention::{AttentionShape, attention_masked};
+use crate::kernels::attention::{AttentionImpl, AttentionShape, attention_with};
 use crate::kernels::ops::{RopeTable, add_in_place, relu_squared_mul, rms_norm, rms_norm_in_place};
 
 pub struct RmsNorm {
@@ -222,7 +222,8 @@ impl LanguageModel {
             )?;
             rope.apply(&mut qkv[0], self.heads).stage("RoPE q")?;
             rope.apply(&mut qkv[1], self.kv_heads).stage("RoPE k")?;
-            attention_masked(
+            attention_with(
+                AttentionImpl::best(),
                 shape,
                 causal,
                 &qkv[0],
