@@ -1,9 +1,11 @@
 //! Every GEMM kernel this CPU supports reproduces the scalar reference bit for bit: the exact int32
-//! sums and the f32 outputs, on shapes with K, N and M tails, for 1, 2 and 3 threads.
+//! sums, the f32 outputs and the fused FFN gate, on shapes with K, N and M tails, for 1, 2 and
+//! 3 threads.
 
 use bitvla_ros::kernels::{
-    ActLayout, KernelKind, QuantizedActivations, TernaryMatrix, quantize_activations,
-    quantize_activations_for, reference, ternary_matmul, ternary_matmul_i32, ternary_matmul_with,
+    ActLayout, KernelKind, QuantizedActivations, TernaryMatrix, ops, quantize_activations,
+    quantize_activations_for, reference, ternary_matmul, ternary_matmul_i32,
+    ternary_matmul_relu2_mul_with, ternary_matmul_with,
 };
 
 struct Rng(u64);
@@ -104,6 +106,10 @@ fn all_kernels_match_the_reference_on_random_shapes_with_tails() {
         let expect_i32 = reference::matmul_i32(&c.q, w);
         let expect_f32 = reference::matmul_f32(&c.q, w, Some(bias));
         let expect_f32_nobias = reference::matmul_f32(&c.q, w, None);
+        // The fused FFN gate: relu(gate)² · up, as the separate element-wise op computes it.
+        let up: Vec<f32> = (0..m * n).map(|_| 4.0 * rng.uniform() - 2.0).collect();
+        let mut expect_gated = expect_f32.clone();
+        ops::relu_squared_mul(&mut expect_gated, &up).unwrap();
         for &kind in &kernels {
             // Every third shape hands the kernel the other layout (converted by the driver).
             let q = c.act_for(kind, i % 3 != 2);
@@ -128,6 +134,13 @@ fn all_kernels_match_the_reference_on_random_shapes_with_tails() {
                         .zip(&expect_f32_nobias)
                         .all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{kind} f32, m={m} k={k} n={n} threads={threads}");
+                    let mut gated = up.clone();
+                    ternary_matmul_relu2_mul_with(kind, q, w, Some(bias), &mut gated).unwrap();
+                    let same = gated
+                        .iter()
+                        .zip(&expect_gated)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{kind} relu²·up, m={m} k={k} n={n} threads={threads}");
                 });
             }
         }

@@ -17,7 +17,6 @@
 
 use super::pack::PANEL_COLS;
 use super::quant::AMX_ROWS;
-use super::tile::{Epilogue, TileOutput};
 use std::arch::asm;
 use std::arch::x86_64::*;
 
@@ -227,56 +226,5 @@ pub(crate) unsafe fn block(b: Block<'_>) {
             s = in(reg) ROW,
             options(nostack)
         );
-    }
-}
-
-/// The epilogue of the math contract on a finished block, 16 columns at a time with masked
-/// stores: `v = acc − Σq`, then `(v as f32) · (γ[n] · d[m]) (+ b[n])` — the operations of
-/// `tile::epilogue_scalar` in the same order.
-///
-/// # Safety
-/// The CPU supports AVX-512 F; `rows` row values and 32 column values are readable; the output
-/// rectangle `rows × cols` at stride `ldo` is writable and belongs to this block.
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn epilogue(acc: &Carry, e: &Epilogue) {
-    let masks: [__mmask16; 2] = [
-        (((1u32 << e.cols.min(16)) - 1) & 0xffff) as __mmask16,
-        if e.cols > 16 {
-            (((1u32 << (e.cols - 16)) - 1) & 0xffff) as __mmask16
-        } else {
-            0
-        },
-    ];
-    // SAFETY: the function's contract.
-    unsafe {
-        let scales = [
-            _mm512_loadu_ps(e.col_scales),
-            _mm512_loadu_ps(e.col_scales.add(16)),
-        ];
-        let bias =
-            (!e.bias.is_null()).then(|| [_mm512_loadu_ps(e.bias), _mm512_loadu_ps(e.bias.add(16))]);
-        for r in 0..e.rows {
-            let sum = _mm512_set1_epi32(*e.row_sums.add(r));
-            let dequant = _mm512_set1_ps(*e.row_dequant.add(r));
-            for h in 0..2 {
-                if masks[h] == 0 {
-                    continue;
-                }
-                let raw = _mm512_loadu_si512(acc.0.as_ptr().add(r * PANEL_COLS + 16 * h).cast());
-                let v = _mm512_sub_epi32(raw, sum);
-                let at = r * e.ldo + 16 * h;
-                match e.out {
-                    TileOutput::I32(out) => _mm512_mask_storeu_epi32(out.add(at), masks[h], v),
-                    TileOutput::F32(out) => {
-                        let mut y =
-                            _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(scales[h], dequant));
-                        if let Some(b) = bias {
-                            y = _mm512_add_ps(y, b[h]);
-                        }
-                        _mm512_mask_storeu_ps(out.add(at), masks[h], y);
-                    }
-                }
-            }
-        }
     }
 }

@@ -164,6 +164,42 @@ pub fn ternary_matmul_with(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
+    run_f32(kind, a, w, bias, out, TileOutput::F32)
+}
+
+/// The FFN's gate with its activation fused: `up[m, n] = relu(y[m, n])² · up[m, n]`, where `y`
+/// is [`ternary_matmul`]'s result for the gate weight — bit for bit what `ternary_matmul`
+/// followed by [`super::ops::relu_squared_mul`] computes, without writing the gate's output or
+/// reading it back. `up` holds the up projection on entry and the gated product on return.
+pub fn ternary_matmul_relu2_mul(
+    a: &QuantizedActivations,
+    gate: &TernaryMatrix,
+    bias: Option<&[f32]>,
+    up: &mut [f32],
+) -> Result<()> {
+    ternary_matmul_relu2_mul_with(KernelKind::selected(), a, gate, bias, up)
+}
+
+/// [`ternary_matmul_relu2_mul`] with an explicit kernel.
+pub fn ternary_matmul_relu2_mul_with(
+    kind: KernelKind,
+    a: &QuantizedActivations,
+    gate: &TernaryMatrix,
+    bias: Option<&[f32]>,
+    up: &mut [f32],
+) -> Result<()> {
+    run_f32(kind, a, gate, bias, up, TileOutput::Relu2Mul)
+}
+
+/// The f32-output GEMMs: checks, the bias padded to whole panels, then [`run`].
+fn run_f32(
+    kind: KernelKind,
+    a: &QuantizedActivations,
+    w: &TernaryMatrix,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    output: fn(*mut f32) -> TileOutput,
+) -> Result<()> {
     check_shapes(a, w, out.len())?;
     let padded_bias = match bias {
         Some(b) if b.len() != w.rows() => {
@@ -180,13 +216,7 @@ pub fn ternary_matmul_with(
         }
         None => None,
     };
-    run(
-        kind,
-        a,
-        w,
-        padded_bias.as_deref(),
-        TileOutput::F32(out.as_mut_ptr()),
-    )
+    run(kind, a, w, padded_bias.as_deref(), output(out.as_mut_ptr()))
 }
 
 /// The exact corrected integer sums Σ_k q[m,k]·t[n,k] (row-major `m × n`) computed by `kind`: the
@@ -554,7 +584,7 @@ fn run_amx(a: &QuantizedActivations, w: &TernaryMatrix, bias: Option<&[f32]>, ou
                                 // padded to whole 32-row blocks, column values to whole panels;
                                 // the output rectangle lies in the m × n output and belongs to
                                 // this (panel, block) only.
-                                unsafe { amx::epilogue(carry, &epilogue) };
+                                unsafe { super::x86::epilogue_avx512(&carry.0, &epilogue) };
                             }
                         }
                     }

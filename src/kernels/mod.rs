@@ -29,7 +29,10 @@ mod amx;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use dispatch::{KernelKind, ternary_matmul, ternary_matmul_i32, ternary_matmul_with};
+pub use dispatch::{
+    KernelKind, ternary_matmul, ternary_matmul_i32, ternary_matmul_relu2_mul,
+    ternary_matmul_relu2_mul_with, ternary_matmul_with,
+};
 pub use pack::TernaryMatrix;
 pub use quant::{ActLayout, QuantizedActivations, quantize_activations, quantize_activations_for};
 

@@ -13,6 +13,11 @@ pub(crate) enum TileOutput {
     F32(*mut f32),
     /// The exact corrected integer sums `Σ_k q·t` (for exactness tests).
     I32(*mut i32),
+    /// The FFN's gating fused into the epilogue: the f32 result `y` of [`TileOutput::F32`]
+    /// scales what the output already holds (the up projection), `out = relu(y)² · out`, with
+    /// `relu(y) = if y > 0 { y } else { 0 }` — the operations of `ops::relu_squared_mul` in its
+    /// order.
+    Relu2Mul(*mut f32),
 }
 
 // SAFETY: the driver gives each tile a disjoint rectangle of the output (see `dispatch::run`).
@@ -30,6 +35,7 @@ impl TileOutput {
             match self {
                 TileOutput::F32(p) => TileOutput::F32(p.add(elements)),
                 TileOutput::I32(p) => TileOutput::I32(p.add(elements)),
+                TileOutput::Relu2Mul(p) => TileOutput::Relu2Mul(p.add(elements)),
             }
         }
     }
@@ -92,13 +98,18 @@ pub(crate) unsafe fn epilogue_scalar(acc: &Accumulators, tile: &Tile) {
             let v = raw - sum;
             match tile.out {
                 TileOutput::I32(out) => unsafe { *out.add(r * tile.ldo + c) = v },
-                TileOutput::F32(out) => {
+                TileOutput::F32(out) | TileOutput::Relu2Mul(out) => {
                     let factor = unsafe { *tile.col_scales.add(c) } * dequant;
                     let mut y = v as f32 * factor;
                     if !tile.bias.is_null() {
                         y += unsafe { *tile.bias.add(c) };
                     }
-                    unsafe { *out.add(r * tile.ldo + c) = y };
+                    let dst = unsafe { out.add(r * tile.ldo + c) };
+                    if let TileOutput::Relu2Mul(_) = tile.out {
+                        let relu = if y > 0.0 { y } else { 0.0 };
+                        y = relu * relu * unsafe { *dst };
+                    }
+                    unsafe { *dst = y };
                 }
             }
         }

@@ -5,7 +5,7 @@
 
 use super::pack::PANEL_COLS;
 use super::quant::ROWS_PER_BLOCK;
-use super::tile::{Accumulators, Tile, TileOutput, epilogue_scalar, finish_chunk, start_chunk};
+use super::tile::{Accumulators, Epilogue, Tile, TileOutput, finish_chunk, start_chunk};
 use std::arch::x86_64::*;
 
 pub(crate) fn avx512vnni_supported() -> bool {
@@ -63,50 +63,92 @@ pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
         }
     }
 
-    let e = &tile.epi;
-    let full = e.rows == ROWS_PER_BLOCK && e.cols == PANEL_COLS;
-    match e.out {
-        _ if !tile.last => {
-            let carry = tile.carry as *mut i32;
-            for (i, a) in acc.iter().enumerate() {
-                // SAFETY: `carry` holds 24 zmm and belongs to this tile.
-                unsafe { _mm512_storeu_si512(carry.add(16 * i).cast(), *a) };
+    if tile.last {
+        let mut raw: Accumulators = [[0; PANEL_COLS]; ROWS_PER_BLOCK];
+        for (r, row) in raw.iter_mut().enumerate() {
+            // SAFETY: each row array holds 32 i32 = two zmm stores.
+            unsafe {
+                _mm512_storeu_si512(row.as_mut_ptr().cast(), acc[2 * r]);
+                _mm512_storeu_si512(row.as_mut_ptr().add(16).cast(), acc[2 * r + 1]);
             }
         }
-        TileOutput::F32(out) if full => {
-            // SAFETY: Tile invariants (12 row values, 32 column values, full 12 × 32 output rect).
-            unsafe {
-                let scales = [
-                    _mm512_loadu_ps(e.col_scales),
-                    _mm512_loadu_ps(e.col_scales.add(16)),
-                ];
-                let bias = (!e.bias.is_null())
-                    .then(|| [_mm512_loadu_ps(e.bias), _mm512_loadu_ps(e.bias.add(16))]);
-                for r in 0..ROWS_PER_BLOCK {
-                    let sum = _mm512_set1_epi32(*e.row_sums.add(r));
-                    let dequant = _mm512_set1_ps(*e.row_dequant.add(r));
-                    for h in 0..2 {
-                        let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[2 * r + h], sum));
-                        let mut y = _mm512_mul_ps(v, _mm512_mul_ps(scales[h], dequant));
+        // SAFETY: the Tile invariants (12 row values, 32 column values, an output rectangle of
+        // this tile's own); AVX-512 F is enabled.
+        unsafe { epilogue_avx512(raw.as_flattened(), &tile.epi) };
+    } else {
+        let carry = tile.carry as *mut i32;
+        for (i, a) in acc.iter().enumerate() {
+            // SAFETY: `carry` holds 24 zmm and belongs to this tile.
+            unsafe { _mm512_storeu_si512(carry.add(16 * i).cast(), *a) };
+        }
+    }
+}
+
+/// The epilogue of the math contract on a finished tile or block of the AVX-512 kernels (VNNI
+/// and AMX), 16 columns at a time with masked stores: `v = acc − Σq`, then
+/// `(v as f32) · (γ[n] · d[m]) (+ b[n])` — the operations of `tile::epilogue_scalar` in the same
+/// order. `acc` holds the raw sums row-major, 32 per row.
+///
+/// Kept out of line, reading the accumulators from memory: whether LLVM keeps the VNNI tile's 24
+/// accumulators in registers depends on everything that follows its loop. Adding one runtime
+/// flag to the formerly inlined epilogue made it store all 24 to the stack on every iteration,
+/// which halved the kernel's speed.
+///
+/// # Safety
+/// The CPU supports AVX-512 F; `e.rows` row values and 32 column values are readable; the
+/// output rectangle `rows × cols` at stride `ldo` is writable and belongs to this block.
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(crate) unsafe fn epilogue_avx512(acc: &[i32], e: &Epilogue) {
+    assert!(
+        acc.len() >= e.rows * PANEL_COLS,
+        "epilogue: accumulators too short"
+    );
+    let masks: [__mmask16; 2] = [
+        (((1u32 << e.cols.min(16)) - 1) & 0xffff) as __mmask16,
+        if e.cols > 16 {
+            (((1u32 << (e.cols - 16)) - 1) & 0xffff) as __mmask16
+        } else {
+            0
+        },
+    ];
+    // SAFETY: the function's contract.
+    unsafe {
+        let scales = [
+            _mm512_loadu_ps(e.col_scales),
+            _mm512_loadu_ps(e.col_scales.add(16)),
+        ];
+        let bias =
+            (!e.bias.is_null()).then(|| [_mm512_loadu_ps(e.bias), _mm512_loadu_ps(e.bias.add(16))]);
+        for r in 0..e.rows {
+            let sum = _mm512_set1_epi32(*e.row_sums.add(r));
+            let dequant = _mm512_set1_ps(*e.row_dequant.add(r));
+            for h in 0..2 {
+                if masks[h] == 0 {
+                    continue;
+                }
+                let raw = _mm512_loadu_si512(acc.as_ptr().add(r * PANEL_COLS + 16 * h).cast());
+                let v = _mm512_sub_epi32(raw, sum);
+                let at = r * e.ldo + 16 * h;
+                match e.out {
+                    TileOutput::I32(out) => _mm512_mask_storeu_epi32(out.add(at), masks[h], v),
+                    TileOutput::F32(out) | TileOutput::Relu2Mul(out) => {
+                        let mut y =
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(scales[h], dequant));
                         if let Some(b) = bias {
                             y = _mm512_add_ps(y, b[h]);
                         }
-                        _mm512_storeu_ps(out.add(r * e.ldo + 16 * h), y);
+                        if let TileOutput::Relu2Mul(_) = e.out {
+                            // max(y, 0) returns its second operand for NaN and for ±0, so it is
+                            // exactly `if y > 0 { y } else { 0 }`.
+                            let relu = _mm512_max_ps(y, _mm512_setzero_ps());
+                            let up = _mm512_maskz_loadu_ps(masks[h], out.add(at));
+                            y = _mm512_mul_ps(_mm512_mul_ps(relu, relu), up);
+                        }
+                        _mm512_mask_storeu_ps(out.add(at), masks[h], y);
                     }
                 }
             }
-        }
-        _ => {
-            let mut raw: Accumulators = [[0; PANEL_COLS]; ROWS_PER_BLOCK];
-            for (r, row) in raw.iter_mut().enumerate() {
-                // SAFETY: each row array holds 32 i32 = two zmm stores.
-                unsafe {
-                    _mm512_storeu_si512(row.as_mut_ptr().cast(), acc[2 * r]);
-                    _mm512_storeu_si512(row.as_mut_ptr().add(16).cast(), acc[2 * r + 1]);
-                }
-            }
-            // SAFETY: forwarded Tile invariants.
-            unsafe { epilogue_scalar(&raw, tile) };
         }
     }
 }

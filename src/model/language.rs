@@ -7,7 +7,7 @@ use super::store::TensorStore;
 use super::{KernelContext, Result};
 use crate::kernels::QuantizedActivations;
 use crate::kernels::attention::{AttentionImpl, AttentionShape, attention_with};
-use crate::kernels::ops::{RopeTable, add_in_place, relu_squared_mul, rms_norm, rms_norm_in_place};
+use crate::kernels::ops::{RopeTable, add_in_place, rms_norm, rms_norm_in_place};
 
 pub struct RmsNorm {
     pub weight: Vec<f32>,
@@ -204,11 +204,12 @@ impl LanguageModel {
         let mut scores = Vec::new();
         // Buffers reused by every layer (each output is fully overwritten): after the first
         // layer nothing is allocated or zeroed. `normed` holds the input norm, then the attention
-        // output, then the post-attention norm; `residual` the o_proj and down_proj outputs.
+        // output, then the post-attention norm; `gated` the FFN's relu(gate)² · up; `residual`
+        // the o_proj and down_proj outputs.
         let width = tokens * self.hidden;
         let mut normed = vec![0.0f32; width];
         let mut qkv = vec![Vec::new(), Vec::new(), Vec::new()];
-        let mut gate_up = vec![Vec::new(), Vec::new()];
+        let mut gated = Vec::new();
         let mut residual = vec![Vec::new()];
         for layer in &self.layers {
             let a = &layer.self_attn;
@@ -240,18 +241,16 @@ impl LanguageModel {
             layer
                 .post_attention_layernorm
                 .forward_into(&x, &mut normed)?;
-            Linear::forward_shared_into(
-                &[&m.gate_proj, &m.up_proj],
+            Linear::forward_relu2_gated_into(
+                &m.gate_proj,
+                &m.up_proj,
                 &normed,
                 tokens,
                 qa,
-                &mut gate_up,
+                &mut gated,
             )?;
-            let (gate, up) = gate_up.split_at_mut(1);
-            relu_squared_mul(&mut gate[0], &up[0])
-                .stage(format!("{} activation", m.gate_proj.name))?;
-            m.ffn_sub_norm.forward_in_place(&mut gate[0])?;
-            Linear::forward_shared_into(&[&m.down_proj], &gate[0], tokens, qa, &mut residual)?;
+            m.ffn_sub_norm.forward_in_place(&mut gated)?;
+            Linear::forward_shared_into(&[&m.down_proj], &gated, tokens, qa, &mut residual)?;
             add_in_place(&mut x, &residual[0]).stage("residual")?;
         }
         self.norm.forward(&x)

@@ -6,7 +6,11 @@ use super::packed::{CODES_SUFFIX, SCALE_SUFFIX, packed_len};
 use super::store::{DType, TensorStore};
 use super::{KernelContext, ModelError, Result};
 use crate::kernels::f32_linear::{self, WeightRef};
-use crate::kernels::{QuantizedActivations, TernaryMatrix, quantize_activations, ternary_matmul};
+use crate::kernels::ops::relu_squared_mul;
+use crate::kernels::{
+    QuantizedActivations, TernaryMatrix, quantize_activations, ternary_matmul,
+    ternary_matmul_relu2_mul,
+};
 
 pub enum Weights {
     /// W1.58-A8: ternary codes × γ, int8 activations.
@@ -178,6 +182,42 @@ impl Linear {
             }
         }
         Ok(())
+    }
+
+    /// The gated FFN activation `relu(gate(x))² · up(x)` (BitNet's `relu2` MLP) into `out`,
+    /// resized as needed. With ternary weights the two projections share one activation
+    /// quantization and the gate's activation runs in its GEMM's epilogue (the gate's output is
+    /// never written); otherwise (the engine's f32 path) the projections run separately and
+    /// [`relu_squared_mul`] combines them. Both give the same values bit for bit.
+    pub fn forward_relu2_gated_into(
+        gate: &Linear,
+        up: &Linear,
+        x: &[f32],
+        m: usize,
+        qa: &mut QuantizedActivations,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        if gate.n != up.n || gate.k != up.k {
+            return Err(ModelError::Input(format!(
+                "{} ({} × {}) and {} ({} × {}) must have the same shape",
+                gate.name, gate.n, gate.k, up.name, up.n, up.k
+            )));
+        }
+        match (&gate.weights, &up.weights) {
+            (Weights::Ternary(g), Weights::Ternary(u)) if g.k_padded() == u.k_padded() => {
+                // One quantization, then up into `out` and the fused gate over it.
+                Self::forward_shared_into(&[up], x, m, qa, std::slice::from_mut(out))?;
+                ternary_matmul_relu2_mul(qa, g, gate.bias.as_deref(), out).stage(&gate.name)
+            }
+            _ => {
+                let mut outs = [Vec::new(), std::mem::take(out)];
+                Self::forward_shared_into(&[gate, up], x, m, qa, &mut outs)?;
+                let [mut gated, up_out] = outs;
+                relu_squared_mul(&mut gated, &up_out).stage(format!("{} activation", gate.name))?;
+                *out = gated;
+                Ok(())
+            }
+        }
     }
 
     fn dense(&self, x: &[f32], m: usize, w: WeightRef<'_>, out: &mut [f32]) -> Result<()> {
