@@ -13,6 +13,13 @@ use rayon::prelude::*;
 /// Output columns per parallel task: fixed, so task boundaries never depend on the pool size.
 const COLUMN_BLOCK: usize = 256;
 
+/// Inputs per product of a task: a task runs its K in chunks of this many, accumulating into
+/// its output columns, so a bf16 weight block is widened 1 MiB at a time into a buffer that stays
+/// resident (widening a whole 256 × 17920 block of the action head took a fresh 18 MB mapping,
+/// and its page faults, on every call). f32 and bf16 weights take the same chunks, so their
+/// results stay identical.
+const K_CHUNK: usize = 1024;
+
 /// A strided matrix view: element (i, j) at `ptr + i·row_stride + j·col_stride`.
 #[derive(Clone, Copy)]
 pub struct View {
@@ -141,43 +148,46 @@ pub fn linear_weights(
         let col0 = i * COLUMN_BLOCK;
         let cols = COLUMN_BLOCK.min(n - col0);
         let dst = &dst;
-        let product = |w: &[f32]| {
-            // SAFETY: x is m × k row-major; w holds rows col0..col0+cols of W (k wide), read as
-            // the k × cols matrix Wᵀ[:, col0..]; the destination columns col0..col0+cols of the
-            // m × n output belong to this block only.
-            unsafe {
-                matmul_strided(
-                    m,
-                    cols,
-                    k,
-                    dst.0.add(col0),
-                    n,
-                    View {
-                        ptr: x.as_ptr(),
-                        row_stride: k as isize,
-                        col_stride: 1,
-                    },
-                    View {
-                        ptr: w.as_ptr(),
-                        row_stride: 1,
-                        col_stride: k as isize,
-                    },
-                    1.0,
-                    bias.is_some(),
-                )
-            }
-        };
-        match weight {
-            WeightRef::F32(w) => product(&w[col0 * k..(col0 + cols) * k]),
-            WeightRef::Bf16(w) => WIDENED.with_borrow_mut(|buf| {
-                buf.clear();
-                buf.extend(w[col0 * k..(col0 + cols) * k].iter().map(|v| v.to_f32()));
-                product(buf);
-                // Up to 256 × 17920 floats for the action head: do not keep it resident.
-                if buf.capacity() > 1 << 20 {
-                    *buf = Vec::new();
+        for k0 in (0..k).step_by(K_CHUNK) {
+            let kc = K_CHUNK.min(k - k0);
+            // The chunk's k × cols slice of Wᵀ: `w[j·stride + kk]` is W[col0 + j, k0 + kk].
+            let product = |w: &[f32], stride: usize| {
+                // SAFETY: x is m × k row-major, read from column k0 for kc columns; w holds
+                // `cols` rows of kc values at `stride`; the destination columns
+                // col0..col0+cols of the m × n output belong to this block only.
+                unsafe {
+                    matmul_strided(
+                        m,
+                        cols,
+                        kc,
+                        dst.0.add(col0),
+                        n,
+                        View {
+                            ptr: x.as_ptr().add(k0),
+                            row_stride: k as isize,
+                            col_stride: 1,
+                        },
+                        View {
+                            ptr: w.as_ptr(),
+                            row_stride: 1,
+                            col_stride: stride as isize,
+                        },
+                        1.0,
+                        bias.is_some() || k0 > 0,
+                    )
                 }
-            }),
+            };
+            match weight {
+                WeightRef::F32(w) => product(&w[col0 * k + k0..(col0 + cols - 1) * k + k0 + kc], k),
+                WeightRef::Bf16(w) => WIDENED.with_borrow_mut(|buf| {
+                    buf.clear();
+                    for j in 0..cols {
+                        let row = (col0 + j) * k + k0;
+                        buf.extend(w[row..row + kc].iter().map(|v| v.to_f32()));
+                    }
+                    product(buf, kc);
+                }),
+            }
         }
     };
     if blocks == 1 || rayon::current_num_threads() == 1 {
@@ -287,7 +297,8 @@ mod tests {
 
     #[test]
     fn bf16_weights_equal_their_f32_widening_bit_for_bit() {
-        let (m, k, n) = (9, 300, 517);
+        // K spans two whole chunks and a tail; N a whole column block and a tail.
+        let (m, k, n) = (9, 2 * K_CHUNK + 52, 300);
         let x = data(m * k, 4);
         let w16: Vec<half::bf16> = data(n * k, 5)
             .iter()
@@ -295,10 +306,13 @@ mod tests {
             .collect();
         let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
         let b = data(n, 6);
-        let (mut a, mut c) = (vec![0.0; m * n], vec![0.0; m * n]);
-        linear(&x, m, k, &w32, n, Some(&b), &mut a).unwrap();
-        linear_weights(&x, m, k, WeightRef::Bf16(&w16), n, Some(&b), &mut c).unwrap();
-        assert!(a.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()));
+        for bias in [Some(b.as_slice()), None] {
+            let (mut a, mut c) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+            linear(&x, m, k, &w32, n, bias, &mut a).unwrap();
+            linear_weights(&x, m, k, WeightRef::Bf16(&w16), n, bias, &mut c).unwrap();
+            assert!(a.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()));
+            assert!(a.iter().all(|v| v.is_finite()));
+        }
     }
 
     #[test]
