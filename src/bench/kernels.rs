@@ -98,6 +98,9 @@ pub struct Record {
     pub median_ms: f64,
     /// The activation-quantization part of `median_ms` (its own median).
     pub quantize_median_ms: f64,
+    /// `efficiency` of the GEMM alone: the median over repetitions of the time without the
+    /// quantization (a diagnostic; the targets count the quantization).
+    pub gemm_only_efficiency: Option<f64>,
     pub min_ms: f64,
     pub f32_median_ms: f64,
     pub f32_min_ms: f64,
@@ -118,6 +121,8 @@ pub struct Summary {
     pub min_efficiency: Option<f64>,
     pub median_efficiency_vs_vector_peak: Option<f64>,
     pub min_efficiency_vs_vector_peak: Option<f64>,
+    /// Median of the shapes' `gemm_only_efficiency` (diagnostic: quantization excluded).
+    pub median_gemm_only_efficiency: Option<f64>,
     pub median_speedup_vs_f32: f64,
     pub min_speedup_vs_f32: f64,
     /// t(threads) / t(1 thread) per shape (only for threads > 1).
@@ -252,6 +257,8 @@ pub fn run(
             let other_cpu = window.finish();
             calib(&mut calibrations, &mut vector_calibrations);
 
+            let mut gemm_only: Vec<f64> = tern.iter().zip(&quant).map(|(t, q)| t - q).collect();
+            let gemm_only_med = median(&mut gemm_only);
             let (t_med, f_med) = (median(&mut tern), median(&mut base));
             let (t_min, f_min) = (tern[0], base[0]);
             let peak = (!calibrations.is_empty()).then(|| median(&mut calibrations.clone()));
@@ -298,6 +305,7 @@ pub fn run(
                 speedup_vs_f32: f_med / t_med,
                 median_ms: t_med * 1e3,
                 quantize_median_ms: median(&mut quant) * 1e3,
+                gemm_only_efficiency: peak.map(|p| shape.ops() / gemm_only_med / 1e9 / p),
                 min_ms: t_min * 1e3,
                 f32_median_ms: f_med * 1e3,
                 f32_min_ms: f_min * 1e3,
@@ -331,6 +339,7 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
                 .iter()
                 .filter_map(|r| r.efficiency_vs_vector_peak)
                 .collect();
+            let mut gemm_eff: Vec<f64> = rs.iter().filter_map(|r| r.gemm_only_efficiency).collect();
             let mut speed: Vec<f64> = rs.iter().map(|r| r.speedup_vs_f32).collect();
             let ratios = if t > 1 {
                 rs.iter()
@@ -352,6 +361,7 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
                 median_efficiency_vs_vector_peak: (!vec_eff.is_empty())
                     .then(|| median(&mut vec_eff)),
                 min_efficiency_vs_vector_peak: vec_eff.iter().cloned().reduce(f64::min),
+                median_gemm_only_efficiency: (!gemm_eff.is_empty()).then(|| median(&mut gemm_eff)),
                 median_speedup_vs_f32: median(&mut speed),
                 min_speedup_vs_f32: speed.iter().cloned().fold(f64::INFINITY, f64::min),
                 time_ratio_vs_1_thread: ratios,

@@ -884,30 +884,35 @@ fn print_human(out: &mut impl Write, line: &serde_json::Value) -> std::io::Resul
             )?;
             writeln!(
                 out,
-                "{:<24} {:>16} {:>3} {:>9} {:>8} {:>9} {:>6} {:>7} {:>9} {:>8}  noisy",
+                "{:<24} {:>16} {:>3} {:>9} {:>6} {:>8} {:>9} {:>6} {:>7} {:>8} {:>9} {:>8}  noisy",
                 "layer",
                 "MxKxN",
                 "thr",
                 "ms",
+                "quant",
                 "GOP/s",
                 "peak",
                 "eff",
                 "vec eff",
+                "gemm eff",
                 "f32 GF/s",
                 "speedup"
             )
         }
         Some("result") => writeln!(
             out,
-            "{:<24} {:>16} {:>3} {:>9.2} {:>8.1} {:>9.1} {:>6.3} {:>7.3} {:>9.1} {:>7.2}x  {}",
+            "{:<24} {:>16} {:>3} {:>9.2} {:>5.1}% {:>8.1} {:>9.1} {:>6.3} {:>7.3} {:>8.3} {:>9.1} {:>7.2}x  {}",
             line["layer"].as_str().unwrap_or("?"),
             line["shape"].as_str().unwrap_or("?"),
             line["threads"],
             f("median_ms").unwrap_or(f64::NAN),
+            100.0 * f("quantize_median_ms").unwrap_or(f64::NAN)
+                / f("median_ms").unwrap_or(f64::NAN),
             f("gops").unwrap_or(f64::NAN),
             f("peak_gops").unwrap_or(f64::NAN),
             f("efficiency").unwrap_or(f64::NAN),
             f("efficiency_vs_vector_peak").unwrap_or(f64::NAN),
+            f("gemm_only_efficiency").unwrap_or(f64::NAN),
             f("f32_gflops").unwrap_or(f64::NAN),
             f("speedup_vs_f32").unwrap_or(f64::NAN),
             if line["noisy"].as_bool() == Some(true) {
@@ -918,12 +923,13 @@ fn print_human(out: &mut impl Write, line: &serde_json::Value) -> std::io::Resul
         ),
         Some("summary") => writeln!(
             out,
-            "threads {}: median efficiency {:.3} (min {:.3}); against the vector int8 peak {:.3} (min {:.3}); median speedup vs f32 {:.2}x (min {:.2}x){}{}",
+            "threads {}: median efficiency {:.3} (min {:.3}); against the vector int8 peak {:.3} (min {:.3}); GEMM alone {:.3}; median speedup vs f32 {:.2}x (min {:.2}x){}{}",
             line["threads"],
             f("median_efficiency").unwrap_or(f64::NAN),
             f("min_efficiency").unwrap_or(f64::NAN),
             f("median_efficiency_vs_vector_peak").unwrap_or(f64::NAN),
             f("min_efficiency_vs_vector_peak").unwrap_or(f64::NAN),
+            f("median_gemm_only_efficiency").unwrap_or(f64::NAN),
             f("median_speedup_vs_f32").unwrap_or(f64::NAN),
             f("min_speedup_vs_f32").unwrap_or(f64::NAN),
             match line["time_ratio_vs_1_thread"].as_array() {
