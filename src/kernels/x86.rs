@@ -63,23 +63,53 @@ pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
         }
     }
 
-    if tile.last {
-        let mut raw: Accumulators = [[0; PANEL_COLS]; ROWS_PER_BLOCK];
-        for (r, row) in raw.iter_mut().enumerate() {
-            // SAFETY: each row array holds 32 i32 = two zmm stores.
-            unsafe {
-                _mm512_storeu_si512(row.as_mut_ptr().cast(), acc[2 * r]);
-                _mm512_storeu_si512(row.as_mut_ptr().add(16).cast(), acc[2 * r + 1]);
+    let e = &tile.epi;
+    match e.out {
+        _ if !tile.last => {
+            let carry = tile.carry as *mut i32;
+            for (i, a) in acc.iter().enumerate() {
+                // SAFETY: `carry` holds 24 zmm and belongs to this tile.
+                unsafe { _mm512_storeu_si512(carry.add(16 * i).cast(), *a) };
             }
         }
-        // SAFETY: the Tile invariants (12 row values, 32 column values, an output rectangle of
-        // this tile's own); AVX-512 F is enabled.
-        unsafe { epilogue_avx512(raw.as_flattened(), &tile.epi) };
-    } else {
-        let carry = tile.carry as *mut i32;
-        for (i, a) in acc.iter().enumerate() {
-            // SAFETY: `carry` holds 24 zmm and belongs to this tile.
-            unsafe { _mm512_storeu_si512(carry.add(16 * i).cast(), *a) };
+        // The common case straight from the registers: a full tile of plain f32 outputs.
+        TileOutput::F32(out) if e.rows == ROWS_PER_BLOCK && e.cols == PANEL_COLS => {
+            // SAFETY: Tile invariants (12 row values, 32 column values, full 12 × 32 output
+            // rectangle of this tile's own).
+            unsafe {
+                let scales = [
+                    _mm512_loadu_ps(e.col_scales),
+                    _mm512_loadu_ps(e.col_scales.add(16)),
+                ];
+                let bias = (!e.bias.is_null())
+                    .then(|| [_mm512_loadu_ps(e.bias), _mm512_loadu_ps(e.bias.add(16))]);
+                for r in 0..ROWS_PER_BLOCK {
+                    let sum = _mm512_set1_epi32(*e.row_sums.add(r));
+                    let dequant = _mm512_set1_ps(*e.row_dequant.add(r));
+                    for h in 0..2 {
+                        let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[2 * r + h], sum));
+                        let mut y = _mm512_mul_ps(v, _mm512_mul_ps(scales[h], dequant));
+                        if let Some(b) = bias {
+                            y = _mm512_add_ps(y, b[h]);
+                        }
+                        _mm512_storeu_ps(out.add(r * e.ldo + 16 * h), y);
+                    }
+                }
+            }
+        }
+        // Tails and the other outputs: through memory to the shared epilogue.
+        _ => {
+            let mut raw: Accumulators = [[0; PANEL_COLS]; ROWS_PER_BLOCK];
+            for (r, row) in raw.iter_mut().enumerate() {
+                // SAFETY: each row array holds 32 i32 = two zmm stores.
+                unsafe {
+                    _mm512_storeu_si512(row.as_mut_ptr().cast(), acc[2 * r]);
+                    _mm512_storeu_si512(row.as_mut_ptr().add(16).cast(), acc[2 * r + 1]);
+                }
+            }
+            // SAFETY: the Tile invariants (12 row values, 32 column values, an output rectangle
+            // of this tile's own); AVX-512 F is enabled.
+            unsafe { epilogue_avx512(raw.as_flattened(), e) };
         }
     }
 }
@@ -91,8 +121,9 @@ pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
 ///
 /// Kept out of line, reading the accumulators from memory: whether LLVM keeps the VNNI tile's 24
 /// accumulators in registers depends on everything that follows its loop. Adding one runtime
-/// flag to the formerly inlined epilogue made it store all 24 to the stack on every iteration,
-/// which halved the kernel's speed.
+/// flag to the tile's inlined epilogue made it store all 24 to the stack on every iteration,
+/// which halved the kernel's speed. The tile therefore writes only full tiles of plain f32
+/// outputs from its registers, and sends tails and the other outputs here.
 ///
 /// # Safety
 /// The CPU supports AVX-512 F; `e.rows` row values and 32 column values are readable; the
