@@ -26,6 +26,11 @@ impl Rng {
     }
 }
 
+/// Same length and the same f32 bit patterns (NaN payloads and signed zeros included).
+fn bit_identical(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -123,24 +128,21 @@ fn all_kernels_match_the_reference_on_random_shapes_with_tails() {
                     );
                     let mut y = vec![f32::NAN; m * n];
                     ternary_matmul_with(kind, q, w, Some(bias), &mut y).unwrap();
-                    let same = y
-                        .iter()
-                        .zip(&expect_f32)
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{kind} f32+bias, m={m} k={k} n={n} threads={threads}");
+                    assert!(
+                        bit_identical(&y, &expect_f32),
+                        "{kind} f32+bias, m={m} k={k} n={n} threads={threads}"
+                    );
                     ternary_matmul_with(kind, q, w, None, &mut y).unwrap();
-                    let same = y
-                        .iter()
-                        .zip(&expect_f32_nobias)
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{kind} f32, m={m} k={k} n={n} threads={threads}");
+                    assert!(
+                        bit_identical(&y, &expect_f32_nobias),
+                        "{kind} f32, m={m} k={k} n={n} threads={threads}"
+                    );
                     let mut gated = up.clone();
                     ternary_matmul_relu2_mul_with(kind, q, w, Some(bias), &mut gated).unwrap();
-                    let same = gated
-                        .iter()
-                        .zip(&expect_gated)
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{kind} relu²·up, m={m} k={k} n={n} threads={threads}");
+                    assert!(
+                        bit_identical(&gated, &expect_gated),
+                        "{kind} relu²·up, m={m} k={k} n={n} threads={threads}"
+                    );
                 });
             }
         }
