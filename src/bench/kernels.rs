@@ -5,6 +5,7 @@
 
 use super::machine::{OtherCpu, cpu_features, cpu_model, loadavg_1m};
 use super::peak::{PeakLoop, calibrate};
+use crate::kernels::dispatch::tile_loop_gops;
 use crate::kernels::f32_linear::linear_gemm_parallel;
 use crate::kernels::{
     KernelKind, QuantizedActivations, TernaryMatrix, pseudo_random, quantize_activations_for,
@@ -101,6 +102,10 @@ pub struct Record {
     /// `efficiency` of the GEMM alone: the median over repetitions of the time without the
     /// quantization (a diagnostic; the targets count the quantization).
     pub gemm_only_efficiency: Option<f64>,
+    /// The kernel's register tile alone on L1-resident operands (`tile_loop_gops`), calibrated
+    /// with the peak, over `peak_gops`: the ceiling of the inner loop (a diagnostic; None for
+    /// AMX).
+    pub tile_loop_efficiency: Option<f64>,
     pub min_ms: f64,
     pub f32_median_ms: f64,
     pub f32_min_ms: f64,
@@ -123,6 +128,8 @@ pub struct Summary {
     pub min_efficiency_vs_vector_peak: Option<f64>,
     /// Median of the shapes' `gemm_only_efficiency` (diagnostic: quantization excluded).
     pub median_gemm_only_efficiency: Option<f64>,
+    /// Median of the shapes' `tile_loop_efficiency` (diagnostic).
+    pub median_tile_loop_efficiency: Option<f64>,
     pub median_speedup_vs_f32: f64,
     pub min_speedup_vs_f32: f64,
     /// t(threads) / t(1 thread) per shape (only for threads > 1).
@@ -230,15 +237,19 @@ pub fn run(
             .build()?;
         let mut calibrations: Vec<f64> = Vec::new();
         let mut vector_calibrations: Vec<f64> = Vec::new();
-        let calib = |calibrations: &mut Vec<f64>, vector: &mut Vec<f64>| {
+        let mut tile_loops: Vec<f64> = Vec::new();
+        let calib = |calibrations: &mut Vec<f64>, vector: &mut Vec<f64>, loops: &mut Vec<f64>| {
             if let Some(p) = peak_loop.and_then(|l| calibrate(l, &pool, opts.calib_seconds)) {
                 calibrations.push(p);
             }
             if let Some(p) = vector_loop.and_then(|l| calibrate(l, &pool, opts.calib_seconds)) {
                 vector.push(p);
             }
+            if let Some(r) = tile_loop_gops(opts.kernel, &pool, opts.calib_seconds) {
+                loops.push(r);
+            }
         };
-        calib(&mut calibrations, &mut vector_calibrations);
+        calib(&mut calibrations, &mut vector_calibrations, &mut tile_loops);
         for shape in &opts.shapes {
             let mut case = Case::new(shape)?;
             let (mut tern, mut base, mut quant) = (Vec::new(), Vec::new(), Vec::new());
@@ -255,7 +266,7 @@ pub fn run(
                 Ok(())
             })?;
             let other_cpu = window.finish();
-            calib(&mut calibrations, &mut vector_calibrations);
+            calib(&mut calibrations, &mut vector_calibrations, &mut tile_loops);
 
             let mut gemm_only: Vec<f64> = tern.iter().zip(&quant).map(|(t, q)| t - q).collect();
             let gemm_only_med = median(&mut gemm_only);
@@ -306,6 +317,9 @@ pub fn run(
                 median_ms: t_med * 1e3,
                 quantize_median_ms: median(&mut quant) * 1e3,
                 gemm_only_efficiency: peak.map(|p| shape.ops() / gemm_only_med / 1e9 / p),
+                tile_loop_efficiency: peak
+                    .filter(|_| !tile_loops.is_empty())
+                    .map(|p| median(&mut tile_loops.clone()) / p),
                 min_ms: t_min * 1e3,
                 f32_median_ms: f_med * 1e3,
                 f32_min_ms: f_min * 1e3,
@@ -340,6 +354,7 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
                 .filter_map(|r| r.efficiency_vs_vector_peak)
                 .collect();
             let mut gemm_eff: Vec<f64> = rs.iter().filter_map(|r| r.gemm_only_efficiency).collect();
+            let mut loop_eff: Vec<f64> = rs.iter().filter_map(|r| r.tile_loop_efficiency).collect();
             let mut speed: Vec<f64> = rs.iter().map(|r| r.speedup_vs_f32).collect();
             let ratios = if t > 1 {
                 rs.iter()
@@ -362,6 +377,7 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
                     .then(|| median(&mut vec_eff)),
                 min_efficiency_vs_vector_peak: vec_eff.iter().cloned().reduce(f64::min),
                 median_gemm_only_efficiency: (!gemm_eff.is_empty()).then(|| median(&mut gemm_eff)),
+                median_tile_loop_efficiency: (!loop_eff.is_empty()).then(|| median(&mut loop_eff)),
                 median_speedup_vs_f32: median(&mut speed),
                 min_speedup_vs_f32: speed.iter().cloned().fold(f64::INFINITY, f64::min),
                 time_ratio_vs_1_thread: ratios,

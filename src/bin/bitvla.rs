@@ -923,13 +923,14 @@ fn print_human(out: &mut impl Write, line: &serde_json::Value) -> std::io::Resul
         ),
         Some("summary") => writeln!(
             out,
-            "threads {}: median efficiency {:.3} (min {:.3}); against the vector int8 peak {:.3} (min {:.3}); GEMM alone {:.3}; median speedup vs f32 {:.2}x (min {:.2}x){}{}",
+            "threads {}: median efficiency {:.3} (min {:.3}); against the vector int8 peak {:.3} (min {:.3}); GEMM alone {:.3}; tile loop alone {}; median speedup vs f32 {:.2}x (min {:.2}x){}{}",
             line["threads"],
             f("median_efficiency").unwrap_or(f64::NAN),
             f("min_efficiency").unwrap_or(f64::NAN),
             f("median_efficiency_vs_vector_peak").unwrap_or(f64::NAN),
             f("min_efficiency_vs_vector_peak").unwrap_or(f64::NAN),
             f("median_gemm_only_efficiency").unwrap_or(f64::NAN),
+            f("median_tile_loop_efficiency").map_or("n/a".to_string(), |e| format!("{e:.3}")),
             f("median_speedup_vs_f32").unwrap_or(f64::NAN),
             f("min_speedup_vs_f32").unwrap_or(f64::NAN),
             match line["time_ratio_vs_1_thread"].as_array() {
