@@ -34,7 +34,10 @@ pub use dispatch::{
     ternary_matmul_relu2_mul_with, ternary_matmul_with,
 };
 pub use pack::TernaryMatrix;
-pub use quant::{ActLayout, QuantizedActivations, quantize_activations, quantize_activations_for};
+pub use quant::{
+    ActLayout, QuantInput, QuantizedActivations, quantize_activations, quantize_activations_for,
+    quantize_input, quantize_input_for,
+};
 
 /// Errors of the kernel layer: always about the caller's data, never a panic.
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -119,7 +119,11 @@ fn rms_norm_in_place_generic(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
-multiversion!(fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) => rms_norm_generic);
+multiversion!(
+    /// [`rms_norm`] without the checks: rows of `weight.len()` (the activation quantizer
+    /// normalizes one row at a time with it, so the fused path computes the same values).
+    pub(crate) fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) => rms_norm_generic
+);
 
 #[inline(always)]
 fn rms_norm_generic(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -146,7 +150,10 @@ pub fn layer_norm(
     Ok(())
 }
 
-multiversion!(fn layer_norm_rows(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) => layer_norm_generic);
+multiversion!(
+    /// [`layer_norm`] without the checks (the activation quantizer's fused path uses it per row).
+    pub(crate) fn layer_norm_rows(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) => layer_norm_generic
+);
 
 #[inline(always)]
 fn layer_norm_generic(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {

@@ -201,7 +201,81 @@ pub fn quantize_activations_for(
     k_padded: usize,
     out: &mut QuantizedActivations,
 ) -> Result<()> {
+    quantize_input_for(layout, QuantInput::Plain(x), m, k, k_padded, out)
+}
+
+/// What a quantizer reads: activations, or their RMSNorm or LayerNorm computed row by row on the
+/// way in. A norm input is `ops::rms_norm` / `ops::layer_norm` followed by the quantizer, value
+/// for value (each row is normalized by the same function into an L1-resident buffer), without
+/// writing the normalized f32 rows to memory and reading them back.
+#[derive(Debug, Clone, Copy)]
+pub enum QuantInput<'a> {
+    Plain(&'a [f32]),
+    /// `w · (x / sqrt(mean(x²) + eps))` per row, `weight` holding K values.
+    RmsNormed {
+        x: &'a [f32],
+        weight: &'a [f32],
+        eps: f32,
+    },
+    /// `w · (x − μ) / sqrt(σ² + eps) + b` per row, `weight` and `bias` holding K values.
+    LayerNormed {
+        x: &'a [f32],
+        weight: &'a [f32],
+        bias: &'a [f32],
+        eps: f32,
+    },
+}
+
+impl QuantInput<'_> {
+    /// The activations (before any normalization).
+    pub fn raw(&self) -> &[f32] {
+        match *self {
+            QuantInput::Plain(x)
+            | QuantInput::RmsNormed { x, .. }
+            | QuantInput::LayerNormed { x, .. } => x,
+        }
+    }
+}
+
+/// [`quantize_activations`] of a [`QuantInput`] in the selected kernel's layout.
+pub fn quantize_input(
+    input: QuantInput<'_>,
+    m: usize,
+    k: usize,
+    k_padded: usize,
+    out: &mut QuantizedActivations,
+) -> Result<()> {
+    let layout = super::KernelKind::selected().act_layout();
+    quantize_input_for(layout, input, m, k, k_padded, out)
+}
+
+/// [`quantize_input`] into an explicit layout.
+pub fn quantize_input_for(
+    layout: ActLayout,
+    input: QuantInput<'_>,
+    m: usize,
+    k: usize,
+    k_padded: usize,
+    out: &mut QuantizedActivations,
+) -> Result<()> {
+    let x = input.raw();
     check_matrix("activations", x.len(), m, k)?;
+    let params = match input {
+        QuantInput::Plain(_) => [None, None],
+        QuantInput::RmsNormed { weight, .. } => [Some(("norm weight", weight)), None],
+        QuantInput::LayerNormed { weight, bias, .. } => {
+            [Some(("norm weight", weight)), Some(("norm bias", bias))]
+        }
+    };
+    for (what, p) in params.into_iter().flatten() {
+        if p.len() != k {
+            return Err(KernelError::LengthMismatch {
+                what,
+                expected: k,
+                got: p.len(),
+            });
+        }
+    }
     if k_padded < k || !k_padded.is_multiple_of(16) {
         return Err(KernelError::Invalid(format!(
             "activations: padded K {k_padded} must be a multiple of 16 and >= K = {k}"
@@ -227,6 +301,8 @@ pub fn quantize_activations_for(
 
     let block_bytes = block_rows * row_bytes;
     let quantize_block = |(block, ((bytes, sums), dequant)): BlockItem<'_>| -> Result<()> {
+        // The normalized row, for an RMSNorm input (one row at a time: it stays in L1).
+        let mut normed = Vec::new();
         for r in 0..block_rows {
             let row = block * block_rows + r;
             let lane = &mut bytes[layout.offset(k_padded, r, 0)..];
@@ -240,7 +316,22 @@ pub fn quantize_activations_for(
                 dequant[r] = 0.0;
                 continue;
             }
-            let xs = &x[row * k..(row + 1) * k];
+            let mut xs = &x[row * k..(row + 1) * k];
+            match input {
+                QuantInput::Plain(_) => {}
+                QuantInput::RmsNormed { weight, eps, .. } => {
+                    normed.resize(k, 0.0);
+                    super::ops::rms_norm_rows(xs, weight, eps, &mut normed);
+                    xs = &normed;
+                }
+                QuantInput::LayerNormed {
+                    weight, bias, eps, ..
+                } => {
+                    normed.resize(k, 0.0);
+                    super::ops::layer_norm_rows(xs, weight, bias, eps, &mut normed);
+                    xs = &normed;
+                }
+            }
             let absmax_bits = absmax_bits(xs);
             if absmax_bits >= 0x7f80_0000 {
                 let col = xs.iter().position(|v| !v.is_finite()).unwrap_or(0);
@@ -277,7 +368,8 @@ pub fn quantize_activations_for(
         blocks_iter.try_for_each(quantize_block)
     };
     if result.is_err() {
-        // Report the first offending element, whatever thread found one.
+        // Report the first offending input element, whatever thread found one (for an RMSNorm
+        // input with finite activations, the normalized value the block reported).
         for (row, xs) in x.chunks_exact(k).enumerate() {
             if let Some(col) = xs.iter().position(|v| !v.is_finite()) {
                 return Err(KernelError::NonFinite {
@@ -677,5 +769,112 @@ mod tests {
         assert!(quantize_activations(&[1.0; 3], 1, 4, 16, &mut q).is_err());
         assert!(quantize_activations(&[], 0, 4, 16, &mut q).is_err());
         assert!(quantize_activations(&[1.0; 4], 1, 4, 12, &mut q).is_err());
+    }
+
+    /// The fused norm inputs give exactly the codes, sums and scales of `ops::rms_norm` /
+    /// `ops::layer_norm` followed by the quantizer: both layouts, M and K tails, 1 and 3 threads.
+    #[test]
+    fn normed_inputs_match_norm_then_quantize() {
+        use crate::kernels::ops::{layer_norm, rms_norm};
+        for ((m, k), layer) in [(37, 37), (13, 64), (1, 2560), (40, 1000)]
+            .into_iter()
+            .flat_map(|s| [(s, false), (s, true)])
+        {
+            let x = crate::kernels::pseudo_random(m * k, 11, 3.0);
+            let weight = crate::kernels::pseudo_random(k, 12, 1.5);
+            let bias = crate::kernels::pseudo_random(k, 13, 0.5);
+            let eps = 1e-6;
+            let mut normed = vec![0.0; m * k];
+            let input = if layer {
+                layer_norm(&x, &weight, &bias, eps, &mut normed).unwrap();
+                QuantInput::LayerNormed {
+                    x: &x,
+                    weight: &weight,
+                    bias: &bias,
+                    eps,
+                }
+            } else {
+                rms_norm(&x, &weight, eps, &mut normed).unwrap();
+                QuantInput::RmsNormed {
+                    x: &x,
+                    weight: &weight,
+                    eps,
+                }
+            };
+            let k_padded = k.div_ceil(16) * 16;
+            for layout in [ActLayout::Blocked, ActLayout::Tiles] {
+                let expect = quantize_in(layout, &normed, m, k);
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    // Stale contents from another shape must not survive either.
+                    let mut q = quantize_in(layout, &x, m, k);
+                    pool.install(|| quantize_input_for(layout, input, m, k, k_padded, &mut q))
+                        .unwrap();
+                    let what =
+                        format!("layer norm {layer}, {layout:?}, m {m} k {k}, {threads} threads");
+                    assert_eq!(q.data(), expect.data(), "{what}");
+                    assert_eq!(q.row_sums(), expect.row_sums(), "{what}");
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(q.row_dequant()), bits(expect.row_dequant()), "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn normed_input_errors_name_the_element_and_the_parameters() {
+        let mut q = QuantizedActivations::new();
+        let weight = [1.0f32; 4];
+        let mut x = [0.5f32; 8];
+        x[6] = f32::NAN;
+        let input = QuantInput::RmsNormed {
+            x: &x,
+            weight: &weight,
+            eps: 1e-6,
+        };
+        let err = quantize_input(input, 2, 4, 16, &mut q).unwrap_err();
+        assert!(
+            matches!(err, KernelError::NonFinite { row: 1, col: 2, .. }),
+            "{err}"
+        );
+        // Finite activations, but a weight that makes the normalized row non-finite.
+        let bad_weight = [1.0, f32::INFINITY, 1.0, 1.0];
+        let input = QuantInput::RmsNormed {
+            x: &[0.5; 8],
+            weight: &bad_weight,
+            eps: 1e-6,
+        };
+        let err = quantize_input(input, 2, 4, 16, &mut q).unwrap_err();
+        assert!(
+            matches!(err, KernelError::NonFinite { col: 1, .. }),
+            "{err}"
+        );
+        let input = QuantInput::RmsNormed {
+            x: &[0.5; 8],
+            weight: &weight[..3],
+            eps: 1e-6,
+        };
+        let err = quantize_input(input, 2, 4, 16, &mut q).unwrap_err();
+        assert!(matches!(err, KernelError::LengthMismatch { .. }), "{err}");
+        let input = QuantInput::LayerNormed {
+            x: &[0.5; 8],
+            weight: &weight,
+            bias: &weight[..2],
+            eps: 1e-6,
+        };
+        let err = quantize_input(input, 2, 4, 16, &mut q).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KernelError::LengthMismatch {
+                    what: "norm bias",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -5,9 +5,9 @@ use super::config::BitVlaConfig;
 use super::linear::{Linear, LinearKind};
 use super::store::TensorStore;
 use super::{KernelContext, Result};
-use crate::kernels::QuantizedActivations;
 use crate::kernels::attention::{AttentionImpl, AttentionShape, attention_with};
-use crate::kernels::ops::{RopeTable, add_in_place, rms_norm, rms_norm_in_place};
+use crate::kernels::ops::{RopeTable, add_in_place, rms_norm};
+use crate::kernels::{QuantInput, QuantizedActivations};
 
 pub struct RmsNorm {
     pub weight: Vec<f32>,
@@ -30,12 +30,14 @@ impl RmsNorm {
         Ok(out)
     }
 
-    pub fn forward_into(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
-        rms_norm(x, &self.weight, self.eps, out).stage(&self.name)
-    }
-
-    pub fn forward_in_place(&self, x: &mut [f32]) -> Result<()> {
-        rms_norm_in_place(x, &self.weight, self.eps).stage(&self.name)
+    /// The norm of `x` as the input of linear layers: ternary layers quantize it row by row as
+    /// it is computed, so the normalized f32 activations are never written to memory.
+    pub fn input<'a>(&'a self, x: &'a [f32]) -> QuantInput<'a> {
+        QuantInput::RmsNormed {
+            x,
+            weight: &self.weight,
+            eps: self.eps,
+        }
     }
 }
 
@@ -203,20 +205,19 @@ impl LanguageModel {
         };
         let mut scores = Vec::new();
         // Buffers reused by every layer (each output is fully overwritten): after the first
-        // layer nothing is allocated or zeroed. `normed` holds the input norm, then the attention
-        // output, then the post-attention norm; `gated` the FFN's relu(gate)² · up; `residual`
-        // the o_proj and down_proj outputs.
-        let width = tokens * self.hidden;
-        let mut normed = vec![0.0f32; width];
+        // layer nothing is allocated or zeroed. The four norms of a layer feed only ternary
+        // layers, which normalize and quantize their input in one pass (`RmsNorm::input`).
+        // `attn` holds the attention output, `gated` the FFN's relu(gate)² · up, `residual` the
+        // o_proj and down_proj outputs.
+        let mut attn = vec![0.0f32; tokens * self.hidden];
         let mut qkv = vec![Vec::new(), Vec::new(), Vec::new()];
         let mut gated = Vec::new();
         let mut residual = vec![Vec::new()];
         for layer in &self.layers {
             let a = &layer.self_attn;
-            layer.input_layernorm.forward_into(&x, &mut normed)?;
-            Linear::forward_shared_into(
+            Linear::forward_shared_input_into(
                 &[&a.q_proj, &a.k_proj, &a.v_proj],
-                &normed,
+                layer.input_layernorm.input(&x),
                 tokens,
                 qa,
                 &mut qkv,
@@ -230,27 +231,34 @@ impl LanguageModel {
                 &qkv[0],
                 &qkv[1],
                 &qkv[2],
-                &mut normed,
+                &mut attn,
                 &mut scores,
             )
             .stage(format!("{} attention", a.q_proj.name))?;
-            a.attn_sub_norm.forward_in_place(&mut normed)?;
-            Linear::forward_shared_into(&[&a.o_proj], &normed, tokens, qa, &mut residual)?;
+            Linear::forward_shared_input_into(
+                &[&a.o_proj],
+                a.attn_sub_norm.input(&attn),
+                tokens,
+                qa,
+                &mut residual,
+            )?;
             add_in_place(&mut x, &residual[0]).stage("residual")?;
             let m = &layer.mlp;
-            layer
-                .post_attention_layernorm
-                .forward_into(&x, &mut normed)?;
             Linear::forward_relu2_gated_into(
                 &m.gate_proj,
                 &m.up_proj,
-                &normed,
+                layer.post_attention_layernorm.input(&x),
                 tokens,
                 qa,
                 &mut gated,
             )?;
-            m.ffn_sub_norm.forward_in_place(&mut gated)?;
-            Linear::forward_shared_into(&[&m.down_proj], &gated, tokens, qa, &mut residual)?;
+            Linear::forward_shared_input_into(
+                &[&m.down_proj],
+                m.ffn_sub_norm.input(&gated),
+                tokens,
+                qa,
+                &mut residual,
+            )?;
             add_in_place(&mut x, &residual[0]).stage("residual")?;
         }
         self.norm.forward(&x)

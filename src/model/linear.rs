@@ -6,9 +6,9 @@ use super::packed::{CODES_SUFFIX, SCALE_SUFFIX, packed_len};
 use super::store::{DType, TensorStore};
 use super::{KernelContext, ModelError, Result};
 use crate::kernels::f32_linear::{self, WeightRef};
-use crate::kernels::ops::relu_squared_mul;
+use crate::kernels::ops::{layer_norm, relu_squared_mul, rms_norm};
 use crate::kernels::{
-    QuantizedActivations, TernaryMatrix, quantize_activations, ternary_matmul,
+    QuantInput, QuantizedActivations, TernaryMatrix, quantize_input, ternary_matmul,
     ternary_matmul_relu2_mul,
 };
 
@@ -157,6 +157,22 @@ impl Linear {
         qa: &mut QuantizedActivations,
         outs: &mut [Vec<f32>],
     ) -> Result<()> {
+        Self::forward_shared_input_into(layers, QuantInput::Plain(x), m, qa, outs)
+    }
+
+    /// [`Linear::forward_shared_into`] of a [`QuantInput`]: for an RMSNorm input, ternary
+    /// layers quantize the normalized rows as they are computed (the normalized f32 activations
+    /// are never written), with the same codes as normalizing first; full-precision layers get
+    /// the normalized activations computed once.
+    pub fn forward_shared_input_into(
+        layers: &[&Linear],
+        input: QuantInput<'_>,
+        m: usize,
+        qa: &mut QuantizedActivations,
+        outs: &mut [Vec<f32>],
+    ) -> Result<()> {
+        let x = input.raw();
+        let mut normalized: Option<Vec<f32>> = None;
         let mut quantized_for: Option<usize> = None;
         for (layer, out) in layers.iter().zip(outs.iter_mut()) {
             if x.len() != m * layer.k {
@@ -171,14 +187,20 @@ impl Linear {
             match &layer.weights {
                 Weights::Ternary(t) => {
                     if quantized_for != Some(t.k_padded()) {
-                        quantize_activations(x, m, layer.k, t.k_padded(), qa)
+                        quantize_input(input, m, layer.k, t.k_padded(), qa)
                             .stage(format!("{} input", layer.name))?;
                         quantized_for = Some(t.k_padded());
                     }
                     ternary_matmul(qa, t, layer.bias.as_deref(), out).stage(&layer.name)?;
                 }
-                Weights::Dense(w) => layer.dense(x, m, WeightRef::F32(w), out)?,
-                Weights::DenseBf16(w) => layer.dense(x, m, WeightRef::Bf16(w), out)?,
+                Weights::Dense(w) => {
+                    let x = dense_input(input, &mut normalized, &layer.name)?;
+                    layer.dense(x, m, WeightRef::F32(w), out)?
+                }
+                Weights::DenseBf16(w) => {
+                    let x = dense_input(input, &mut normalized, &layer.name)?;
+                    layer.dense(x, m, WeightRef::Bf16(w), out)?
+                }
             }
         }
         Ok(())
@@ -192,7 +214,7 @@ impl Linear {
     pub fn forward_relu2_gated_into(
         gate: &Linear,
         up: &Linear,
-        x: &[f32],
+        input: QuantInput<'_>,
         m: usize,
         qa: &mut QuantizedActivations,
         out: &mut Vec<f32>,
@@ -206,12 +228,12 @@ impl Linear {
         match (&gate.weights, &up.weights) {
             (Weights::Ternary(g), Weights::Ternary(u)) if g.k_padded() == u.k_padded() => {
                 // One quantization, then up into `out` and the fused gate over it.
-                Self::forward_shared_into(&[up], x, m, qa, std::slice::from_mut(out))?;
+                Self::forward_shared_input_into(&[up], input, m, qa, std::slice::from_mut(out))?;
                 ternary_matmul_relu2_mul(qa, g, gate.bias.as_deref(), out).stage(&gate.name)
             }
             _ => {
                 let mut outs = [Vec::new(), std::mem::take(out)];
-                Self::forward_shared_into(&[gate, up], x, m, qa, &mut outs)?;
+                Self::forward_shared_input_into(&[gate, up], input, m, qa, &mut outs)?;
                 let [mut gated, up_out] = outs;
                 relu_squared_mul(&mut gated, &up_out).stage(format!("{} activation", gate.name))?;
                 *out = gated;
@@ -240,6 +262,34 @@ impl Linear {
             bias: self.bias.clone(),
         }
     }
+}
+
+/// The f32 activations a full-precision layer reads: `input` itself, or its norm, computed into
+/// `normalized` on first use.
+fn dense_input<'a>(
+    input: QuantInput<'a>,
+    normalized: &'a mut Option<Vec<f32>>,
+    layer: &str,
+) -> Result<&'a [f32]> {
+    if let QuantInput::Plain(x) = input {
+        return Ok(x);
+    }
+    if normalized.is_none() {
+        let mut v = vec![0.0; input.raw().len()];
+        match input {
+            QuantInput::Plain(_) => Ok(()),
+            QuantInput::RmsNormed { x, weight, eps } => rms_norm(x, weight, eps, &mut v),
+            QuantInput::LayerNormed {
+                x,
+                weight,
+                bias,
+                eps,
+            } => layer_norm(x, weight, bias, eps, &mut v),
+        }
+        .stage(format!("{layer} input norm"))?;
+        *normalized = Some(v);
+    }
+    Ok(normalized.as_deref().unwrap_or_default())
 }
 
 /// γ·t as a row-major f32 N × K matrix.

@@ -6,9 +6,9 @@ use super::config::{BitVlaConfig, VisionPrecision};
 use super::linear::{Linear, LinearKind};
 use super::store::TensorStore;
 use super::{KernelContext, ModelError, Result};
-use crate::kernels::QuantizedActivations;
 use crate::kernels::attention::{AttentionShape, attention};
 use crate::kernels::ops::{add_in_place, gelu_erf, gelu_tanh, layer_norm};
+use crate::kernels::{QuantInput, QuantizedActivations};
 
 pub struct LayerNorm {
     pub weight: Vec<f32>,
@@ -35,6 +35,17 @@ impl LayerNorm {
 
     pub fn forward_into(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
         layer_norm(x, &self.weight, &self.bias, self.eps, out).stage(&self.name)
+    }
+
+    /// The norm of `x` as the input of linear layers: ternary layers quantize it row by row as
+    /// it is computed, so the normalized f32 activations are never written to memory.
+    pub fn input<'a>(&'a self, x: &'a [f32]) -> QuantInput<'a> {
+        QuantInput::LayerNormed {
+            x,
+            weight: &self.weight,
+            bias: &self.bias,
+            eps: self.eps,
+        }
     }
 }
 
@@ -204,17 +215,17 @@ impl VisionTower {
             head_dim: h / self.heads,
         };
         let mut scores = Vec::new();
-        // Buffers reused by every layer (see LanguageModel::forward): `normed` holds LN1, the
-        // attention output, then LN2.
-        let mut normed = vec![0.0f32; m * h];
+        // Buffers reused by every layer (see LanguageModel::forward); both layer norms are fused
+        // into the quantization of the layers they feed (`LayerNorm::input`). `attn` holds the
+        // attention output.
+        let mut attn = vec![0.0f32; m * h];
         let mut qkv = vec![Vec::new(), Vec::new(), Vec::new()];
         let mut hidden = vec![Vec::new()];
         let mut residual = vec![Vec::new()];
         for layer in &self.layers {
-            layer.layer_norm1.forward_into(&x, &mut normed)?;
-            Linear::forward_shared_into(
+            Linear::forward_shared_input_into(
                 &[&layer.q_proj, &layer.k_proj, &layer.v_proj],
-                &normed,
+                layer.layer_norm1.input(&x),
                 m,
                 qa,
                 &mut qkv,
@@ -226,15 +237,20 @@ impl VisionTower {
                     &qkv[0][r.clone()],
                     &qkv[1][r.clone()],
                     &qkv[2][r.clone()],
-                    &mut normed[r],
+                    &mut attn[r],
                     &mut scores,
                 )
                 .stage(format!("{} attention", layer.q_proj.name))?;
             }
-            Linear::forward_shared_into(&[&layer.out_proj], &normed, m, qa, &mut residual)?;
+            Linear::forward_shared_into(&[&layer.out_proj], &attn, m, qa, &mut residual)?;
             add_in_place(&mut x, &residual[0]).stage("vision residual")?;
-            layer.layer_norm2.forward_into(&x, &mut normed)?;
-            Linear::forward_shared_into(&[&layer.fc1], &normed, m, qa, &mut hidden)?;
+            Linear::forward_shared_input_into(
+                &[&layer.fc1],
+                layer.layer_norm2.input(&x),
+                m,
+                qa,
+                &mut hidden,
+            )?;
             gelu_tanh(&mut hidden[0]);
             Linear::forward_shared_into(&[&layer.fc2], &hidden[0], m, qa, &mut residual)?;
             add_in_place(&mut x, &residual[0]).stage("vision residual")?;
