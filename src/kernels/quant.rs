@@ -301,7 +301,7 @@ pub fn quantize_input_for(
 
     let block_bytes = block_rows * row_bytes;
     let quantize_block = |(block, ((bytes, sums), dequant)): BlockItem<'_>| -> Result<()> {
-        // The normalized row, for an RMSNorm input (one row at a time: it stays in L1).
+        // The normalized row, for a norm input (one row at a time: it stays in L1).
         let mut normed = Vec::new();
         for r in 0..block_rows {
             let row = block * block_rows + r;
@@ -368,8 +368,8 @@ pub fn quantize_input_for(
         blocks_iter.try_for_each(quantize_block)
     };
     if result.is_err() {
-        // Report the first offending input element, whatever thread found one (for an RMSNorm
-        // input with finite activations, the normalized value the block reported).
+        // Report the first offending input element, whatever thread found one (for a norm input
+        // with finite activations, the normalized value the block reported).
         for (row, xs) in x.chunks_exact(k).enumerate() {
             if let Some(col) = xs.iter().position(|v| !v.is_finite()) {
                 return Err(KernelError::NonFinite {
