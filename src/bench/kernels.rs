@@ -4,8 +4,8 @@
 //! and a run is marked noisy when the machine was busy.
 
 use super::machine::{OtherCpu, cpu_features, cpu_model, loadavg_1m};
-use super::peak::{PeakLoop, calibrate};
-use crate::kernels::dispatch::tile_loop_gops;
+use super::peak::{PeakLoop, calibrate, rate_on_pool};
+use crate::kernels::dispatch::tile_loop;
 use crate::kernels::f32_linear::linear_gemm_parallel;
 use crate::kernels::{
     KernelKind, QuantizedActivations, TernaryMatrix, pseudo_random, quantize_activations_for,
@@ -102,7 +102,7 @@ pub struct Record {
     /// `efficiency` of the GEMM alone: the median over repetitions of the time without the
     /// quantization (a diagnostic; the targets count the quantization).
     pub gemm_only_efficiency: Option<f64>,
-    /// The kernel's register tile alone on L1-resident operands (`tile_loop_gops`), calibrated
+    /// The kernel's register tile alone on L1-resident operands (`dispatch::tile_loop`), calibrated
     /// with the peak, over `peak_gops`: the ceiling of the inner loop (a diagnostic; None for
     /// AMX).
     pub tile_loop_efficiency: Option<f64>,
@@ -245,7 +245,9 @@ pub fn run(
             if let Some(p) = vector_loop.and_then(|l| calibrate(l, &pool, opts.calib_seconds)) {
                 vector.push(p);
             }
-            if let Some(r) = tile_loop_gops(opts.kernel, &pool, opts.calib_seconds) {
+            if let Some(r) =
+                tile_loop(opts.kernel).and_then(|run| rate_on_pool(&pool, opts.calib_seconds, &run))
+            {
                 loops.push(r);
             }
         };

@@ -108,17 +108,33 @@ fn run_loop(which: PeakLoop, iters: u64) -> f64 {
 /// Peak rate in GOP/s of `which` with every thread of `pool` running the loop simultaneously,
 /// over roughly `seconds`. None when the loop cannot run on this CPU.
 pub fn calibrate(which: PeakLoop, pool: &rayon::ThreadPool, seconds: f64) -> Option<f64> {
-    // Size the iteration count on one thread first.
-    let probe = 200_000;
-    let t = Instant::now();
-    let ops = run_loop(which, probe);
-    if ops == 0.0 {
-        return None;
-    }
-    let per_iter = t.elapsed().as_secs_f64() / probe as f64;
-    let iters = ((seconds / per_iter) as u64).max(probe);
+    rate_on_pool(pool, seconds, &|iters| run_loop(which, iters))
+}
+
+/// Rate in GOP/s of `run` (which does `count` units of work and returns their ops, or 0 when it
+/// cannot run here) with every thread of `pool` running it at once, over roughly `seconds`. The
+/// count is sized on one thread first, doubling a probe until it takes 2 ms. None when `run`
+/// returns 0.
+pub fn rate_on_pool(
+    pool: &rayon::ThreadPool,
+    seconds: f64,
+    run: &(impl Fn(u64) -> f64 + Sync),
+) -> Option<f64> {
+    let mut probe = 1u64;
+    let per_unit = loop {
+        let t = Instant::now();
+        if run(probe) == 0.0 {
+            return None;
+        }
+        let elapsed = t.elapsed().as_secs_f64();
+        if elapsed > 2e-3 || probe >= 1 << 40 {
+            break elapsed / probe as f64;
+        }
+        probe *= 2;
+    };
+    let count = ((seconds / per_unit.max(1e-12)) as u64).max(1);
     let start = Instant::now();
-    let total: f64 = pool.broadcast(|_| run_loop(which, iters)).into_iter().sum();
+    let total: f64 = pool.broadcast(|_| run(count)).into_iter().sum();
     Some(total / start.elapsed().as_secs_f64() / 1e9)
 }
 

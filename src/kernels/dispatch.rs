@@ -300,7 +300,7 @@ unsafe fn epilogue_at(
 
 /// 16-k blocks per K chunk: 64 blocks = 1024 k, i.e. 32 KB of unpacked weights plus 12 KB of
 /// activations per tile, resident in L1 while every row block of the task passes over them.
-/// Measured with the tile alone (`tile_loop_gops`), VNNI at 1 thread: 0.90 of the peak at 32
+/// Measured with the tile alone (`tile_loop`), VNNI at 1 thread: 0.90 of the peak at 32
 /// blocks, 0.91–0.95 at 48 and 64, 0.86–0.90 at 72–160 (the codes no longer fit in L1).
 const CHUNK_BLOCKS: usize = 64;
 
@@ -415,16 +415,16 @@ fn run(
     run_tiles(kind, &a, w, bias, out)
 }
 
-/// The rate in GOP/s of `kind`'s register tile alone, the same function the GEMM calls on a full
-/// K chunk ([`CHUNK_BLOCKS`]), with every thread of `pool` running it at once on operands of
-/// its own that stay in L1: no quantization, unpacking, epilogue, output stores or cache misses. A diagnostic for `bench
-/// kernels`: set against the register-only peak it is the ceiling of the kernel's inner loop,
-/// and against the GEMM it shows what the memory system and the driver cost. Runs for about
-/// `seconds`; None for kernels without a vector tile (AMX) or unsupported on this CPU.
-pub fn tile_loop_gops(kind: KernelKind, pool: &rayon::ThreadPool, seconds: f64) -> Option<f64> {
+/// `kind`'s register tile alone, the same function the GEMM calls on a full K chunk
+/// ([`CHUNK_BLOCKS`]), on operands of its own that stay in L1: no quantization, unpacking,
+/// epilogue, output stores or cache misses. The returned runner makes `count` calls and returns
+/// their int8 ops. A diagnostic for `bench kernels` (`bench::peak::rate_on_pool` times it on
+/// every thread at once): against the register-only peak it is the ceiling of the kernel's inner
+/// loop, against the GEMM it shows what the memory system and the driver cost. None for kernels
+/// without a vector tile (AMX) or unsupported on this CPU.
+pub fn tile_loop(kind: KernelKind) -> Option<impl Fn(u64) -> f64 + Sync> {
     let tile_fn = kind.tile_fn()?;
-    let ops_per_call = (2 * ROWS_PER_BLOCK * PANEL_COLS * 16 * CHUNK_BLOCKS) as f64;
-    let calls = |count: u64| {
+    Some(move |count: u64| {
         let act = vec![0x5au8; CHUNK_BLOCKS * 16 * ROWS_PER_BLOCK];
         let weights = vec![1u8; CHUNK_BLOCKS * UNPACKED_BLOCK_BYTES];
         let mut carry: Accumulators = [[0; PANEL_COLS]; ROWS_PER_BLOCK];
@@ -448,29 +448,14 @@ pub fn tile_loop_gops(kind: KernelKind, pool: &rayon::ThreadPool, seconds: f64) 
                     cols: 0,
                 },
             };
-            // SAFETY: `act` and `weights` hold CHUNK_BLOCKS blocks, `carry` is
-            // this loop's own; with `last` false the epilogue's pointers are never used;
-            // `tile_fn` is supported on this CPU (`tile_fn()`).
+            // SAFETY: `act` and `weights` hold CHUNK_BLOCKS blocks, `carry` is this loop's
+            // own; with `last` false the epilogue's pointers are never used; `tile_fn` is
+            // supported on this CPU (`tile_fn()`).
             unsafe { tile_fn(&tile) };
             std::hint::black_box(&carry);
         }
-    };
-    // Size the count on one thread: double the probe until it takes a few milliseconds.
-    let mut probe = 1u64;
-    let per_call = loop {
-        let t = std::time::Instant::now();
-        calls(probe);
-        let elapsed = t.elapsed().as_secs_f64();
-        if elapsed > 2e-3 || probe >= 1 << 20 {
-            break elapsed / probe as f64;
-        }
-        probe *= 2;
-    };
-    let count = ((seconds / per_call.max(1e-9)) as u64).max(1);
-    let start = std::time::Instant::now();
-    pool.broadcast(|_| calls(count));
-    let threads = pool.current_num_threads() as f64;
-    Some(threads * count as f64 * ops_per_call / start.elapsed().as_secs_f64() / 1e9)
+        (count * (2 * ROWS_PER_BLOCK * PANEL_COLS * 16 * CHUNK_BLOCKS) as u64) as f64
+    })
 }
 
 /// The vector kernels: 12 × 32 tiles over K chunks.
@@ -665,7 +650,8 @@ mod tests {
             .build()
             .expect("a one-thread pool");
         for kind in KernelKind::ALL {
-            let rate = tile_loop_gops(kind, &pool, 0.002);
+            let rate = tile_loop(kind)
+                .and_then(|run| crate::bench::peak::rate_on_pool(&pool, 0.002, &run));
             if kind == KernelKind::AmxInt8 || !kind.is_supported() {
                 assert_eq!(rate, None, "{kind}");
             } else {

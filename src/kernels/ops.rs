@@ -81,7 +81,7 @@ fn check_rows(what: &'static str, len: usize, width: usize, out_len: usize) -> R
     check_matrix(what, out_len, len / width, width)
 }
 
-fn check_param(what: &'static str, p: &[f32], width: usize) -> Result<()> {
+pub(crate) fn check_param(what: &'static str, p: &[f32], width: usize) -> Result<()> {
     if p.len() != width {
         return Err(KernelError::LengthMismatch {
             what,

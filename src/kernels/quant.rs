@@ -188,8 +188,7 @@ pub fn quantize_activations(
     k_padded: usize,
     out: &mut QuantizedActivations,
 ) -> Result<()> {
-    let layout = super::KernelKind::selected().act_layout();
-    quantize_activations_for(layout, x, m, k, k_padded, out)
+    quantize_input(QuantInput::Plain(x), m, k, k_padded, out)
 }
 
 /// [`quantize_activations`] into an explicit layout.
@@ -235,6 +234,38 @@ impl QuantInput<'_> {
             | QuantInput::LayerNormed { x, .. } => x,
         }
     }
+
+    /// Checks that the norm's parameters hold `k` values each.
+    pub fn check_params(&self, k: usize) -> Result<()> {
+        let params = match *self {
+            QuantInput::Plain(_) => [None, None],
+            QuantInput::RmsNormed { weight, .. } => [Some(("norm weight", weight)), None],
+            QuantInput::LayerNormed { weight, bias, .. } => {
+                [Some(("norm weight", weight)), Some(("norm bias", bias))]
+            }
+        };
+        for (what, p) in params.into_iter().flatten() {
+            super::ops::check_param(what, p, k)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the norm of `rows` (whole rows of `x`, as `ops::rms_norm` / `ops::layer_norm`
+    /// would) into `out` and returns true; false, writing nothing, for a plain input. The caller
+    /// has checked the parameters ([`QuantInput::check_params`]) and that `rows` and `out` hold
+    /// the same whole rows.
+    pub fn normalize_rows(&self, rows: &[f32], out: &mut [f32]) -> bool {
+        match *self {
+            QuantInput::Plain(_) => return false,
+            QuantInput::RmsNormed { weight, eps, .. } => {
+                super::ops::rms_norm_rows(rows, weight, eps, out)
+            }
+            QuantInput::LayerNormed {
+                weight, bias, eps, ..
+            } => super::ops::layer_norm_rows(rows, weight, bias, eps, out),
+        }
+        true
+    }
 }
 
 /// [`quantize_activations`] of a [`QuantInput`] in the selected kernel's layout.
@@ -260,22 +291,7 @@ pub fn quantize_input_for(
 ) -> Result<()> {
     let x = input.raw();
     check_matrix("activations", x.len(), m, k)?;
-    let params = match input {
-        QuantInput::Plain(_) => [None, None],
-        QuantInput::RmsNormed { weight, .. } => [Some(("norm weight", weight)), None],
-        QuantInput::LayerNormed { weight, bias, .. } => {
-            [Some(("norm weight", weight)), Some(("norm bias", bias))]
-        }
-    };
-    for (what, p) in params.into_iter().flatten() {
-        if p.len() != k {
-            return Err(KernelError::LengthMismatch {
-                what,
-                expected: k,
-                got: p.len(),
-            });
-        }
-    }
+    input.check_params(k)?;
     if k_padded < k || !k_padded.is_multiple_of(16) {
         return Err(KernelError::Invalid(format!(
             "activations: padded K {k_padded} must be a multiple of 16 and >= K = {k}"
@@ -302,7 +318,10 @@ pub fn quantize_input_for(
     let block_bytes = block_rows * row_bytes;
     let quantize_block = |(block, ((bytes, sums), dequant)): BlockItem<'_>| -> Result<()> {
         // The normalized row, for a norm input (one row at a time: it stays in L1).
-        let mut normed = Vec::new();
+        let mut normed = match input {
+            QuantInput::Plain(_) => Vec::new(),
+            _ => vec![0.0; k],
+        };
         for r in 0..block_rows {
             let row = block * block_rows + r;
             let lane = &mut bytes[layout.offset(k_padded, r, 0)..];
@@ -317,20 +336,8 @@ pub fn quantize_input_for(
                 continue;
             }
             let mut xs = &x[row * k..(row + 1) * k];
-            match input {
-                QuantInput::Plain(_) => {}
-                QuantInput::RmsNormed { weight, eps, .. } => {
-                    normed.resize(k, 0.0);
-                    super::ops::rms_norm_rows(xs, weight, eps, &mut normed);
-                    xs = &normed;
-                }
-                QuantInput::LayerNormed {
-                    weight, bias, eps, ..
-                } => {
-                    normed.resize(k, 0.0);
-                    super::ops::layer_norm_rows(xs, weight, bias, eps, &mut normed);
-                    xs = &normed;
-                }
+            if input.normalize_rows(xs, &mut normed) {
+                xs = &normed;
             }
             let absmax_bits = absmax_bits(xs);
             if absmax_bits >= 0x7f80_0000 {

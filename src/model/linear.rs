@@ -6,7 +6,7 @@ use super::packed::{CODES_SUFFIX, SCALE_SUFFIX, packed_len};
 use super::store::{DType, TensorStore};
 use super::{KernelContext, ModelError, Result};
 use crate::kernels::f32_linear::{self, WeightRef};
-use crate::kernels::ops::{layer_norm, relu_squared_mul, rms_norm};
+use crate::kernels::ops::relu_squared_mul;
 use crate::kernels::{
     QuantInput, QuantizedActivations, TernaryMatrix, quantize_input, ternary_matmul,
     ternary_matmul_relu2_mul,
@@ -194,11 +194,11 @@ impl Linear {
                     ternary_matmul(qa, t, layer.bias.as_deref(), out).stage(&layer.name)?;
                 }
                 Weights::Dense(w) => {
-                    let x = dense_input(input, &mut normalized, &layer.name)?;
+                    let x = dense_input(input, layer.k, &mut normalized, &layer.name)?;
                     layer.dense(x, m, WeightRef::F32(w), out)?
                 }
                 Weights::DenseBf16(w) => {
-                    let x = dense_input(input, &mut normalized, &layer.name)?;
+                    let x = dense_input(input, layer.k, &mut normalized, &layer.name)?;
                     layer.dense(x, m, WeightRef::Bf16(w), out)?
                 }
             }
@@ -264,32 +264,26 @@ impl Linear {
     }
 }
 
-/// The f32 activations a full-precision layer reads: `input` itself, or its norm, computed into
-/// `normalized` on first use.
+/// The f32 activations a full-precision layer of `k` inputs reads: `input` itself, or its norm,
+/// computed into `normalized` on first use.
 fn dense_input<'a>(
     input: QuantInput<'a>,
+    k: usize,
     normalized: &'a mut Option<Vec<f32>>,
     layer: &str,
 ) -> Result<&'a [f32]> {
     if let QuantInput::Plain(x) = input {
         return Ok(x);
     }
-    if normalized.is_none() {
-        let mut v = vec![0.0; input.raw().len()];
-        match input {
-            QuantInput::Plain(_) => Ok(()),
-            QuantInput::RmsNormed { x, weight, eps } => rms_norm(x, weight, eps, &mut v),
-            QuantInput::LayerNormed {
-                x,
-                weight,
-                bias,
-                eps,
-            } => layer_norm(x, weight, bias, eps, &mut v),
+    match normalized {
+        Some(v) => Ok(v),
+        None => {
+            input.check_params(k).stage(format!("{layer} input norm"))?;
+            let mut v = vec![0.0; input.raw().len()];
+            input.normalize_rows(input.raw(), &mut v);
+            Ok(normalized.insert(v))
         }
-        .stage(format!("{layer} input norm"))?;
-        *normalized = Some(v);
     }
-    Ok(normalized.as_deref().unwrap_or_default())
 }
 
 /// γ·t as a row-major f32 N × K matrix.
