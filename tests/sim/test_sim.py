@@ -284,8 +284,19 @@ def main():
             peer.estop.publish(Bool(data=False))
 
     def bad_commands_are_rejected_and_the_arm_holds():
+        # The previous test's last motion may still be settling: take `before` once the arm is
+        # still (under 1e-3 rad in 0.3 s), so that only the bad commands could move it.
         peer.spin_for(0.5)
+        end = time.monotonic() + 10
         before = np.array(peer.joints[-1].position)[:6]
+        while True:
+            peer.spin_for(0.3)
+            q = np.array(peer.joints[-1].position)[:6]
+            if np.abs(q - before).max() < 1e-3:
+                break
+            assert time.monotonic() < end, ("the arm did not settle", q, before)
+            before = q
+        before = q
         nan = TwistStamped()
         nan.twist.linear.x = float("nan")
         peer.twist_in.publish(nan)
