@@ -238,10 +238,11 @@ class Arm:
             self.data.ctrl[a] = float(np.clip(v[0] / 2.0, 0.0, 0.04))
 
     def hold(self):
-        """Stop: hold the current joint positions."""
+        """Stop: the twist ends and the position servo keeps its last setpoint. (Re-targeting the
+        measured joints instead would let gravity pull the arm down by the servo's steady-state
+        error at every rejected command.)"""
         self.twist_until = -1.0
         self.twist[:] = 0.0
-        self.target = self.data.qpos[self.qadr].copy()
 
     # --- simulation ---
 
