@@ -96,11 +96,12 @@ fn all_kernels_match_the_reference_on_random_shapes_with_tails() {
         (1, 1, 1),
         (13, 48, 64),
         (25, 1152 + 16, 47),
-        (17, 4304, 40), // ViT fc2's K (16·269)
-        (3, 6912, 33),  // the LLM down_proj K
-        (33, 640, 64),  // AMX: one row past a 32-row block, K = 10 tile steps
-        (64, 2560, 96), // AMX: whole blocks, several K chunks
-        (40, 1040, 70), // AMX: K chunk ending inside a 64-k step
+        (17, 4304, 40),  // ViT fc2's K (16·269)
+        (3, 6912, 33),   // the LLM down_proj K
+        (33, 640, 64),   // AMX: one row past a 32-row block, K = 10 tile steps
+        (64, 2560, 96),  // AMX: whole blocks, several K chunks
+        (40, 1040, 70),  // AMX: K chunk ending inside a 64-k step
+        (600, 1792, 24), // 50 row blocks of 21 KiB: the vector kernels sweep them in 2 groups
     ];
     for _ in 0..12 {
         shapes.push((1 + rng.below(40), 1 + rng.below(300), 1 + rng.below(100)));
