@@ -205,8 +205,9 @@ pub fn quantize_activations_for(
 
 /// What a quantizer reads: activations, or their RMSNorm or LayerNorm computed row by row on the
 /// way in. A norm input is `ops::rms_norm` / `ops::layer_norm` followed by the quantizer, value
-/// for value (each row is normalized by the same function into an L1-resident buffer), without
-/// writing the normalized f32 rows to memory and reading them back.
+/// for value (each row is normalized by the same function into a small buffer: one row, or the
+/// 12 rows of a whole block), without writing the normalized f32 rows of the whole input to
+/// memory and reading them back.
 #[derive(Debug, Clone, Copy)]
 pub enum QuantInput<'a> {
     Plain(&'a [f32]),
@@ -316,7 +317,11 @@ pub fn quantize_input_for(
     out.row_dequant.resize(padded_rows, 0.0);
 
     let block_bytes = block_rows * row_bytes;
+    let whole_blocks = wide_blocked(layout);
     let quantize_block = |(block, ((bytes, sums), dequant)): BlockItem<'_>| -> Result<()> {
+        if whole_blocks && (block + 1) * block_rows <= m {
+            return quantize_whole_block(input, block, k, written..groups, bytes, sums, dequant);
+        }
         // The normalized row, for a norm input (one row at a time: it stays in L1).
         let mut normed = match input {
             QuantInput::Plain(_) => Vec::new(),
@@ -389,6 +394,93 @@ pub fn quantize_input_for(
         }
     }
     result
+}
+
+/// Whether whole 12-row blocks of `layout` go through [`quantize_whole_block`].
+fn wide_blocked(layout: ActLayout) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if layout == ActLayout::Blocked && avx512::supported() {
+        return true;
+    }
+    let _ = layout;
+    false
+}
+
+/// One whole block of the Blocked layout (rows `12·block ..` of `input`, all inside M): the
+/// rows' scales first, then the codes of all 12 rows together, 16 k at a time, which fill 192
+/// contiguous bytes (4 groups × 12 rows × 4). Row by row, each 16 values would cost four 4-byte
+/// extractions to 48-byte-strided slots. `padding` is the range of 4-k groups past K (zero).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn quantize_whole_block(
+    input: QuantInput<'_>,
+    block: usize,
+    k: usize,
+    padding: std::ops::Range<usize>,
+    bytes: &mut [u8],
+    sums: &mut [i32],
+    dequant: &mut [f32],
+) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let x = input.raw();
+        let first = block * ROWS_PER_BLOCK;
+        // Normalized rows, for a norm input.
+        let mut normed = match input {
+            QuantInput::Plain(_) => Vec::new(),
+            _ => vec![0.0; ROWS_PER_BLOCK * k],
+        };
+        let mut scales = [0.0f32; ROWS_PER_BLOCK];
+        for (r, normed) in (0..ROWS_PER_BLOCK).zip(
+            normed
+                .chunks_exact_mut(k.max(1))
+                .map(Some)
+                .chain(std::iter::repeat_with(|| None)),
+        ) {
+            let row = first + r;
+            let mut xs = &x[row * k..(row + 1) * k];
+            if let Some(normed) = normed
+                && input.normalize_rows(xs, normed)
+            {
+                xs = normed;
+            }
+            let absmax_bits = absmax_bits(xs);
+            if absmax_bits >= 0x7f80_0000 {
+                let col = xs.iter().position(|v| !v.is_finite()).unwrap_or(0);
+                return Err(KernelError::NonFinite {
+                    what: "activations",
+                    row,
+                    col,
+                    value: xs[col],
+                });
+            }
+            scales[r] = 127.0 / f32::from_bits(absmax_bits).max(1e-5);
+            dequant[r] = 1.0 / scales[r];
+        }
+        for g in padding {
+            bytes[(g / 16) * 16 * GROUP_STRIDE + (g % 16) * GROUP_STRIDE..][..GROUP_STRIDE].fill(0);
+        }
+        let rows: [&[f32]; ROWS_PER_BLOCK] = std::array::from_fn(|r| {
+            if normed.is_empty() {
+                &x[(first + r) * k..(first + r + 1) * k]
+            } else {
+                &normed[r * k..(r + 1) * k]
+            }
+        });
+        let out = &mut bytes[..k.div_ceil(16) * 16 * ROWS_PER_BLOCK];
+        // The next block's rows (those inside the input), which the block's pass prefetches
+        // into L2 for their absmax pass. Another task may quantize them: merely wasted then.
+        let next = ((first + ROWS_PER_BLOCK) * k).min(x.len());
+        let next_rows = (x.len() - next) / k.max(1);
+        // SAFETY: AVX-512 F/BW (`wide_blocked`); every row holds k values and `out` the codes
+        // of k.div_ceil(16) chunks of 12 rows; `next` starts `next_rows` rows of k values.
+        let block_sums = unsafe {
+            avx512::quantize_block12(&rows, &scales, k, out, x[next..].as_ptr(), next_rows)
+        };
+        sums[..ROWS_PER_BLOCK].copy_from_slice(&block_sums);
+        Ok(())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("wide_blocked is false off x86_64")
 }
 
 /// Bits of max_k |x_k|. For non-negative floats the integer order of the bit patterns is the
@@ -523,6 +615,97 @@ mod avx512 {
             }
         }
         _mm512_reduce_add_epi32(sum)
+    }
+
+    /// The codes of 12 rows, chunk by chunk: chunk `c` (k = 16c .. 16c + 16) fills
+    /// `dst[192c .. 192c + 192]` with its 4 groups, each the 12 rows' 4 codes in row order (the
+    /// Blocked layout). Returns each row's Σ q. The same arithmetic as `quantize_row` (the packs
+    /// saturate exactly like its clamp); a chunk past K is read masked, as zeros.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW (the extents are checked). `next`, if `next_rows > 0`, starts `next_rows` rows
+    /// of `k` values, prefetched for the next block's absmax pass (never dereferenced).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize_block12(
+        rows: &[&[f32]; 12],
+        scales: &[f32; 12],
+        k: usize,
+        dst: &mut [u8],
+        next: *const f32,
+        next_rows: usize,
+    ) -> [i32; 12] {
+        let chunks = k.div_ceil(16);
+        assert!(
+            dst.len() >= chunks * 192 && rows.iter().all(|r| r.len() >= k),
+            "quantize_block12: rows or destination too short"
+        );
+        let next_rows = next_rows.min(12);
+        let magic = _mm512_set1_ps(12_582_912.0);
+        let offset = _mm512_set1_epi32(0x4B40_0000);
+        let (ones8, ones16) = (_mm512_set1_epi8(1), _mm512_set1_epi16(1));
+        let s: [__m512; 12] = std::array::from_fn(|r| _mm512_set1_ps(scales[r]));
+        // Σ q per (lane, row) of each 4-row quad: dword 4l + j of sums[quad] is row 4·quad + j.
+        let mut quad_sums = [_mm512_setzero_si512(); 3];
+        // 128-bit lanes of the three quads' codes into three 64-byte stores (qword indices; 8+
+        // picks the second operand): [P0.0 P1.0 P2.0 P0.1] [P1.1 P2.1 P0.2 P1.2]
+        // [P2.2 P0.3 P1.3 P2.3].
+        let i01 = _mm512_setr_epi64(0, 1, 8, 9, 0, 0, 2, 3);
+        let i0 = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 6, 7);
+        let i10 = _mm512_setr_epi64(2, 3, 0, 0, 12, 13, 4, 5);
+        let i1 = _mm512_setr_epi64(0, 1, 10, 11, 4, 5, 6, 7);
+        let i20 = _mm512_setr_epi64(6, 7, 14, 15, 0, 0, 0, 0);
+        let i2 = _mm512_setr_epi64(4, 5, 8, 9, 10, 11, 6, 7);
+        let out = dst.as_mut_ptr();
+        for c in 0..chunks {
+            let mask = if 16 * c + 16 <= k {
+                0xffff
+            } else {
+                tail_mask(k - 16 * c)
+            };
+            for r in 0..next_rows {
+                // A prefetch never faults; the address is inside the next rows.
+                _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(r * k + 16 * c).cast());
+            }
+            let quads: [__m512i; 3] = std::array::from_fn(|quad| {
+                let q: [__m512i; 4] = std::array::from_fn(|j| {
+                    let r = 4 * quad + j;
+                    // SAFETY: the lanes of chunk c below k are inside the row.
+                    let x = unsafe { _mm512_maskz_loadu_ps(mask, rows[r].as_ptr().add(16 * c)) };
+                    let v = _mm512_add_ps(_mm512_mul_ps(x, s[r]), magic);
+                    _mm512_sub_epi32(_mm512_castps_si512(v), offset)
+                });
+                // Lane l of the result: group l of rows 4·quad .. +4, 4 codes each.
+                let codes = _mm512_packs_epi16(
+                    _mm512_packs_epi32(q[0], q[1]),
+                    _mm512_packs_epi32(q[2], q[3]),
+                );
+                let pairs = _mm512_maddubs_epi16(ones8, codes);
+                quad_sums[quad] =
+                    _mm512_add_epi32(quad_sums[quad], _mm512_madd_epi16(pairs, ones16));
+                codes
+            });
+            let [p0, p1, p2] = quads;
+            let z0 = _mm512_permutex2var_epi64(_mm512_permutex2var_epi64(p0, i01, p1), i0, p2);
+            let z1 = _mm512_permutex2var_epi64(_mm512_permutex2var_epi64(p1, i10, p0), i1, p2);
+            let z2 = _mm512_permutex2var_epi64(p2, i2, _mm512_permutex2var_epi64(p0, i20, p1));
+            // SAFETY: chunk c's 192 bytes lie inside dst.
+            unsafe {
+                let at = out.add(192 * c);
+                _mm512_storeu_si512(at.cast(), z0);
+                _mm512_storeu_si512(at.add(64).cast(), z1);
+                _mm512_storeu_si512(at.add(128).cast(), z2);
+            }
+        }
+        let mut sums = [0i32; 12];
+        for (quad, v) in quad_sums.iter().enumerate() {
+            let mut lanes = [0i32; 16];
+            // SAFETY: 16 writable i32.
+            unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), *v) };
+            for (i, lane) in lanes.iter().enumerate() {
+                sums[4 * quad + i % 4] += lane;
+            }
+        }
+        sums
     }
 
     fn tail_mask_or_full(n: usize) -> __mmask16 {
@@ -711,15 +894,16 @@ mod tests {
             let mut q = QuantizedActivations::new();
             let big: Vec<f32> = (0..40 * 128).map(|i| (i % 7) as f32 - 3.0).collect();
             quantize_activations_for(layout, &big, 40, 128, 128, &mut q).unwrap();
-            let small: Vec<f32> = (0..5 * 20).map(|i| (i % 5) as f32 - 2.0).collect();
-            // K_p = 48 > 32: the columns past the row's last 16 must be cleared too.
-            quantize_activations_for(layout, &small, 5, 20, 48, &mut q).unwrap();
+            let small: Vec<f32> = (0..29 * 20).map(|i| (i % 5) as f32 - 2.0).collect();
+            // K_p = 48 > 32: the columns past the row's last 16 must be cleared too, in the two
+            // whole 12-row blocks and in the partial one.
+            quantize_activations_for(layout, &small, 29, 20, 48, &mut q).unwrap();
             let mut fresh = QuantizedActivations::new();
-            quantize_activations_for(layout, &small, 5, 20, 48, &mut fresh).unwrap();
+            quantize_activations_for(layout, &small, 29, 20, 48, &mut fresh).unwrap();
             assert_eq!(q.data(), fresh.data(), "{layout:?}");
             assert_eq!(q.row_sums(), fresh.row_sums());
             assert_eq!(q.row_dequant(), fresh.row_dequant());
-            let nonzero = (0..5 * 20).filter(|&i| q.code(i / 20, i % 20) != Some(0));
+            let nonzero = (0..29 * 20).filter(|&i| q.code(i / 20, i % 20) != Some(0));
             assert_eq!(
                 q.data().iter().filter(|&&b| b != 0).count(),
                 nonzero.count()
