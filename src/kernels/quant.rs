@@ -340,21 +340,7 @@ pub fn quantize_input_for(
                 dequant[r] = 0.0;
                 continue;
             }
-            let mut xs = &x[row * k..(row + 1) * k];
-            if input.normalize_rows(xs, &mut normed) {
-                xs = &normed;
-            }
-            let absmax_bits = absmax_bits(xs);
-            if absmax_bits >= 0x7f80_0000 {
-                let col = xs.iter().position(|v| !v.is_finite()).unwrap_or(0);
-                return Err(KernelError::NonFinite {
-                    what: "activations",
-                    row,
-                    col,
-                    value: xs[col],
-                });
-            }
-            let scale = 127.0 / f32::from_bits(absmax_bits).max(1e-5);
+            let (xs, scale) = scaled_row(&input, &x[row * k..(row + 1) * k], row, &mut normed)?;
             // The row this task quantizes next (the next block's first row may be another
             // task's: prefetching it is merely wasted).
             let next = if row + 1 < m {
@@ -396,6 +382,33 @@ pub fn quantize_input_for(
     result
 }
 
+/// Row `row` of the input as the quantizer reads it: `xs` itself, or for a norm input its norm
+/// written into `normed` (k values); and its scale `127 / max(max_k |x_k|, 1e-5)`. A NaN or ∞
+/// is an error naming the row, the column and the value.
+fn scaled_row<'a>(
+    input: &QuantInput<'_>,
+    xs: &'a [f32],
+    row: usize,
+    normed: &'a mut [f32],
+) -> Result<(&'a [f32], f32)> {
+    let xs: &[f32] = if input.normalize_rows(xs, normed) {
+        normed
+    } else {
+        xs
+    };
+    let absmax_bits = absmax_bits(xs);
+    if absmax_bits >= 0x7f80_0000 {
+        let col = xs.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        return Err(KernelError::NonFinite {
+            what: "activations",
+            row,
+            col,
+            value: xs[col],
+        });
+    }
+    Ok((xs, 127.0 / f32::from_bits(absmax_bits).max(1e-5)))
+}
+
 /// Whether whole 12-row blocks of `layout` go through [`quantize_whole_block`].
 fn wide_blocked(layout: ActLayout) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -430,30 +443,11 @@ fn quantize_whole_block(
             _ => vec![0.0; ROWS_PER_BLOCK * k],
         };
         let mut scales = [0.0f32; ROWS_PER_BLOCK];
-        for (r, normed) in (0..ROWS_PER_BLOCK).zip(
-            normed
-                .chunks_exact_mut(k.max(1))
-                .map(Some)
-                .chain(std::iter::repeat_with(|| None)),
-        ) {
+        for r in 0..ROWS_PER_BLOCK {
             let row = first + r;
-            let mut xs = &x[row * k..(row + 1) * k];
-            if let Some(normed) = normed
-                && input.normalize_rows(xs, normed)
-            {
-                xs = normed;
-            }
-            let absmax_bits = absmax_bits(xs);
-            if absmax_bits >= 0x7f80_0000 {
-                let col = xs.iter().position(|v| !v.is_finite()).unwrap_or(0);
-                return Err(KernelError::NonFinite {
-                    what: "activations",
-                    row,
-                    col,
-                    value: xs[col],
-                });
-            }
-            scales[r] = 127.0 / f32::from_bits(absmax_bits).max(1e-5);
+            // Empty for a plain input, which is not normalized.
+            let normed = normed.get_mut(r * k..(r + 1) * k).unwrap_or_default();
+            (_, scales[r]) = scaled_row(&input, &x[row * k..(row + 1) * k], row, normed)?;
             dequant[r] = 1.0 / scales[r];
         }
         for g in padding {
