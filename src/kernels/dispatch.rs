@@ -333,6 +333,50 @@ fn block_groups(
     })
 }
 
+/// Brings the packed codes of the weight panel a task runs next into L2 while it computes the
+/// current one, a few lines before each tile, so that unpacking that panel reads L2 rather than
+/// waiting on L3 or memory line by line (a panel's codes are read once per row group and are
+/// usually not cached: a model's weights are far larger than L3). Measured on the development
+/// machine (Zen 5, `bench kernels --kernel avx512vnni`, interleaved A/B), GEMM-alone
+/// efficiency, median of 7 shapes: 0.888 → 0.905 at 1 thread, 0.880 → 0.913 at 2.
+struct PanelPrefetch<'a> {
+    codes: &'a [u8],
+    /// Lines per tile: the panel's lines spread over the tiles that run before it.
+    per_tile: usize,
+    next_line: usize,
+}
+
+impl<'a> PanelPrefetch<'a> {
+    fn new(codes: &'a [u8], tiles: usize) -> Self {
+        PanelPrefetch {
+            codes,
+            per_tile: codes.len().div_ceil(64).div_ceil(tiles.max(1)),
+            next_line: 0,
+        }
+    }
+
+    /// Prefetches the next `per_tile` lines into L2. A prefetch never faults; it is only a hint.
+    fn step(&mut self) {
+        let end = (self.next_line + self.per_tile).min(self.codes.len().div_ceil(64));
+        for line in self.next_line..end {
+            let at = self.codes[64 * line..].as_ptr();
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `prefetcht1` has no architectural effect; `at` lies inside `codes`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(at.cast())
+            };
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `prfm` has no architectural effect; `at` lies inside `codes`.
+            unsafe {
+                std::arch::asm!("prfm pldl2keep, [{}]", in(reg) at, options(nostack, readonly, preserves_flags))
+            };
+            #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+            let _ = at;
+        }
+        self.next_line = end;
+    }
+}
+
 /// Per-worker scratch, reused across calls.
 #[derive(Default)]
 struct Scratch {
@@ -520,15 +564,30 @@ fn run_tiles(
             scratch
                 .carry
                 .resize(block_range.len(), [[0; PANEL_COLS]; ROWS_PER_BLOCK]);
-            for group in block_groups(block_range.clone(), act_block_bytes) {
-                for panel in split(panels, panel_parts, pp) {
+            let task_panels = split(panels, panel_parts, pp);
+            let codes = |panel: usize| &weights[panel * panel_bytes..(panel + 1) * panel_bytes];
+            let mut groups = block_groups(block_range.clone(), act_block_bytes).peekable();
+            while let Some(group) = groups.next() {
+                let last_group = groups.peek().is_none();
+                for panel in task_panels.clone() {
                     let col0 = panel * PANEL_COLS;
-                    let panel_packed = &weights[panel * panel_bytes..(panel + 1) * panel_bytes];
+                    let panel_packed = codes(panel);
+                    // The next panel of this group, or the first one again for the next group.
+                    let next = if panel + 1 < task_panels.end {
+                        Some(panel + 1)
+                    } else {
+                        (!last_group).then_some(task_panels.start)
+                    };
+                    let mut prefetch =
+                        next.map(|p| PanelPrefetch::new(codes(p), chunks * group.len()));
                     for chunk in 0..chunks {
                         let kb = split(k_blocks, chunks, chunk);
                         let chunk_unpacked = &mut unpacked[..kb.len() * UNPACKED_BLOCK_BYTES];
                         unpack_panel(&panel_packed[kb.start * 128..kb.end * 128], chunk_unpacked);
                         for (mb, carry) in group.clone().zip(scratch.carry.iter_mut()) {
+                            if let Some(prefetch) = prefetch.as_mut() {
+                                prefetch.step();
+                            }
                             let row0 = mb * ROWS_PER_BLOCK;
                             let act_offset = mb * act_block_bytes + kb.start * 16 * ROWS_PER_BLOCK;
                             let tile = Tile {
