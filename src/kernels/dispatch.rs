@@ -337,8 +337,9 @@ fn block_groups(
 /// current one, a few lines before each tile, so that unpacking that panel reads L2 rather than
 /// waiting on L3 or memory line by line (a panel's codes are read once per row group and are
 /// usually not cached: a model's weights are far larger than L3). Measured on the development
-/// machine (Zen 5, `bench kernels --kernel avx512vnni`, interleaved A/B), GEMM-alone
-/// efficiency, median of 7 shapes: 0.888 → 0.905 at 1 thread, 0.880 → 0.913 at 2.
+/// machine (Zen 5, `bench kernels --kernel avx512vnni`, interleaved A/B, three runs),
+/// GEMM-alone efficiency, median of 7 shapes: 0.884–0.888 → 0.905 at 1 thread; at 2 threads
+/// 0.880 → 0.913 in one run and within the noise (±1%) in two.
 struct PanelPrefetch<'a> {
     codes: &'a [u8],
     /// Lines per tile: the panel's lines spread over the tiles that run before it.
@@ -368,7 +369,11 @@ impl<'a> PanelPrefetch<'a> {
             #[cfg(target_arch = "aarch64")]
             // SAFETY: `prfm` has no architectural effect; `at` lies inside `codes`.
             unsafe {
-                std::arch::asm!("prfm pldl2keep, [{}]", in(reg) at, options(nostack, readonly, preserves_flags))
+                std::arch::asm!(
+                    "prfm pldl2keep, [{}]",
+                    in(reg) at,
+                    options(nostack, readonly, preserves_flags)
+                )
             };
             #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
             let _ = at;
