@@ -884,12 +884,13 @@ fn print_human(out: &mut impl Write, line: &serde_json::Value) -> std::io::Resul
             )?;
             writeln!(
                 out,
-                "{:<24} {:>16} {:>3} {:>9} {:>6} {:>8} {:>9} {:>6} {:>7} {:>8} {:>9} {:>8}  noisy",
+                "{:<24} {:>16} {:>3} {:>9} {:>6} {:>6} {:>8} {:>9} {:>6} {:>7} {:>8} {:>9} {:>8}  noisy",
                 "layer",
                 "MxKxN",
                 "thr",
                 "ms",
                 "quant",
+                "q/warm",
                 "GOP/s",
                 "peak",
                 "eff",
@@ -901,13 +902,16 @@ fn print_human(out: &mut impl Write, line: &serde_json::Value) -> std::io::Resul
         }
         Some("result") => writeln!(
             out,
-            "{:<24} {:>16} {:>3} {:>9.2} {:>5.1}% {:>8.1} {:>9.1} {:>6.3} {:>7.3} {:>8.3} {:>9.1} {:>7.2}x  {}",
+            "{:<24} {:>16} {:>3} {:>9.2} {:>5.1}% {:>6.2} {:>8.1} {:>9.1} {:>6.3} {:>7.3} {:>8.3} {:>9.1} {:>7.2}x  {}",
             line["layer"].as_str().unwrap_or("?"),
             line["shape"].as_str().unwrap_or("?"),
             line["threads"],
             f("median_ms").unwrap_or(f64::NAN),
             100.0 * f("quantize_median_ms").unwrap_or(f64::NAN)
                 / f("median_ms").unwrap_or(f64::NAN),
+            // The timed quantization against the same one with its input in the cache.
+            f("quantize_median_ms").unwrap_or(f64::NAN)
+                / f("quantize_warm_median_ms").unwrap_or(f64::NAN),
             f("gops").unwrap_or(f64::NAN),
             f("peak_gops").unwrap_or(f64::NAN),
             f("efficiency").unwrap_or(f64::NAN),
