@@ -27,6 +27,7 @@
 
 use super::{AlignedBytes, KernelError, Result, check_matrix};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Rows per register block of the vector GEMM kernels (the M of their microkernel).
 pub const ROWS_PER_BLOCK: usize = 12;
@@ -318,15 +319,12 @@ pub fn quantize_input_for(
 
     let block_bytes = block_rows * row_bytes;
     let whole_blocks = wide_blocked(layout);
-    let quantize_block = |(block, ((bytes, sums), dequant)): BlockItem<'_>| -> Result<()> {
-        if whole_blocks && (block + 1) * block_rows <= m {
-            return quantize_whole_block(input, block, k, written..groups, bytes, sums, dequant);
-        }
-        // The normalized row, for a norm input (one row at a time: it stays in L1).
-        let mut normed = match input {
-            QuantInput::Plain(_) => Vec::new(),
-            _ => vec![0.0; k],
-        };
+    let quantize_rows = |block: usize,
+                         normed: &mut [f32],
+                         bytes: &mut [u8],
+                         sums: &mut [i32],
+                         dequant: &mut [f32]|
+     -> Result<()> {
         for r in 0..block_rows {
             let row = block * block_rows + r;
             let lane = &mut bytes[layout.offset(k_padded, r, 0)..];
@@ -340,7 +338,7 @@ pub fn quantize_input_for(
                 dequant[r] = 0.0;
                 continue;
             }
-            let (xs, scale) = scaled_row(&input, &x[row * k..(row + 1) * k], row, &mut normed)?;
+            let (xs, scale) = scaled_row(&input, &x[row * k..(row + 1) * k], row, normed)?;
             // The row this task quantizes next (the next block's first row may be another
             // task's: prefetching it is merely wasted).
             let next = if row + 1 < m {
@@ -352,6 +350,19 @@ pub fn quantize_input_for(
             dequant[r] = 1.0 / scale;
         }
         Ok(())
+    };
+    let quantize_block = |(block, ((bytes, sums), dequant)): BlockItem<'_>| -> Result<()> {
+        if whole_blocks && (block + 1) * block_rows <= m {
+            // The normalized rows, for a norm input: all 12 of the block.
+            return with_normed(&input, ROWS_PER_BLOCK * k, |normed| {
+                let padding = written..groups;
+                quantize_whole_block(input, block, k, padding, bytes, sums, dequant, normed)
+            });
+        }
+        // The normalized row, for a norm input (one row at a time: it stays in L1).
+        with_normed(&input, k, |normed| {
+            quantize_rows(block, normed, bytes, sums, dequant)
+        })
     };
     let blocks_iter = data.as_mut_slice()[..padded_rows * row_bytes]
         .par_chunks_mut(block_bytes)
@@ -419,11 +430,39 @@ fn wide_blocked(layout: ActLayout) -> bool {
     false
 }
 
+thread_local! {
+    /// Each worker's buffer for the normalized rows of a norm input, kept across blocks and
+    /// calls. Allocated per block, it cost a page-faulting allocation and a memset of up to
+    /// 330 KB (12 rows of K = 6912) for each of the about 6,000 blocks of a forward pass.
+    static NORMED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `len` values of this thread's normalization buffer (their contents are
+/// unspecified: the norm overwrites them before they are read), or with an empty slice for a
+/// plain input, which is not normalized.
+fn with_normed<R>(input: &QuantInput<'_>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    if let QuantInput::Plain(_) = input {
+        return f(&mut []);
+    }
+    NORMED.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.len() < len {
+                buffer.resize(len, 0.0);
+            }
+            f(&mut buffer[..len])
+        }
+        // Only if `f` ran the quantizer again on this thread (it does not): a buffer of its own.
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
 /// One whole block of the Blocked layout (rows `12·block ..` of `input`, all inside M): the
 /// rows' scales first, then the codes of all 12 rows together, 16 k at a time, which fill 192
 /// contiguous bytes (4 groups × 12 rows × 4). Row by row, each 16 values would cost four 4-byte
-/// extractions to 48-byte-strided slots. `padding` is the range of 4-k groups past K (zero).
+/// extractions to 48-byte-strided slots. `padding` is the range of 4-k groups past K (zero);
+/// `normed` holds 12 · k values for a norm input (none for a plain one).
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+#[allow(clippy::too_many_arguments)]
 fn quantize_whole_block(
     input: QuantInput<'_>,
     block: usize,
@@ -432,16 +471,12 @@ fn quantize_whole_block(
     bytes: &mut [u8],
     sums: &mut [i32],
     dequant: &mut [f32],
+    normed: &mut [f32],
 ) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
     {
         let x = input.raw();
         let first = block * ROWS_PER_BLOCK;
-        // Normalized rows, for a norm input.
-        let mut normed = match input {
-            QuantInput::Plain(_) => Vec::new(),
-            _ => vec![0.0; ROWS_PER_BLOCK * k],
-        };
         let mut scales = [0.0f32; ROWS_PER_BLOCK];
         for r in 0..ROWS_PER_BLOCK {
             let row = first + r;
@@ -958,9 +993,17 @@ mod tests {
 
     /// The fused norm inputs give exactly the codes, sums and scales of `ops::rms_norm` /
     /// `ops::layer_norm` followed by the quantizer: both layouts, M and K tails, 1 and 3 threads.
+    /// The pools live across all the shapes, so their workers' normalization buffers are reused
+    /// from longer and shorter rows.
     #[test]
     fn normed_inputs_match_norm_then_quantize() {
         use crate::kernels::ops::{layer_norm, rms_norm};
+        let pools = [1, 3].map(|threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+        });
         for ((m, k), layer) in [(37, 37), (13, 64), (1, 2560), (40, 1000)]
             .into_iter()
             .flat_map(|s| [(s, false), (s, true)])
@@ -989,11 +1032,8 @@ mod tests {
             let k_padded = k.div_ceil(16) * 16;
             for layout in [ActLayout::Blocked, ActLayout::Tiles] {
                 let expect = quantize_in(layout, &normed, m, k);
-                for threads in [1, 3] {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap();
+                for pool in &pools {
+                    let threads = pool.current_num_threads();
                     // Stale contents from another shape must not survive either.
                     let mut q = quantize_in(layout, &x, m, k);
                     pool.install(|| quantize_input_for(layout, input, m, k, k_padded, &mut q))
