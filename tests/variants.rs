@@ -77,3 +77,30 @@ fn chunk_length_comes_from_the_options() {
     );
     assert_eq!(eight.tokens - four.tokens, 4 * 7);
 }
+
+#[test]
+fn kept_buffers_change_nothing_between_calls_of_other_sizes() {
+    // A policy keeps its activation buffers from call to call; calls of other sizes (one or two
+    // images, longer instructions) in between must leave no trace in the next results.
+    let dir = model("buffers");
+    let fresh = |obs: &Observation| {
+        Policy::load(&dir, PolicyOptions::default())
+            .unwrap()
+            .predict(obs)
+            .unwrap()
+    };
+    let one = observation(1);
+    let mut two = observation(2);
+    two.instruction = "put the black bowl on the plate and then close the top drawer".into();
+    let policy = Policy::load(&dir, PolicyOptions::default()).unwrap();
+    let calls: Vec<_> = [&one, &two, &one, &two]
+        .iter()
+        .map(|obs| policy.predict(obs).unwrap())
+        .collect();
+    let (fresh_one, fresh_two) = (fresh(&one), fresh(&two));
+    for (i, call) in calls.iter().enumerate() {
+        let expect = if i % 2 == 0 { &fresh_one } else { &fresh_two };
+        assert_eq!(call.normalized, expect.normalized, "call {i}");
+        assert_eq!(call.actions, expect.actions, "call {i}");
+    }
+}

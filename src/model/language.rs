@@ -1,13 +1,14 @@
 //! `language_model.model`: BitNet b1.58 2B4T (§1.3) run fully bidirectionally (§5.6). The
 //! embedding table stays in the (memory-mapped) checkpoint; only the rows a prompt uses are read.
 
+use super::buffers::{ForwardBuffers, sized};
 use super::config::BitVlaConfig;
 use super::linear::{Linear, LinearKind};
 use super::store::TensorStore;
 use super::{KernelContext, Result};
+use crate::kernels::QuantInput;
 use crate::kernels::attention::{AttentionImpl, AttentionShape, attention_with};
 use crate::kernels::ops::{RopeTable, add_in_place, rms_norm};
-use crate::kernels::{QuantInput, QuantizedActivations};
 
 pub struct RmsNorm {
     pub weight: Vec<f32>,
@@ -193,8 +194,16 @@ impl LanguageModel {
         mut x: Vec<f32>,
         tokens: usize,
         causal: bool,
-        qa: &mut QuantizedActivations,
+        buffers: &mut ForwardBuffers,
     ) -> Result<Vec<f32>> {
+        let ForwardBuffers {
+            qa,
+            qkv,
+            attn,
+            hidden: gated,
+            residual,
+            ..
+        } = buffers;
         let head_dim = self.hidden / self.heads;
         let rope = RopeTable::new(head_dim, tokens, self.rope_theta).stage("RoPE table")?;
         let shape = AttentionShape {
@@ -204,15 +213,13 @@ impl LanguageModel {
             head_dim,
         };
         let mut scores = Vec::new();
-        // Buffers reused by every layer (each output is fully overwritten): after the first
-        // layer nothing is allocated or zeroed. The four norms of a layer feed only ternary
-        // layers, which normalize and quantize their input in one pass (`RmsNorm::input`).
-        // `attn` holds the attention output, `gated` the FFN's relu(gate)² · up, `residual` the
-        // o_proj and down_proj outputs.
-        let mut attn = vec![0.0f32; tokens * self.hidden];
-        let mut qkv = vec![Vec::new(), Vec::new(), Vec::new()];
-        let mut gated = Vec::new();
-        let mut residual = vec![Vec::new()];
+        // Buffers reused by every layer and every call (each output is fully overwritten):
+        // after the first call nothing is allocated or zeroed. The four norms of a layer feed
+        // only ternary layers, which normalize and quantize their input in one pass
+        // (`RmsNorm::input`). `attn` holds the attention output, `gated` the FFN's
+        // relu(gate)² · up, `residual` the o_proj and down_proj outputs.
+        let attn = sized(attn, tokens * self.hidden);
+        let [gated] = gated;
         for layer in &self.layers {
             let a = &layer.self_attn;
             Linear::forward_shared_input_into(
@@ -220,7 +227,7 @@ impl LanguageModel {
                 layer.input_layernorm.input(&x),
                 tokens,
                 qa,
-                &mut qkv,
+                qkv,
             )?;
             rope.apply(&mut qkv[0], self.heads).stage("RoPE q")?;
             rope.apply(&mut qkv[1], self.kv_heads).stage("RoPE k")?;
@@ -231,16 +238,16 @@ impl LanguageModel {
                 &qkv[0],
                 &qkv[1],
                 &qkv[2],
-                &mut attn,
+                attn,
                 &mut scores,
             )
             .stage(format!("{} attention", a.q_proj.name))?;
             Linear::forward_shared_input_into(
                 &[&a.o_proj],
-                a.attn_sub_norm.input(&attn),
+                a.attn_sub_norm.input(attn),
                 tokens,
                 qa,
-                &mut residual,
+                residual,
             )?;
             add_in_place(&mut x, &residual[0]).stage("residual")?;
             let m = &layer.mlp;
@@ -250,14 +257,14 @@ impl LanguageModel {
                 layer.post_attention_layernorm.input(&x),
                 tokens,
                 qa,
-                &mut gated,
+                gated,
             )?;
             Linear::forward_shared_input_into(
                 &[&m.down_proj],
-                m.ffn_sub_norm.input(&gated),
+                m.ffn_sub_norm.input(gated),
                 tokens,
                 qa,
-                &mut residual,
+                residual,
             )?;
             add_in_place(&mut x, &residual[0]).stage("residual")?;
         }

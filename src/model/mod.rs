@@ -5,6 +5,7 @@
 //! a tensor name in an error message leads to the struct that loads it. The spec is
 //! `shared/spec/bitvla-model.md`; section numbers (§) below refer to it.
 
+pub mod buffers;
 pub mod config;
 pub mod heads;
 pub mod language;

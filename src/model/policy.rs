@@ -1,6 +1,7 @@
 //! `Policy`: a loaded BitVLA OFT checkpoint and its one entry point, [`Policy::predict`]:
 //! images + instruction + proprioception → an action chunk (§5).
 
+use super::buffers::ForwardBuffers;
 use super::config::BitVlaConfig;
 use super::heads::{ActionHead, PROPRIO_PREFIX, ProprioProjector};
 use super::language::LanguageModel;
@@ -9,10 +10,10 @@ use super::stats::{DatasetStatistics, Statistics};
 use super::store::TensorStore;
 use super::vision::{Projector, VisionTower};
 use super::{ModelError, Result};
-use crate::kernels::QuantizedActivations;
 use crate::obs::{self, ImageOptions};
 use image::RgbImage;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, TryLockError};
 use std::time::Instant;
 
 /// What to do with the last (gripper) action dimension after un-normalization (§5.10).
@@ -219,6 +220,8 @@ pub struct Policy {
     statistics: DatasetStatistics,
     tokenizer: PromptTokenizer,
     options: PolicyOptions,
+    /// The activation buffers of the last call, for the next one.
+    buffers: Mutex<ForwardBuffers>,
 }
 
 impl Policy {
@@ -282,6 +285,7 @@ impl Policy {
             statistics,
             tokenizer,
             options,
+            buffers: Mutex::default(),
         })
     }
 
@@ -376,7 +380,19 @@ impl Policy {
         let t0 = Instant::now();
         let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         let mut timings = StageTimings::default();
-        let mut qa = QuantizedActivations::new();
+        // The buffers of the last call; a call that overlaps another one (on another thread)
+        // gets buffers of its own rather than waiting.
+        let mut kept = match self.buffers.try_lock() {
+            Ok(guard) => Some(guard),
+            // A panic during another call: the buffers are overwritten before they are read.
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        let mut own = None;
+        let buffers = match kept.as_deref_mut() {
+            Some(kept) => kept,
+            None => own.insert(ForwardBuffers::new()),
+        };
         let n_images = obs.images.len();
         if !(1..=2).contains(&n_images) {
             return Err(ModelError::Input(format!(
@@ -442,12 +458,12 @@ impl Policy {
         timings.preprocess_ms = ms(t0);
 
         let t = Instant::now();
-        let vision = self.vision.forward(&pixels, &mut qa)?;
+        let vision = self.vision.forward(&pixels, buffers)?;
         timings.vision_ms = ms(t);
         let t = Instant::now();
         let projected = self
             .projector
-            .forward(&vision, n_images * patches, &mut qa)?;
+            .forward(&vision, n_images * patches, &mut buffers.qa)?;
         timings.projector_ms = ms(t);
 
         let t = Instant::now();
@@ -465,7 +481,7 @@ impl Policy {
             } else if id == PROPRIO_PAD_ID
                 && let (Some(pp), Some(p)) = (&self.proprio, &proprio)
             {
-                row.copy_from_slice(&pp.forward(p, &mut qa)?);
+                row.copy_from_slice(&pp.forward(p, &mut buffers.qa)?);
             }
         }
         let p = prompt.prompt_len;
@@ -475,7 +491,7 @@ impl Policy {
         let tokens = prompt.ids.len();
         let hidden = self
             .language
-            .forward(x, tokens, self.options.ablation.causal, &mut qa)?;
+            .forward(x, tokens, self.options.ablation.causal, buffers)?;
         // §5.7: the rows used are P−1 … P+slots−2 (shifted by one).
         let first = if self.options.ablation.unshifted_rows {
             p
@@ -486,7 +502,7 @@ impl Policy {
         timings.llm_ms = ms(t);
 
         let t = Instant::now();
-        let normalized = self.head.forward(&action_rows, &mut qa)?;
+        let normalized = self.head.forward(&action_rows, &mut buffers.qa)?;
         if let Some(i) = normalized.iter().position(|v| !v.is_finite()) {
             return Err(ModelError::Input(format!(
                 "the action head produced a non-finite value ({}) at step {}, dim {}; \

@@ -2,6 +2,7 @@
 //! (§1.2). Images are encoded independently (attention never mixes them) but share the linear
 //! layers as one batch of `images × patches` rows.
 
+use super::buffers::{ForwardBuffers, sized};
 use super::config::{BitVlaConfig, VisionPrecision};
 use super::linear::{Linear, LinearKind};
 use super::store::TensorStore;
@@ -177,14 +178,23 @@ impl VisionTower {
 
     /// `images`: CHW tensors of `image_size`². Returns the last encoder layer's output (no
     /// post-LayerNorm), `images·patches × hidden`, image after image.
-    pub fn forward(&self, images: &[Vec<f32>], qa: &mut QuantizedActivations) -> Result<Vec<f32>> {
+    pub fn forward(&self, images: &[Vec<f32>], buffers: &mut ForwardBuffers) -> Result<Vec<f32>> {
+        let ForwardBuffers {
+            qa,
+            cols,
+            qkv,
+            attn,
+            hidden,
+            residual,
+        } = buffers;
         let (s, p, h) = (self.image_size, self.patch, self.hidden);
         let grid = s / p;
         let patches = grid * grid;
         let k = 3 * p * p;
         let m = images.len() * patches;
         // Patch flattening in (channel, ky, kx) order, patches row-major (§5.1).
-        let mut cols = vec![0.0f32; m * k];
+        // Every value is written below.
+        let cols = sized(cols, m * k);
         for (i, img) in images.iter().enumerate() {
             if img.len() != 3 * s * s {
                 return Err(ModelError::Input(format!(
@@ -204,7 +214,7 @@ impl VisionTower {
                 }
             }
         }
-        let mut x = self.patch_embedding.forward(&cols, m, qa)?;
+        let mut x = self.patch_embedding.forward(cols, m, qa)?;
         for row in x.chunks_exact_mut(patches * h) {
             add_in_place(row, &self.position_embedding).stage("position_embedding")?;
         }
@@ -215,20 +225,17 @@ impl VisionTower {
             head_dim: h / self.heads,
         };
         let mut scores = Vec::new();
-        // Buffers reused by every layer (see LanguageModel::forward); both layer norms are fused
-        // into the quantization of the layers they feed (`LayerNorm::input`). `attn` holds the
-        // attention output.
-        let mut attn = vec![0.0f32; m * h];
-        let mut qkv = vec![Vec::new(), Vec::new(), Vec::new()];
-        let mut hidden = vec![Vec::new()];
-        let mut residual = vec![Vec::new()];
+        // Buffers reused by every layer and every call (see LanguageModel::forward); both layer
+        // norms are fused into the quantization of the layers they feed (`LayerNorm::input`).
+        // The attention writes every value of `attn`.
+        let attn = sized(attn, m * h);
         for layer in &self.layers {
             Linear::forward_shared_input_into(
                 &[&layer.q_proj, &layer.k_proj, &layer.v_proj],
                 layer.layer_norm1.input(&x),
                 m,
                 qa,
-                &mut qkv,
+                qkv,
             )?;
             for i in 0..images.len() {
                 let r = i * patches * h..(i + 1) * patches * h;
@@ -242,17 +249,17 @@ impl VisionTower {
                 )
                 .stage(format!("{} attention", layer.q_proj.name))?;
             }
-            Linear::forward_shared_into(&[&layer.out_proj], &attn, m, qa, &mut residual)?;
+            Linear::forward_shared_into(&[&layer.out_proj], attn, m, qa, residual)?;
             add_in_place(&mut x, &residual[0]).stage("vision residual")?;
             Linear::forward_shared_input_into(
                 &[&layer.fc1],
                 layer.layer_norm2.input(&x),
                 m,
                 qa,
-                &mut hidden,
+                hidden,
             )?;
             gelu_tanh(&mut hidden[0]);
-            Linear::forward_shared_into(&[&layer.fc2], &hidden[0], m, qa, &mut residual)?;
+            Linear::forward_shared_into(&[&layer.fc2], &hidden[0], m, qa, residual)?;
             add_in_place(&mut x, &residual[0]).stage("vision residual")?;
         }
         Ok(x)
