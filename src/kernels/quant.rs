@@ -433,7 +433,7 @@ fn wide_blocked(layout: ActLayout) -> bool {
 thread_local! {
     /// Each worker's buffer for the normalized rows of a norm input, kept across blocks and
     /// calls. Allocated per block, it cost a page-faulting allocation and a memset of up to
-    /// 330 KB (12 rows of K = 6912) for each of the about 6,000 blocks of a forward pass.
+    /// 330 KB (12 rows of K = 6912) for each of the about 8,700 blocks of a forward pass.
     static NORMED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
