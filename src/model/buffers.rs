@@ -19,16 +19,10 @@ pub struct ForwardBuffers {
     /// The attention output.
     pub(crate) attn: Vec<f32>,
     /// The MLP's hidden activations: the ViT's fc1 output, the LLM's relu(gate)² · up.
-    pub(crate) hidden: [Vec<f32>; 1],
+    pub(crate) hidden: Vec<f32>,
     /// The output of a layer's last projection (out_proj, o_proj, fc2, down_proj), before the
     /// residual add.
-    pub(crate) residual: [Vec<f32>; 1],
-}
-
-impl ForwardBuffers {
-    pub fn new() -> Self {
-        Self::default()
-    }
+    pub(crate) residual: Vec<f32>,
 }
 
 /// `buffer` resized to `len` values (none zeroed that it already holds: the caller overwrites

@@ -219,7 +219,7 @@ impl LanguageModel {
         // (`RmsNorm::input`). `attn` holds the attention output, `gated` the FFN's
         // relu(gate)² · up, `residual` the o_proj and down_proj outputs.
         let attn = sized(attn, tokens * self.hidden);
-        let [gated] = gated;
+        let one = std::slice::from_mut;
         for layer in &self.layers {
             let a = &layer.self_attn;
             Linear::forward_shared_input_into(
@@ -247,9 +247,9 @@ impl LanguageModel {
                 a.attn_sub_norm.input(attn),
                 tokens,
                 qa,
-                residual,
+                one(residual),
             )?;
-            add_in_place(&mut x, &residual[0]).stage("residual")?;
+            add_in_place(&mut x, residual).stage("residual")?;
             let m = &layer.mlp;
             Linear::forward_relu2_gated_into(
                 &m.gate_proj,
@@ -264,9 +264,9 @@ impl LanguageModel {
                 m.ffn_sub_norm.input(gated),
                 tokens,
                 qa,
-                residual,
+                one(residual),
             )?;
-            add_in_place(&mut x, &residual[0]).stage("residual")?;
+            add_in_place(&mut x, residual).stage("residual")?;
         }
         self.norm.forward(&x)
     }

@@ -388,11 +388,9 @@ impl Policy {
             Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
             Err(TryLockError::WouldBlock) => None,
         };
-        let mut own = None;
-        let buffers = match kept.as_deref_mut() {
-            Some(kept) => kept,
-            None => own.insert(ForwardBuffers::new()),
-        };
+        // Empty until used: allocates nothing when the kept buffers are free.
+        let mut own = ForwardBuffers::default();
+        let buffers = kept.as_deref_mut().unwrap_or(&mut own);
         let n_images = obs.images.len();
         if !(1..=2).contains(&n_images) {
             return Err(ModelError::Input(format!(

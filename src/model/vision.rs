@@ -229,6 +229,7 @@ impl VisionTower {
         // norms are fused into the quantization of the layers they feed (`LayerNorm::input`).
         // The attention writes every value of `attn`.
         let attn = sized(attn, m * h);
+        let one = std::slice::from_mut;
         for layer in &self.layers {
             Linear::forward_shared_input_into(
                 &[&layer.q_proj, &layer.k_proj, &layer.v_proj],
@@ -249,18 +250,18 @@ impl VisionTower {
                 )
                 .stage(format!("{} attention", layer.q_proj.name))?;
             }
-            Linear::forward_shared_into(&[&layer.out_proj], attn, m, qa, residual)?;
-            add_in_place(&mut x, &residual[0]).stage("vision residual")?;
+            Linear::forward_shared_into(&[&layer.out_proj], attn, m, qa, one(residual))?;
+            add_in_place(&mut x, residual).stage("vision residual")?;
             Linear::forward_shared_input_into(
                 &[&layer.fc1],
                 layer.layer_norm2.input(&x),
                 m,
                 qa,
-                hidden,
+                one(hidden),
             )?;
-            gelu_tanh(&mut hidden[0]);
-            Linear::forward_shared_into(&[&layer.fc2], &hidden[0], m, qa, residual)?;
-            add_in_place(&mut x, &residual[0]).stage("vision residual")?;
+            gelu_tanh(hidden);
+            Linear::forward_shared_into(&[&layer.fc2], hidden, m, qa, one(residual))?;
+            add_in_place(&mut x, residual).stage("vision residual")?;
         }
         Ok(x)
     }
