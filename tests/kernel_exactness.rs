@@ -103,6 +103,11 @@ fn all_kernels_match_the_reference_on_random_shapes_with_tails() {
         (40, 1040, 70),  // AMX: K chunk ending inside a 64-k step
         (600, 1792, 24), // 50 row blocks of 21 KiB: the vector kernels sweep them in 2 groups
     ];
+    // A full row block and then every partial one (1 to 12 rows: the vector kernels run the
+    // real rows only), over two K chunks so that the partial tiles carry accumulators too.
+    for rows in 1..=12 {
+        shapes.push((12 + rows, 1200, 40));
+    }
     for _ in 0..12 {
         shapes.push((1 + rng.below(40), 1 + rng.below(300), 1 + rng.below(100)));
     }

@@ -511,7 +511,8 @@ pub fn tile_loop(kind: KernelKind) -> Option<impl Fn(u64) -> f64 + Sync> {
                 carry: &mut carry,
                 first: true,
                 last: false,
-                // Never read: a tile that is not the last only writes `carry`.
+                // Only `rows` is read (a full block): a tile that is not the last only writes
+                // `carry`.
                 epi: Epilogue {
                     row_sums: std::ptr::null(),
                     row_dequant: std::ptr::null(),
@@ -519,8 +520,8 @@ pub fn tile_loop(kind: KernelKind) -> Option<impl Fn(u64) -> f64 + Sync> {
                     bias: std::ptr::null(),
                     out: TileOutput::I32(std::ptr::null_mut()),
                     ldo: 0,
-                    rows: 0,
-                    cols: 0,
+                    rows: ROWS_PER_BLOCK,
+                    cols: PANEL_COLS,
                 },
             };
             // SAFETY: `act` and `weights` hold CHUNK_BLOCKS blocks, `carry` is this loop's

@@ -57,7 +57,9 @@ pub(crate) struct Tile {
     pub carry: *mut Accumulators,
     pub first: bool,
     pub last: bool,
-    /// Where the results go after the last chunk (12 row values).
+    /// Where the results go after the last chunk (12 row values). Its `rows` (1..=12) also
+    /// tells the kernels which rows are real: they may skip rows `rows..12`, whose carried
+    /// accumulators are then left undefined (the epilogue never reads them).
     pub epi: Epilogue,
 }
 

@@ -28,14 +28,43 @@ const ACT_PREFETCH_BYTES: usize = 1536;
 /// loads from the unpacked chunk and one `vpbroadcastd` of 4 activation bytes per row, each used by
 /// two `vpdpbusd` — no shuffles or unpacking in the loop.
 ///
+/// The last row block of a GEMM usually holds fewer than 12 real rows (the LLM's 625 tokens are
+/// 52 blocks and 1 row); it runs a tile of just those rows rather than multiplying the zero
+/// padding.
+///
 /// # Safety
 /// The [`Tile`] invariants, and the CPU supports AVX-512 F/BW/VNNI (`avx512vnni_supported`).
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
+    // SAFETY: forwarded; each instance touches only its first R rows (R <= 12).
+    unsafe {
+        match tile.epi.rows {
+            1 => tile_vnni::<1>(tile),
+            2 => tile_vnni::<2>(tile),
+            3 => tile_vnni::<3>(tile),
+            4 => tile_vnni::<4>(tile),
+            5 => tile_vnni::<5>(tile),
+            6 => tile_vnni::<6>(tile),
+            7 => tile_vnni::<7>(tile),
+            8 => tile_vnni::<8>(tile),
+            9 => tile_vnni::<9>(tile),
+            10 => tile_vnni::<10>(tile),
+            11 => tile_vnni::<11>(tile),
+            _ => tile_vnni::<ROWS_PER_BLOCK>(tile),
+        }
+    }
+}
+
+/// The VNNI tile on its first `R` rows (`R <= 12`). Rows `R..12` of the carried accumulators
+/// are neither read nor written: the epilogue never reads them.
+///
+/// # Safety
+/// As [`tile_avx512vnni`], with `R >= tile.epi.rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_vnni<const R: usize>(tile: &Tile) {
     let mut acc = [_mm512_setzero_si512(); 2 * ROWS_PER_BLOCK];
     if !tile.first {
         let carry = tile.carry as *const i32;
-        for (i, a) in acc.iter_mut().enumerate() {
+        for (i, a) in acc.iter_mut().enumerate().take(2 * R) {
             // SAFETY: `carry` holds 12 × 32 i32 = 24 zmm.
             *a = unsafe { _mm512_loadu_si512(carry.add(16 * i).cast()) };
         }
@@ -53,7 +82,7 @@ pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
         unsafe {
             let c0 = _mm512_loadu_si512(w.cast());
             let c1 = _mm512_loadu_si512(w.add(64).cast());
-            for r in 0..ROWS_PER_BLOCK {
+            for r in 0..R {
                 let q = _mm512_set1_epi32(a.add(r).read_unaligned());
                 acc[2 * r] = _mm512_dpbusd_epi32(acc[2 * r], c0, q);
                 acc[2 * r + 1] = _mm512_dpbusd_epi32(acc[2 * r + 1], c1, q);
@@ -67,13 +96,13 @@ pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
     match e.out {
         _ if !tile.last => {
             let carry = tile.carry as *mut i32;
-            for (i, a) in acc.iter().enumerate() {
+            for (i, a) in acc.iter().enumerate().take(2 * R) {
                 // SAFETY: `carry` holds 24 zmm and belongs to this tile.
                 unsafe { _mm512_storeu_si512(carry.add(16 * i).cast(), *a) };
             }
         }
         // The common case straight from the registers: a full tile of plain f32 outputs.
-        TileOutput::F32(out) if e.rows == ROWS_PER_BLOCK && e.cols == PANEL_COLS => {
+        TileOutput::F32(out) if R == ROWS_PER_BLOCK && e.rows == R && e.cols == PANEL_COLS => {
             // SAFETY: Tile invariants (12 row values, 32 column values, full 12 × 32 output
             // rectangle of this tile's own).
             unsafe {
@@ -100,7 +129,7 @@ pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
         // Tails and the other outputs: through memory to the shared epilogue.
         _ => {
             let mut raw: Accumulators = [[0; PANEL_COLS]; ROWS_PER_BLOCK];
-            for (r, row) in raw.iter_mut().enumerate() {
+            for (r, row) in raw.iter_mut().enumerate().take(R) {
                 // SAFETY: each row array holds 32 i32 = two zmm stores.
                 unsafe {
                     _mm512_storeu_si512(row.as_mut_ptr().cast(), acc[2 * r]);
@@ -197,7 +226,8 @@ pub(crate) unsafe fn tile_avx2(tile: &Tile) {
     // SAFETY: Tile invariants.
     let mut raw = unsafe { start_chunk(tile) };
     for half in 0..2 {
-        for quad in 0..ROWS_PER_BLOCK / 4 {
+        // Only the quads that hold real rows (the last row block is usually partial).
+        for quad in 0..tile.epi.rows.clamp(1, ROWS_PER_BLOCK).div_ceil(4) {
             let mut acc = [_mm256_setzero_si256(); 8];
             for r in 0..4 {
                 let row = &raw[4 * quad + r][16 * half..16 * half + 16];
