@@ -137,6 +137,10 @@ pub fn linear_weights(
             got: b.len(),
         });
     }
+    if m <= SMALL_M {
+        small_m(x, m, k, weight, n, bias, out);
+        return Ok(());
+    }
     if let Some(b) = bias {
         for row in out.chunks_exact_mut(n) {
             row.copy_from_slice(b);
@@ -198,6 +202,324 @@ pub fn linear_weights(
     Ok(())
 }
 
+/// Up to this many rows, a product streams its weights once through [`small_m`] instead of
+/// `gemm`. The action head multiplies 8 rows by 92 MB of bf16 weights (17920 × 2560, plus two
+/// 2560 × 2560 blocks): a weight-streaming, memory-bound product, where widening bf16 blocks
+/// for `gemm` and its packing took 88 ms at 1 thread (1 GB/s of weights) on the development
+/// machine, and the streaming kernel takes 5.4 ms (AVX-512; 29 ms in the portable code). With
+/// f32 weights the two meet at about 64 rows (58 ms streaming at 64 rows against 61 ms for
+/// `gemm` at 65, 17920 × 2560, 1 thread).
+const SMALL_M: usize = 64;
+/// Rows × columns of the streaming kernel's register block: 24 accumulators of 16 lanes. At 8
+/// rows of 17920 × 2560 bf16, 1 thread: 4 × 6 took 5.6 ms, 4 × 4 5.5, 8 × 2 6.8, 6 × 4 7.4,
+/// 2 × 8 6.7; at 32 rows 4 × 6 was the fastest (20 ms, against 24–35).
+const SMALL_ROWS: usize = 4;
+const SMALL_COLS: usize = 6;
+/// Output columns per parallel task of the streaming kernel: fixed, as [`COLUMN_BLOCK`].
+const SMALL_COLUMN_BLOCK: usize = 48;
+const LANES: usize = 16;
+
+/// Weights the streaming kernel reads 16 at a time, widened to f32.
+trait WeightRow: Sync {
+    fn lanes(&self, at: usize) -> [f32; LANES];
+    fn get(&self, at: usize) -> f32;
+}
+
+impl WeightRow for &[f32] {
+    #[inline(always)]
+    fn lanes(&self, at: usize) -> [f32; LANES] {
+        let mut v = [0.0; LANES];
+        v.copy_from_slice(&self[at..at + LANES]);
+        v
+    }
+    #[inline(always)]
+    fn get(&self, at: usize) -> f32 {
+        self[at]
+    }
+}
+
+impl WeightRow for &[half::bf16] {
+    #[inline(always)]
+    fn lanes(&self, at: usize) -> [f32; LANES] {
+        let mut v = [0.0; LANES];
+        for (d, s) in v.iter_mut().zip(&self[at..at + LANES]) {
+            // bf16 is the top half of an f32: exact (`bf16::to_f32` computes the same bits).
+            *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+        }
+        v
+    }
+    #[inline(always)]
+    fn get(&self, at: usize) -> f32 {
+        f32::from_bits(u32::from(self[at].to_bits()) << 16)
+    }
+}
+
+/// `out = x · Wᵀ (+ b)` for at most [`SMALL_M`] rows: each task streams the weight rows of its
+/// [`SMALL_COLUMN_BLOCK`] output columns once, in blocks of [`SMALL_COLS`] against
+/// [`SMALL_ROWS`] input rows (the input, at most 16 rows, stays in L2). Every output is a sum of
+/// 16 lane sums over k (lane `l` takes k ≡ l mod 16, in order; then the lanes in order), plus
+/// the bias: the same for any thread count, and for f32 or bf16 weights of equal value.
+fn small_m(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    weight: WeightRef<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let dst = SendPtr(out.as_mut_ptr());
+    let blocks = n.div_ceil(SMALL_COLUMN_BLOCK);
+    let block = |i: usize| {
+        let cols = i * SMALL_COLUMN_BLOCK..((i + 1) * SMALL_COLUMN_BLOCK).min(n);
+        let mut sums = [0.0f32; SMALL_M * SMALL_COLUMN_BLOCK];
+        let sums = &mut sums[..m * cols.len()];
+        match weight {
+            WeightRef::F32(w) => small_m_f32(x, m, k, w, cols.clone(), sums),
+            WeightRef::Bf16(w) => small_m_bf16(x, m, k, w, cols.clone(), sums),
+        }
+        let dst = &dst;
+        for (r, row) in sums.chunks_exact(cols.len()).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                let c = cols.start + j;
+                let y = match bias {
+                    Some(b) => v + b[c],
+                    None => v,
+                };
+                // SAFETY: r < m, c < n; the columns `cols` of the m × n output belong to this
+                // task only.
+                unsafe { *dst.0.add(r * n + c) = y };
+            }
+        }
+    };
+    if blocks == 1 || rayon::current_num_threads() == 1 {
+        (0..blocks).for_each(block);
+    } else {
+        (0..blocks).into_par_iter().for_each(block);
+    }
+}
+
+fn small_m_f32(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    cols: std::ops::Range<usize>,
+    sums: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512 F.
+        return unsafe { small_m_avx512(x, m, k, w, cols, sums) };
+    }
+    small_m_generic(x, m, k, w, cols, sums)
+}
+
+fn small_m_bf16(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[half::bf16],
+    cols: std::ops::Range<usize>,
+    sums: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512 F.
+        return unsafe { small_m_avx512(x, m, k, w, cols, sums) };
+    }
+    small_m_generic(x, m, k, w, cols, sums)
+}
+
+/// Weights the AVX-512 streaming kernel loads 16 at a time.
+#[cfg(target_arch = "x86_64")]
+trait WeightRow512: WeightRow {
+    /// # Safety
+    /// AVX-512 F; `at + 16` within the weights.
+    unsafe fn load(&self, at: usize) -> std::arch::x86_64::__m512;
+    /// Asks for the cache line holding weight `at` (a hint: never faults, even past the end).
+    fn prefetch(&self, at: usize);
+}
+
+#[cfg(target_arch = "x86_64")]
+impl WeightRow512 for &[f32] {
+    #[inline(always)]
+    fn prefetch(&self, at: usize) {
+        let p = self.as_ptr().wrapping_add(at);
+        // SAFETY: a prefetch has no architectural effect.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) }
+    }
+    #[inline(always)]
+    unsafe fn load(&self, at: usize) -> std::arch::x86_64::__m512 {
+        debug_assert!(at + LANES <= self.len());
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(self.as_ptr().add(at)) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl WeightRow512 for &[half::bf16] {
+    #[inline(always)]
+    fn prefetch(&self, at: usize) {
+        let p = self.as_ptr().wrapping_add(at);
+        // SAFETY: a prefetch has no architectural effect.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) }
+    }
+    #[inline(always)]
+    unsafe fn load(&self, at: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        debug_assert!(at + LANES <= self.len());
+        // SAFETY: the caller's contract; 16 bf16 are 32 bytes. Zero-extended and shifted into
+        // the top half: the exact f32 value, as `WeightRow::lanes`.
+        unsafe {
+            let raw = _mm256_loadu_si256(self.as_ptr().add(at).cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+        }
+    }
+}
+
+/// How many weights ahead of its loads the AVX-512 streaming kernel prefetches each weight row:
+/// at 8 rows of 17920 × 2560 bf16, 2 threads, the weights stream at 17 GB/s without, 21 / 25 /
+/// 26.5 / 26 GB/s with 256 / 512 / 1024 / 2048.
+#[cfg(target_arch = "x86_64")]
+const WEIGHT_PREFETCH: usize = 1024;
+
+/// [`small_m_generic`] with the 16 lanes in one zmm register: the same multiplies and adds in
+/// the same order (no fused multiply-add), so the same bits.
+///
+/// # Safety
+/// The CPU supports AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn small_m_avx512<W: WeightRow512>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: W,
+    cols: std::ops::Range<usize>,
+    sums: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let width = cols.len();
+    let whole = k / LANES * LANES;
+    for c0 in (0..width).step_by(SMALL_COLS) {
+        let w_at: [usize; SMALL_COLS] =
+            std::array::from_fn(|j| (cols.start + (c0 + j).min(width - 1)) * k);
+        for r0 in (0..m).step_by(SMALL_ROWS) {
+            let rows: [&[f32]; SMALL_ROWS] =
+                std::array::from_fn(|i| &x[(r0 + i).min(m - 1) * k..][..k]);
+            let mut acc = [[_mm512_setzero_ps(); SMALL_COLS]; SMALL_ROWS];
+            for kk in (0..whole).step_by(LANES) {
+                // SAFETY: kk + 16 <= k within each weight row and input row.
+                unsafe {
+                    for &at in &w_at {
+                        w.prefetch(at + kk + WEIGHT_PREFETCH);
+                    }
+                    let wv: [__m512; SMALL_COLS] = std::array::from_fn(|j| w.load(w_at[j] + kk));
+                    for (acc_row, row) in acc.iter_mut().zip(&rows) {
+                        let xv = _mm512_loadu_ps(row.as_ptr().add(kk));
+                        for (a, &wj) in acc_row.iter_mut().zip(&wv) {
+                            *a = _mm512_add_ps(*a, _mm512_mul_ps(xv, wj));
+                        }
+                    }
+                }
+            }
+            let mut lanes = [[[0.0f32; LANES]; SMALL_COLS]; SMALL_ROWS];
+            for (dst, src) in lanes.iter_mut().zip(&acc) {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    // SAFETY: 16 f32 into a 16-element array.
+                    unsafe { _mm512_storeu_ps(d.as_mut_ptr(), v) };
+                }
+            }
+            finish_lanes(&mut lanes, &rows, &w, &w_at, whole, k);
+            store_sums(&lanes, m, r0, width, c0, sums);
+        }
+    }
+}
+
+/// `a += x · w`, lane by lane (a multiply, then an add).
+#[inline(always)]
+fn multiply_add(a: &mut [f32; LANES], x: &[f32; LANES], w: &[f32; LANES]) {
+    for ((a, &x), &w) in a.iter_mut().zip(x).zip(w) {
+        *a += x * w;
+    }
+}
+
+/// The tail of k (fewer than 16 values) into the first lanes, in order.
+#[inline(always)]
+fn finish_lanes<W: WeightRow>(
+    lanes: &mut [[[f32; LANES]; SMALL_COLS]; SMALL_ROWS],
+    rows: &[&[f32]; SMALL_ROWS],
+    w: &W,
+    w_at: &[usize; SMALL_COLS],
+    whole: usize,
+    k: usize,
+) {
+    for kk in whole..k {
+        let l = kk - whole;
+        for (acc_row, row) in lanes.iter_mut().zip(rows) {
+            for (a, &at) in acc_row.iter_mut().zip(w_at) {
+                a[l] += row[kk] * w.get(at + kk);
+            }
+        }
+    }
+}
+
+/// Each real (row, column) of a block: its lanes summed in order.
+#[inline(always)]
+fn store_sums(
+    lanes: &[[[f32; LANES]; SMALL_COLS]; SMALL_ROWS],
+    m: usize,
+    r0: usize,
+    width: usize,
+    c0: usize,
+    sums: &mut [f32],
+) {
+    for (i, acc_row) in lanes.iter().enumerate().take(m - r0) {
+        for (j, a) in acc_row.iter().enumerate().take(width - c0) {
+            sums[(r0 + i) * width + c0 + j] = a.iter().fold(0.0, |s, &v| s + v);
+        }
+    }
+}
+
+/// The sums of [`small_m`] for the output columns `cols` into `sums` (`m × cols.len()`,
+/// row-major). Blocks at the edges repeat their last row or column and drop the copies, so
+/// that every block runs the same fully unrolled code. Plain multiplies and adds, no fused
+/// multiply-add: every build computes the same bits.
+#[inline(always)]
+fn small_m_generic<W: WeightRow>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: W,
+    cols: std::ops::Range<usize>,
+    sums: &mut [f32],
+) {
+    let width = cols.len();
+    let whole = k / LANES * LANES;
+    for c0 in (0..width).step_by(SMALL_COLS) {
+        let w_at: [usize; SMALL_COLS] =
+            std::array::from_fn(|j| (cols.start + (c0 + j).min(width - 1)) * k);
+        for r0 in (0..m).step_by(SMALL_ROWS) {
+            let rows: [&[f32]; SMALL_ROWS] =
+                std::array::from_fn(|i| &x[(r0 + i).min(m - 1) * k..][..k]);
+            let mut acc = [[[0.0f32; LANES]; SMALL_COLS]; SMALL_ROWS];
+            for kk in (0..whole).step_by(LANES) {
+                let wv: [[f32; LANES]; SMALL_COLS] = std::array::from_fn(|j| w.lanes(w_at[j] + kk));
+                for (acc_row, row) in acc.iter_mut().zip(&rows) {
+                    let mut xv = [0.0; LANES];
+                    xv.copy_from_slice(&row[kk..kk + LANES]);
+                    for (a, wj) in acc_row.iter_mut().zip(&wv) {
+                        multiply_add(a, &xv, wj);
+                    }
+                }
+            }
+            finish_lanes(&mut acc, &rows, &w, &w_at, whole, k);
+            store_sums(&acc, m, r0, width, c0, sums);
+        }
+    }
+}
+
 /// The f32 baseline of the benchmark: the same product with `gemm`'s own rayon parallelism (how
 /// a user of the crate would call it), no bias.
 pub fn linear_gemm_parallel(
@@ -254,7 +576,15 @@ mod tests {
 
     #[test]
     fn linear_matches_f64_and_is_thread_count_independent() {
-        for &(m, k, n) in &[(1, 1, 1), (8, 17920, 7), (5, 33, 300), (37, 64, 513)] {
+        // Up to SMALL_M rows the streaming kernel (K tails, column blocks with edges, rows
+        // past a register block), above it `gemm`.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (8, 17920, 7),
+            (5, 33, 300),
+            (37, 64, 513),
+            (SMALL_M + 3, 70, 300),
+        ] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
             let b = data(n, 3);
@@ -298,7 +628,13 @@ mod tests {
     #[test]
     fn bf16_weights_equal_their_f32_widening_bit_for_bit() {
         // K spans two whole chunks and a tail; N a whole column block and a tail.
-        let (m, k, n) = (9, 2 * K_CHUNK + 52, 300);
+        for m in [9, SMALL_M + 1] {
+            bf16_matches_f32(m);
+        }
+    }
+
+    fn bf16_matches_f32(m: usize) {
+        let (k, n) = (2 * K_CHUNK + 52, 300);
         let x = data(m * k, 4);
         let w16: Vec<half::bf16> = data(n * k, 5)
             .iter()
@@ -312,6 +648,42 @@ mod tests {
             linear_weights(&x, m, k, WeightRef::Bf16(&w16), n, bias, &mut c).unwrap();
             assert!(a.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()));
             assert!(a.iter().all(|v| v.is_finite()));
+        }
+    }
+
+    /// The AVX-512 streaming kernel computes the portable code's bits, for f32 and bf16
+    /// weights, on blocks with row, column and K tails.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_streaming_kernel_equals_the_portable_one_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: no AVX-512 F on this CPU");
+            return;
+        }
+        for &(m, k, n) in &[(1, 16, 6), (7, 1000, 47), (SMALL_M, 35, 13)] {
+            let x = data(m * k, 7);
+            let w32: Vec<f32> = data(n * k, 8)
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            let w16: Vec<half::bf16> = w32.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            for cols in [0..n, 1..n.min(5)] {
+                let len = m * cols.len();
+                let (mut a, mut b, mut c, mut d) =
+                    (vec![0.0; len], vec![0.0; len], vec![0.0; len], vec![0.0; len]);
+                small_m_generic(&x, m, k, w32.as_slice(), cols.clone(), &mut a);
+                small_m_generic(&x, m, k, w16.as_slice(), cols.clone(), &mut b);
+                // SAFETY: AVX-512 F detected above.
+                unsafe {
+                    small_m_avx512(&x, m, k, w32.as_slice(), cols.clone(), &mut c);
+                    small_m_avx512(&x, m, k, w16.as_slice(), cols.clone(), &mut d);
+                }
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "generic f32 vs bf16, {m}x{k}x{n}");
+                assert_eq!(bits(&a), bits(&c), "generic vs avx512 f32, {m}x{k}x{n}");
+                assert_eq!(bits(&a), bits(&d), "generic vs avx512 bf16, {m}x{k}x{n}");
+                assert!(a.iter().any(|&v| v != 0.0));
+            }
         }
     }
 
