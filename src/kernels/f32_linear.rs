@@ -669,8 +669,12 @@ mod tests {
             let w16: Vec<half::bf16> = w32.iter().map(|&v| half::bf16::from_f32(v)).collect();
             for cols in [0..n, 1..n.min(5)] {
                 let len = m * cols.len();
-                let (mut a, mut b, mut c, mut d) =
-                    (vec![0.0; len], vec![0.0; len], vec![0.0; len], vec![0.0; len]);
+                let (mut a, mut b, mut c, mut d) = (
+                    vec![0.0; len],
+                    vec![0.0; len],
+                    vec![0.0; len],
+                    vec![0.0; len],
+                );
                 small_m_generic(&x, m, k, w32.as_slice(), cols.clone(), &mut a);
                 small_m_generic(&x, m, k, w16.as_slice(), cols.clone(), &mut b);
                 // SAFETY: AVX-512 F detected above.
