@@ -223,6 +223,15 @@ const LANES: usize = 16;
 trait WeightRow: Sync {
     fn lanes(&self, at: usize) -> [f32; LANES];
     fn get(&self, at: usize) -> f32;
+    /// The 16 weights from `at` in a zmm register.
+    ///
+    /// # Safety
+    /// AVX-512 F; `at + 16` within the weights.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load(&self, at: usize) -> std::arch::x86_64::__m512;
+    /// Asks for the cache line holding weight `at` (a hint: never faults, even past the end).
+    #[cfg(target_arch = "x86_64")]
+    fn prefetch(&self, at: usize);
 }
 
 impl WeightRow for &[f32] {
@@ -235,6 +244,18 @@ impl WeightRow for &[f32] {
     #[inline(always)]
     fn get(&self, at: usize) -> f32 {
         self[at]
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load(&self, at: usize) -> std::arch::x86_64::__m512 {
+        debug_assert!(at + LANES <= self.len());
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(self.as_ptr().add(at)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch(&self, at: usize) {
+        prefetch_line(self.as_ptr().wrapping_add(at).cast());
     }
 }
 
@@ -252,13 +273,40 @@ impl WeightRow for &[half::bf16] {
     fn get(&self, at: usize) -> f32 {
         f32::from_bits(u32::from(self[at].to_bits()) << 16)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load(&self, at: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        debug_assert!(at + LANES <= self.len());
+        // SAFETY: the caller's contract; 16 bf16 are 32 bytes. Zero-extended and shifted into
+        // the top half: the exact f32 value, as `lanes`.
+        unsafe {
+            let raw = _mm256_loadu_si256(self.as_ptr().add(at).cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch(&self, at: usize) {
+        prefetch_line(self.as_ptr().wrapping_add(at).cast());
+    }
+}
+
+/// A prefetch into L1: no architectural effect, never a fault, wherever `at` points.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_line(at: *const i8) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    // SAFETY: see above.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(at) }
 }
 
 /// `out = x · Wᵀ (+ b)` for at most [`SMALL_M`] rows: each task streams the weight rows of its
 /// [`SMALL_COLUMN_BLOCK`] output columns once, in blocks of [`SMALL_COLS`] against
-/// [`SMALL_ROWS`] input rows (the input, at most 16 rows, stays in L2). Every output is a sum of
-/// 16 lane sums over k (lane `l` takes k ≡ l mod 16, in order; then the lanes in order), plus
-/// the bias: the same for any thread count, and for f32 or bf16 weights of equal value.
+/// [`SMALL_ROWS`] input rows (the input, at most 64 rows, is read again from cache for every
+/// block of columns). Every output is a sum of 16 lane sums over k (lane `l` takes k ≡ l mod
+/// 16, in order; then the lanes in order), plus the bias: the same for any thread count, and
+/// for f32 or bf16 weights of equal value.
 fn small_m(
     x: &[f32],
     m: usize,
@@ -275,8 +323,8 @@ fn small_m(
         let mut sums = [0.0f32; SMALL_M * SMALL_COLUMN_BLOCK];
         let sums = &mut sums[..m * cols.len()];
         match weight {
-            WeightRef::F32(w) => small_m_f32(x, m, k, w, cols.clone(), sums),
-            WeightRef::Bf16(w) => small_m_bf16(x, m, k, w, cols.clone(), sums),
+            WeightRef::F32(w) => small_m_block(x, m, k, w, cols.clone(), sums),
+            WeightRef::Bf16(w) => small_m_block(x, m, k, w, cols.clone(), sums),
         }
         let dst = &dst;
         for (r, row) in sums.chunks_exact(cols.len()).enumerate() {
@@ -299,11 +347,13 @@ fn small_m(
     }
 }
 
-fn small_m_f32(
+/// The sums of [`small_m`] for the output columns `cols`: AVX-512 where the CPU has it, else
+/// the portable code (the same bits either way).
+fn small_m_block<W: WeightRow>(
     x: &[f32],
     m: usize,
     k: usize,
-    w: &[f32],
+    w: W,
     cols: std::ops::Range<usize>,
     sums: &mut [f32],
 ) {
@@ -313,69 +363,6 @@ fn small_m_f32(
         return unsafe { small_m_avx512(x, m, k, w, cols, sums) };
     }
     small_m_generic(x, m, k, w, cols, sums)
-}
-
-fn small_m_bf16(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[half::bf16],
-    cols: std::ops::Range<usize>,
-    sums: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512 F.
-        return unsafe { small_m_avx512(x, m, k, w, cols, sums) };
-    }
-    small_m_generic(x, m, k, w, cols, sums)
-}
-
-/// Weights the AVX-512 streaming kernel loads 16 at a time.
-#[cfg(target_arch = "x86_64")]
-trait WeightRow512: WeightRow {
-    /// # Safety
-    /// AVX-512 F; `at + 16` within the weights.
-    unsafe fn load(&self, at: usize) -> std::arch::x86_64::__m512;
-    /// Asks for the cache line holding weight `at` (a hint: never faults, even past the end).
-    fn prefetch(&self, at: usize);
-}
-
-#[cfg(target_arch = "x86_64")]
-impl WeightRow512 for &[f32] {
-    #[inline(always)]
-    fn prefetch(&self, at: usize) {
-        let p = self.as_ptr().wrapping_add(at);
-        // SAFETY: a prefetch has no architectural effect.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) }
-    }
-    #[inline(always)]
-    unsafe fn load(&self, at: usize) -> std::arch::x86_64::__m512 {
-        debug_assert!(at + LANES <= self.len());
-        // SAFETY: the caller's contract.
-        unsafe { std::arch::x86_64::_mm512_loadu_ps(self.as_ptr().add(at)) }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl WeightRow512 for &[half::bf16] {
-    #[inline(always)]
-    fn prefetch(&self, at: usize) {
-        let p = self.as_ptr().wrapping_add(at);
-        // SAFETY: a prefetch has no architectural effect.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) }
-    }
-    #[inline(always)]
-    unsafe fn load(&self, at: usize) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        debug_assert!(at + LANES <= self.len());
-        // SAFETY: the caller's contract; 16 bf16 are 32 bytes. Zero-extended and shifted into
-        // the top half: the exact f32 value, as `WeightRow::lanes`.
-        unsafe {
-            let raw = _mm256_loadu_si256(self.as_ptr().add(at).cast());
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
-        }
-    }
 }
 
 /// How many weights ahead of its loads the AVX-512 streaming kernel prefetches each weight row:
@@ -391,7 +378,7 @@ const WEIGHT_PREFETCH: usize = 1024;
 /// The CPU supports AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn small_m_avx512<W: WeightRow512>(
+unsafe fn small_m_avx512<W: WeightRow>(
     x: &[f32],
     m: usize,
     k: usize,
