@@ -206,15 +206,22 @@ pub fn linear_weights(
 /// `gemm`. The action head multiplies 8 rows by 92 MB of bf16 weights (17920 × 2560, plus two
 /// 2560 × 2560 blocks): a weight-streaming, memory-bound product, where widening bf16 blocks
 /// for `gemm` and its packing took 88 ms at 1 thread (1 GB/s of weights) on the development
-/// machine, and the streaming kernel takes 5.4 ms (AVX-512; 29 ms in the portable code). With
-/// f32 weights the two meet at about 64 rows (58 ms streaming at 64 rows against 61 ms for
-/// `gemm` at 65, 17920 × 2560, 1 thread).
+/// machine, and the streaming kernel takes 5.4 ms (AVX-512; 12 ms with AVX2, 29 ms in the
+/// portable code). With f32 weights the two meet at about 64 rows (58 ms streaming at 64 rows
+/// against 61 ms for `gemm` at 65, 17920 × 2560, 1 thread).
 const SMALL_M: usize = 64;
 /// Rows × columns of the streaming kernel's register block: 24 accumulators of 16 lanes. At 8
 /// rows of 17920 × 2560 bf16, 1 thread: 4 × 6 took 5.6 ms, 4 × 4 5.5, 8 × 2 6.8, 6 × 4 7.4,
 /// 2 × 8 6.7; at 32 rows 4 × 6 was the fastest (20 ms, against 24–35).
 const SMALL_ROWS: usize = 4;
 const SMALL_COLS: usize = 6;
+/// The AVX2 version's block: 8 accumulators of two ymm registers each. At 8 rows of
+/// 17920 × 2560 bf16, 1 thread: 2 × 2 took 12.2 ms, 4 × 1 12.5, 3 × 1 14.0, 1 × 4 14.3 (the
+/// AVX-512 version 5.2, the portable code 29).
+#[cfg(target_arch = "x86_64")]
+const AVX2_ROWS: usize = 2;
+#[cfg(target_arch = "x86_64")]
+const AVX2_COLS: usize = 2;
 /// Output columns per parallel task of the streaming kernel: fixed, as [`COLUMN_BLOCK`].
 const SMALL_COLUMN_BLOCK: usize = 48;
 const LANES: usize = 16;
@@ -229,6 +236,12 @@ trait WeightRow: Sync {
     /// AVX-512 F; `at + 16` within the weights.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load(&self, at: usize) -> std::arch::x86_64::__m512;
+    /// The 16 weights from `at` in two ymm registers.
+    ///
+    /// # Safety
+    /// AVX2; `at + 16` within the weights.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load_avx2(&self, at: usize) -> [std::arch::x86_64::__m256; 2];
     /// Asks for the cache line holding weight `at` (a hint: never faults, even past the end).
     #[cfg(target_arch = "x86_64")]
     fn prefetch(&self, at: usize);
@@ -251,6 +264,17 @@ impl WeightRow for &[f32] {
         debug_assert!(at + LANES <= self.len());
         // SAFETY: the caller's contract.
         unsafe { std::arch::x86_64::_mm512_loadu_ps(self.as_ptr().add(at)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_avx2(&self, at: usize) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::_mm256_loadu_ps;
+        debug_assert!(at + LANES <= self.len());
+        // SAFETY: the caller's contract.
+        unsafe {
+            let p = self.as_ptr().add(at);
+            [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
+        }
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -283,6 +307,23 @@ impl WeightRow for &[half::bf16] {
         unsafe {
             let raw = _mm256_loadu_si256(self.as_ptr().add(at).cast());
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_avx2(&self, at: usize) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        debug_assert!(at + LANES <= self.len());
+        // SAFETY: the caller's contract; 8 bf16 are 16 bytes. Widened as in `load`.
+        unsafe {
+            let p = self.as_ptr().add(at);
+            let widen = |raw: __m128i| {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+            };
+            [
+                widen(_mm_loadu_si128(p.cast())),
+                widen(_mm_loadu_si128(p.add(8).cast())),
+            ]
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -362,6 +403,11 @@ fn small_m_block<W: WeightRow>(
         // SAFETY: the CPU supports AVX-512 F.
         return unsafe { small_m_avx512(x, m, k, w, cols, sums) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2.
+        return unsafe { small_m_avx2(x, m, k, w, cols, sums) };
+    }
     small_m_generic(x, m, k, w, cols, sums)
 }
 
@@ -424,6 +470,67 @@ unsafe fn small_m_avx512<W: WeightRow>(
     }
 }
 
+/// [`small_m_generic`] with the 16 lanes in two ymm registers, on blocks of
+/// [`AVX2_ROWS`] × [`AVX2_COLS`] (16 registers in all): the same multiplies and adds in the
+/// same order, so the same bits.
+///
+/// # Safety
+/// The CPU supports AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn small_m_avx2<W: WeightRow>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: W,
+    cols: std::ops::Range<usize>,
+    sums: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let width = cols.len();
+    let whole = k / LANES * LANES;
+    for c0 in (0..width).step_by(AVX2_COLS) {
+        let w_at: [usize; AVX2_COLS] =
+            std::array::from_fn(|j| (cols.start + (c0 + j).min(width - 1)) * k);
+        for r0 in (0..m).step_by(AVX2_ROWS) {
+            let rows: [&[f32]; AVX2_ROWS] =
+                std::array::from_fn(|i| &x[(r0 + i).min(m - 1) * k..][..k]);
+            let mut acc = [[[_mm256_setzero_ps(); 2]; AVX2_COLS]; AVX2_ROWS];
+            for kk in (0..whole).step_by(LANES) {
+                // SAFETY: kk + 16 <= k within each weight row and input row.
+                unsafe {
+                    for &at in &w_at {
+                        w.prefetch(at + kk + WEIGHT_PREFETCH);
+                    }
+                    let wv: [[__m256; 2]; AVX2_COLS] =
+                        std::array::from_fn(|j| w.load_avx2(w_at[j] + kk));
+                    for (acc_row, row) in acc.iter_mut().zip(&rows) {
+                        let p = row.as_ptr().add(kk);
+                        let xv = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
+                        for (a, wj) in acc_row.iter_mut().zip(&wv) {
+                            for h in 0..2 {
+                                a[h] = _mm256_add_ps(a[h], _mm256_mul_ps(xv[h], wj[h]));
+                            }
+                        }
+                    }
+                }
+            }
+            let mut lanes = [[[0.0f32; LANES]; AVX2_COLS]; AVX2_ROWS];
+            for (dst, src) in lanes.iter_mut().zip(&acc) {
+                for (d, v) in dst.iter_mut().zip(src) {
+                    // SAFETY: 2 × 8 f32 into a 16-element array.
+                    unsafe {
+                        _mm256_storeu_ps(d.as_mut_ptr(), v[0]);
+                        _mm256_storeu_ps(d.as_mut_ptr().add(8), v[1]);
+                    }
+                }
+            }
+            finish_lanes(&mut lanes, &rows, &w, &w_at, whole, k);
+            store_sums(&lanes, m, r0, width, c0, sums);
+        }
+    }
+}
+
 /// `a += x · w`, lane by lane (a multiply, then an add).
 #[inline(always)]
 fn multiply_add(a: &mut [f32; LANES], x: &[f32; LANES], w: &[f32; LANES]) {
@@ -434,11 +541,11 @@ fn multiply_add(a: &mut [f32; LANES], x: &[f32; LANES], w: &[f32; LANES]) {
 
 /// The tail of k (fewer than 16 values) into the first lanes, in order.
 #[inline(always)]
-fn finish_lanes<W: WeightRow>(
-    lanes: &mut [[[f32; LANES]; SMALL_COLS]; SMALL_ROWS],
-    rows: &[&[f32]; SMALL_ROWS],
+fn finish_lanes<W: WeightRow, const R: usize, const C: usize>(
+    lanes: &mut [[[f32; LANES]; C]; R],
+    rows: &[&[f32]; R],
     w: &W,
-    w_at: &[usize; SMALL_COLS],
+    w_at: &[usize; C],
     whole: usize,
     k: usize,
 ) {
@@ -454,8 +561,8 @@ fn finish_lanes<W: WeightRow>(
 
 /// Each real (row, column) of a block: its lanes summed in order.
 #[inline(always)]
-fn store_sums(
-    lanes: &[[[f32; LANES]; SMALL_COLS]; SMALL_ROWS],
+fn store_sums<const R: usize, const C: usize>(
+    lanes: &[[[f32; LANES]; C]; R],
     m: usize,
     r0: usize,
     width: usize,
@@ -638,15 +745,19 @@ mod tests {
         }
     }
 
-    /// The AVX-512 streaming kernel computes the portable code's bits, for f32 and bf16
-    /// weights, on blocks with row, column and K tails.
+    /// The SIMD streaming kernels this CPU has compute the portable code's bits, for f32 and
+    /// bf16 weights, on blocks with row, column and K tails.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_avx512_streaming_kernel_equals_the_portable_one_bit_for_bit() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            eprintln!("skipped: no AVX-512 F on this CPU");
-            return;
+    fn the_simd_streaming_kernels_equal_the_portable_one_bit_for_bit() {
+        let mut kernels = Vec::new();
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            kernels.push("avx512");
         }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            kernels.push("avx2");
+        }
+        eprintln!("streaming kernels under test: {kernels:?}");
         for &(m, k, n) in &[(1, 16, 6), (7, 1000, 47), (SMALL_M, 35, 13)] {
             let x = data(m * k, 7);
             let w32: Vec<f32> = data(n * k, 8)
@@ -656,24 +767,28 @@ mod tests {
             let w16: Vec<half::bf16> = w32.iter().map(|&v| half::bf16::from_f32(v)).collect();
             for cols in [0..n, 1..n.min(5)] {
                 let len = m * cols.len();
-                let (mut a, mut b, mut c, mut d) = (
-                    vec![0.0; len],
-                    vec![0.0; len],
-                    vec![0.0; len],
-                    vec![0.0; len],
-                );
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                let (mut a, mut b) = (vec![0.0; len], vec![0.0; len]);
                 small_m_generic(&x, m, k, w32.as_slice(), cols.clone(), &mut a);
                 small_m_generic(&x, m, k, w16.as_slice(), cols.clone(), &mut b);
-                // SAFETY: AVX-512 F detected above.
-                unsafe {
-                    small_m_avx512(&x, m, k, w32.as_slice(), cols.clone(), &mut c);
-                    small_m_avx512(&x, m, k, w16.as_slice(), cols.clone(), &mut d);
-                }
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&a), bits(&b), "generic f32 vs bf16, {m}x{k}x{n}");
-                assert_eq!(bits(&a), bits(&c), "generic vs avx512 f32, {m}x{k}x{n}");
-                assert_eq!(bits(&a), bits(&d), "generic vs avx512 bf16, {m}x{k}x{n}");
                 assert!(a.iter().any(|&v| v != 0.0));
+                for &name in &kernels {
+                    let (mut c, mut d) = (vec![0.0; len], vec![0.0; len]);
+                    let (w32, w16, cols) = (w32.as_slice(), w16.as_slice(), cols.clone());
+                    // SAFETY: the CPU has the kernel's features (detected above).
+                    unsafe {
+                        if name == "avx512" {
+                            small_m_avx512(&x, m, k, w32, cols.clone(), &mut c);
+                            small_m_avx512(&x, m, k, w16, cols, &mut d);
+                        } else {
+                            small_m_avx2(&x, m, k, w32, cols.clone(), &mut c);
+                            small_m_avx2(&x, m, k, w16, cols, &mut d);
+                        }
+                    }
+                    assert_eq!(bits(&a), bits(&c), "generic vs {name} f32, {m}x{k}x{n}");
+                    assert_eq!(bits(&a), bits(&d), "generic vs {name} bf16, {m}x{k}x{n}");
+                }
             }
         }
     }
