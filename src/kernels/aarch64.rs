@@ -39,7 +39,7 @@ pub(crate) unsafe fn tile_sdot(tile: &Tile) {
     let mut raw = unsafe { start_chunk(tile) };
     for half in 0..2 {
         // Only the quads that hold real rows (the last row block is usually partial).
-        for quad in 0..tile.epi.rows.clamp(1, ROWS_PER_BLOCK).div_ceil(4) {
+        for quad in 0..tile.real_rows().div_ceil(4) {
             let mut acc = [[vdupq_n_s32(0); 4]; 4];
             for (r, row) in acc.iter_mut().enumerate() {
                 for (c, a) in row.iter_mut().enumerate() {
@@ -94,7 +94,7 @@ pub(crate) unsafe fn tile_smull(tile: &Tile) {
     let mut raw = unsafe { start_chunk(tile) };
     for half in 0..2 {
         // Only the pairs that hold real rows (the last row block is usually partial).
-        for pair in 0..tile.epi.rows.clamp(1, ROWS_PER_BLOCK).div_ceil(2) {
+        for pair in 0..tile.real_rows().div_ceil(2) {
             // acc[r][c][0]: columns 4c, 4c+1 (two partial sums each); acc[r][c][1]: 4c+2, 4c+3
             let mut acc = [[[vdupq_n_s32(0); 2]; 4]; 2];
             let mut w = tile.weights.wrapping_add(64 * half) as *const i8;

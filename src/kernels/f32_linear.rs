@@ -417,6 +417,75 @@ fn small_m_block<W: WeightRow>(
 #[cfg(target_arch = "x86_64")]
 const WEIGHT_PREFETCH: usize = 1024;
 
+/// The walk over blocks shared by every version of the streaming kernel: the output columns
+/// `cols` in blocks of `C` against the `m` input rows in blocks of `R`. Blocks at the edges
+/// repeat their last row or column and drop the copies, so that every block runs the same fully
+/// unrolled code. `lanes` computes a block's 16 lane sums over the whole 16s of k (lane `l`
+/// takes k ≡ l mod 16, in order); the tail of k then goes into the first lanes, in order, and
+/// each real output is its lanes summed in order, into `sums` (`m × cols.len()`, row-major).
+#[inline(always)]
+fn for_each_block<W: WeightRow, const R: usize, const C: usize>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &W,
+    cols: std::ops::Range<usize>,
+    sums: &mut [f32],
+    mut lanes: impl FnMut(&[&[f32]; R], &[usize; C], usize) -> [[[f32; LANES]; C]; R],
+) {
+    let width = cols.len();
+    let whole = k / LANES * LANES;
+    for c0 in (0..width).step_by(C) {
+        let w_at: [usize; C] = std::array::from_fn(|j| (cols.start + (c0 + j).min(width - 1)) * k);
+        for r0 in (0..m).step_by(R) {
+            let rows: [&[f32]; R] = std::array::from_fn(|i| &x[(r0 + i).min(m - 1) * k..][..k]);
+            let mut acc = lanes(&rows, &w_at, whole);
+            for kk in whole..k {
+                let l = kk - whole;
+                for (acc_row, row) in acc.iter_mut().zip(&rows) {
+                    for (a, &at) in acc_row.iter_mut().zip(&w_at) {
+                        a[l] += row[kk] * w.get(at + kk);
+                    }
+                }
+            }
+            for (i, acc_row) in acc.iter().enumerate().take(m - r0) {
+                for (j, a) in acc_row.iter().enumerate().take(width - c0) {
+                    sums[(r0 + i) * width + c0 + j] = a.iter().fold(0.0, |s, &v| s + v);
+                }
+            }
+        }
+    }
+}
+
+/// The sums of [`small_m`] for the output columns `cols`, in portable code. Plain multiplies and
+/// adds, no fused multiply-add: every build computes the same bits.
+#[inline(always)]
+fn small_m_generic<W: WeightRow>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: W,
+    cols: std::ops::Range<usize>,
+    sums: &mut [f32],
+) {
+    for_each_block::<W, SMALL_ROWS, SMALL_COLS>(x, m, k, &w, cols, sums, |rows, w_at, whole| {
+        let mut acc = [[[0.0f32; LANES]; SMALL_COLS]; SMALL_ROWS];
+        for kk in (0..whole).step_by(LANES) {
+            let wv: [[f32; LANES]; SMALL_COLS] = std::array::from_fn(|j| w.lanes(w_at[j] + kk));
+            for (acc_row, row) in acc.iter_mut().zip(rows) {
+                let mut xv = [0.0; LANES];
+                xv.copy_from_slice(&row[kk..kk + LANES]);
+                for (a, wj) in acc_row.iter_mut().zip(&wv) {
+                    for ((a, &x), &w) in a.iter_mut().zip(&xv).zip(wj) {
+                        *a += x * w;
+                    }
+                }
+            }
+        }
+        acc
+    })
+}
+
 /// [`small_m_generic`] with the 16 lanes in one zmm register: the same multiplies and adds in
 /// the same order (no fused multiply-add), so the same bits.
 ///
@@ -433,41 +502,32 @@ unsafe fn small_m_avx512<W: WeightRow>(
     sums: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let width = cols.len();
-    let whole = k / LANES * LANES;
-    for c0 in (0..width).step_by(SMALL_COLS) {
-        let w_at: [usize; SMALL_COLS] =
-            std::array::from_fn(|j| (cols.start + (c0 + j).min(width - 1)) * k);
-        for r0 in (0..m).step_by(SMALL_ROWS) {
-            let rows: [&[f32]; SMALL_ROWS] =
-                std::array::from_fn(|i| &x[(r0 + i).min(m - 1) * k..][..k]);
-            let mut acc = [[_mm512_setzero_ps(); SMALL_COLS]; SMALL_ROWS];
-            for kk in (0..whole).step_by(LANES) {
-                // SAFETY: kk + 16 <= k within each weight row and input row.
-                unsafe {
-                    for &at in &w_at {
-                        w.prefetch(at + kk + WEIGHT_PREFETCH);
-                    }
-                    let wv: [__m512; SMALL_COLS] = std::array::from_fn(|j| w.load(w_at[j] + kk));
-                    for (acc_row, row) in acc.iter_mut().zip(&rows) {
-                        let xv = _mm512_loadu_ps(row.as_ptr().add(kk));
-                        for (a, &wj) in acc_row.iter_mut().zip(&wv) {
-                            *a = _mm512_add_ps(*a, _mm512_mul_ps(xv, wj));
-                        }
+    for_each_block::<W, SMALL_ROWS, SMALL_COLS>(x, m, k, &w, cols, sums, |rows, w_at, whole| {
+        let mut acc = [[_mm512_setzero_ps(); SMALL_COLS]; SMALL_ROWS];
+        for kk in (0..whole).step_by(LANES) {
+            // SAFETY: kk + 16 <= k within each weight row and input row; AVX-512 F.
+            unsafe {
+                for &at in w_at {
+                    w.prefetch(at + kk + WEIGHT_PREFETCH);
+                }
+                let wv: [__m512; SMALL_COLS] = std::array::from_fn(|j| w.load(w_at[j] + kk));
+                for (acc_row, row) in acc.iter_mut().zip(rows) {
+                    let xv = _mm512_loadu_ps(row.as_ptr().add(kk));
+                    for (a, &wj) in acc_row.iter_mut().zip(&wv) {
+                        *a = _mm512_add_ps(*a, _mm512_mul_ps(xv, wj));
                     }
                 }
             }
-            let mut lanes = [[[0.0f32; LANES]; SMALL_COLS]; SMALL_ROWS];
-            for (dst, src) in lanes.iter_mut().zip(&acc) {
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    // SAFETY: 16 f32 into a 16-element array.
-                    unsafe { _mm512_storeu_ps(d.as_mut_ptr(), v) };
-                }
-            }
-            finish_lanes(&mut lanes, &rows, &w, &w_at, whole, k);
-            store_sums(&lanes, m, r0, width, c0, sums);
         }
-    }
+        let mut lanes = [[[0.0f32; LANES]; SMALL_COLS]; SMALL_ROWS];
+        for (dst, src) in lanes.iter_mut().zip(&acc) {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                // SAFETY: 16 f32 into a 16-element array; AVX-512 F.
+                unsafe { _mm512_storeu_ps(d.as_mut_ptr(), v) };
+            }
+        }
+        lanes
+    })
 }
 
 /// [`small_m_generic`] with the 16 lanes in two ymm registers, on blocks of
@@ -487,131 +547,39 @@ unsafe fn small_m_avx2<W: WeightRow>(
     sums: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let width = cols.len();
-    let whole = k / LANES * LANES;
-    for c0 in (0..width).step_by(AVX2_COLS) {
-        let w_at: [usize; AVX2_COLS] =
-            std::array::from_fn(|j| (cols.start + (c0 + j).min(width - 1)) * k);
-        for r0 in (0..m).step_by(AVX2_ROWS) {
-            let rows: [&[f32]; AVX2_ROWS] =
-                std::array::from_fn(|i| &x[(r0 + i).min(m - 1) * k..][..k]);
-            let mut acc = [[[_mm256_setzero_ps(); 2]; AVX2_COLS]; AVX2_ROWS];
-            for kk in (0..whole).step_by(LANES) {
-                // SAFETY: kk + 16 <= k within each weight row and input row.
-                unsafe {
-                    for &at in &w_at {
-                        w.prefetch(at + kk + WEIGHT_PREFETCH);
-                    }
-                    let wv: [[__m256; 2]; AVX2_COLS] =
-                        std::array::from_fn(|j| w.load_avx2(w_at[j] + kk));
-                    for (acc_row, row) in acc.iter_mut().zip(&rows) {
-                        let p = row.as_ptr().add(kk);
-                        let xv = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
-                        for (a, wj) in acc_row.iter_mut().zip(&wv) {
-                            for h in 0..2 {
-                                a[h] = _mm256_add_ps(a[h], _mm256_mul_ps(xv[h], wj[h]));
-                            }
+    for_each_block::<W, AVX2_ROWS, AVX2_COLS>(x, m, k, &w, cols, sums, |rows, w_at, whole| {
+        let mut acc = [[[_mm256_setzero_ps(); 2]; AVX2_COLS]; AVX2_ROWS];
+        for kk in (0..whole).step_by(LANES) {
+            // SAFETY: kk + 16 <= k within each weight row and input row; AVX2.
+            unsafe {
+                for &at in w_at {
+                    w.prefetch(at + kk + WEIGHT_PREFETCH);
+                }
+                let wv: [[__m256; 2]; AVX2_COLS] =
+                    std::array::from_fn(|j| w.load_avx2(w_at[j] + kk));
+                for (acc_row, row) in acc.iter_mut().zip(rows) {
+                    let p = row.as_ptr().add(kk);
+                    let xv = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
+                    for (a, wj) in acc_row.iter_mut().zip(&wv) {
+                        for h in 0..2 {
+                            a[h] = _mm256_add_ps(a[h], _mm256_mul_ps(xv[h], wj[h]));
                         }
                     }
                 }
             }
-            let mut lanes = [[[0.0f32; LANES]; AVX2_COLS]; AVX2_ROWS];
-            for (dst, src) in lanes.iter_mut().zip(&acc) {
-                for (d, v) in dst.iter_mut().zip(src) {
-                    // SAFETY: 2 × 8 f32 into a 16-element array.
-                    unsafe {
-                        _mm256_storeu_ps(d.as_mut_ptr(), v[0]);
-                        _mm256_storeu_ps(d.as_mut_ptr().add(8), v[1]);
-                    }
+        }
+        let mut lanes = [[[0.0f32; LANES]; AVX2_COLS]; AVX2_ROWS];
+        for (dst, src) in lanes.iter_mut().zip(&acc) {
+            for (d, v) in dst.iter_mut().zip(src) {
+                // SAFETY: 2 × 8 f32 into a 16-element array; AVX2.
+                unsafe {
+                    _mm256_storeu_ps(d.as_mut_ptr(), v[0]);
+                    _mm256_storeu_ps(d.as_mut_ptr().add(8), v[1]);
                 }
             }
-            finish_lanes(&mut lanes, &rows, &w, &w_at, whole, k);
-            store_sums(&lanes, m, r0, width, c0, sums);
         }
-    }
-}
-
-/// `a += x · w`, lane by lane (a multiply, then an add).
-#[inline(always)]
-fn multiply_add(a: &mut [f32; LANES], x: &[f32; LANES], w: &[f32; LANES]) {
-    for ((a, &x), &w) in a.iter_mut().zip(x).zip(w) {
-        *a += x * w;
-    }
-}
-
-/// The tail of k (fewer than 16 values) into the first lanes, in order.
-#[inline(always)]
-fn finish_lanes<W: WeightRow, const R: usize, const C: usize>(
-    lanes: &mut [[[f32; LANES]; C]; R],
-    rows: &[&[f32]; R],
-    w: &W,
-    w_at: &[usize; C],
-    whole: usize,
-    k: usize,
-) {
-    for kk in whole..k {
-        let l = kk - whole;
-        for (acc_row, row) in lanes.iter_mut().zip(rows) {
-            for (a, &at) in acc_row.iter_mut().zip(w_at) {
-                a[l] += row[kk] * w.get(at + kk);
-            }
-        }
-    }
-}
-
-/// Each real (row, column) of a block: its lanes summed in order.
-#[inline(always)]
-fn store_sums<const R: usize, const C: usize>(
-    lanes: &[[[f32; LANES]; C]; R],
-    m: usize,
-    r0: usize,
-    width: usize,
-    c0: usize,
-    sums: &mut [f32],
-) {
-    for (i, acc_row) in lanes.iter().enumerate().take(m - r0) {
-        for (j, a) in acc_row.iter().enumerate().take(width - c0) {
-            sums[(r0 + i) * width + c0 + j] = a.iter().fold(0.0, |s, &v| s + v);
-        }
-    }
-}
-
-/// The sums of [`small_m`] for the output columns `cols` into `sums` (`m × cols.len()`,
-/// row-major). Blocks at the edges repeat their last row or column and drop the copies, so
-/// that every block runs the same fully unrolled code. Plain multiplies and adds, no fused
-/// multiply-add: every build computes the same bits.
-#[inline(always)]
-fn small_m_generic<W: WeightRow>(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: W,
-    cols: std::ops::Range<usize>,
-    sums: &mut [f32],
-) {
-    let width = cols.len();
-    let whole = k / LANES * LANES;
-    for c0 in (0..width).step_by(SMALL_COLS) {
-        let w_at: [usize; SMALL_COLS] =
-            std::array::from_fn(|j| (cols.start + (c0 + j).min(width - 1)) * k);
-        for r0 in (0..m).step_by(SMALL_ROWS) {
-            let rows: [&[f32]; SMALL_ROWS] =
-                std::array::from_fn(|i| &x[(r0 + i).min(m - 1) * k..][..k]);
-            let mut acc = [[[0.0f32; LANES]; SMALL_COLS]; SMALL_ROWS];
-            for kk in (0..whole).step_by(LANES) {
-                let wv: [[f32; LANES]; SMALL_COLS] = std::array::from_fn(|j| w.lanes(w_at[j] + kk));
-                for (acc_row, row) in acc.iter_mut().zip(&rows) {
-                    let mut xv = [0.0; LANES];
-                    xv.copy_from_slice(&row[kk..kk + LANES]);
-                    for (a, wj) in acc_row.iter_mut().zip(&wv) {
-                        multiply_add(a, &xv, wj);
-                    }
-                }
-            }
-            finish_lanes(&mut acc, &rows, &w, &w_at, whole, k);
-            store_sums(&acc, m, r0, width, c0, sums);
-        }
-    }
+        lanes
+    })
 }
 
 /// The f32 baseline of the benchmark: the same product with `gemm`'s own rayon parallelism (how

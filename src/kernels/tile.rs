@@ -63,6 +63,18 @@ pub(crate) struct Tile {
     pub epi: Epilogue,
 }
 
+impl Tile {
+    /// The rows a kernel must compute: `epi.rows`, and a whole block for a value outside 1..=12
+    /// (so that no kernel reads past its block).
+    #[inline(always)]
+    pub(crate) fn real_rows(&self) -> usize {
+        match self.epi.rows {
+            rows @ 1..=ROWS_PER_BLOCK => rows,
+            _ => ROWS_PER_BLOCK,
+        }
+    }
+}
+
 /// Where and how a finished tile or block is written, shared by every kernel: rows `0..rows`
 /// and columns `0..cols` of the output at stride `ldo`, with the per-row and per-column values
 /// of the math contract.

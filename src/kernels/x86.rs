@@ -37,7 +37,7 @@ const ACT_PREFETCH_BYTES: usize = 1536;
 pub(crate) unsafe fn tile_avx512vnni(tile: &Tile) {
     // SAFETY: forwarded; each instance touches only its first R rows (R <= 12).
     unsafe {
-        match tile.epi.rows {
+        match tile.real_rows() {
             1 => tile_vnni::<1>(tile),
             2 => tile_vnni::<2>(tile),
             3 => tile_vnni::<3>(tile),
@@ -227,7 +227,7 @@ pub(crate) unsafe fn tile_avx2(tile: &Tile) {
     let mut raw = unsafe { start_chunk(tile) };
     for half in 0..2 {
         // Only the quads that hold real rows (the last row block is usually partial).
-        for quad in 0..tile.epi.rows.clamp(1, ROWS_PER_BLOCK).div_ceil(4) {
+        for quad in 0..tile.real_rows().div_ceil(4) {
             let mut acc = [_mm256_setzero_si256(); 8];
             for r in 0..4 {
                 let row = &raw[4 * quad + r][16 * half..16 * half + 16];
