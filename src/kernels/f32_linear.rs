@@ -213,7 +213,10 @@ const SMALL_M: usize = 64;
 /// Rows × columns of the streaming kernel's register block: 24 accumulators of 16 lanes. At 8
 /// rows of 17920 × 2560 bf16, 1 thread: 4 × 6 took 5.6 ms, 4 × 4 5.5, 8 × 2 6.8, 6 × 4 7.4,
 /// 2 × 8 6.7; at 32 rows 4 × 6 was the fastest (20 ms, against 24–35).
+// On aarch64 only the tests run the portable code (the NEON version always applies).
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 const SMALL_ROWS: usize = 4;
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 const SMALL_COLS: usize = 6;
 /// The AVX2 version's block: 8 accumulators of two ymm registers each. At 8 rows of
 /// 17920 × 2560 bf16, 1 thread: 2 × 2 took 12.2 ms, 4 × 1 12.5, 3 × 1 14.0, 1 × 4 14.3 (the
@@ -222,12 +225,20 @@ const SMALL_COLS: usize = 6;
 const AVX2_ROWS: usize = 2;
 #[cfg(target_arch = "x86_64")]
 const AVX2_COLS: usize = 2;
+/// The NEON version's block: 8 accumulators of four q registers each, with 8 registers of
+/// weights and 4 of inputs (32 in all). Chosen like the AVX2 block (half the AVX-512 block's
+/// registers); not timed on ARM hardware.
+#[cfg(target_arch = "aarch64")]
+const NEON_ROWS: usize = 2;
+#[cfg(target_arch = "aarch64")]
+const NEON_COLS: usize = 2;
 /// Output columns per parallel task of the streaming kernel: fixed, as [`COLUMN_BLOCK`].
 const SMALL_COLUMN_BLOCK: usize = 48;
 const LANES: usize = 16;
 
 /// Weights the streaming kernel reads 16 at a time, widened to f32.
 trait WeightRow: Sync {
+    #[cfg_attr(target_arch = "aarch64", allow(dead_code))]
     fn lanes(&self, at: usize) -> [f32; LANES];
     fn get(&self, at: usize) -> f32;
     /// The 16 weights from `at` in a zmm register.
@@ -242,8 +253,13 @@ trait WeightRow: Sync {
     /// AVX2; `at + 16` within the weights.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load_avx2(&self, at: usize) -> [std::arch::x86_64::__m256; 2];
+    /// The 16 weights from `at` in four q registers.
+    ///
+    /// # Safety
+    /// `at + 16` within the weights (NEON is part of every aarch64 CPU).
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn load_neon(&self, at: usize) -> [std::arch::aarch64::float32x4_t; 4];
     /// Asks for the cache line holding weight `at` (a hint: never faults, even past the end).
-    #[cfg(target_arch = "x86_64")]
     fn prefetch(&self, at: usize);
 }
 
@@ -276,7 +292,16 @@ impl WeightRow for &[f32] {
             [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
         }
     }
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load_neon(&self, at: usize) -> [std::arch::aarch64::float32x4_t; 4] {
+        debug_assert!(at + LANES <= self.len());
+        // SAFETY: the caller's contract.
+        unsafe {
+            let p = self.as_ptr().add(at);
+            std::array::from_fn(|i| std::arch::aarch64::vld1q_f32(p.add(4 * i)))
+        }
+    }
     #[inline(always)]
     fn prefetch(&self, at: usize) {
         prefetch_line(self.as_ptr().wrapping_add(at).cast());
@@ -326,7 +351,24 @@ impl WeightRow for &[half::bf16] {
             ]
         }
     }
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn load_neon(&self, at: usize) -> [std::arch::aarch64::float32x4_t; 4] {
+        use std::arch::aarch64::*;
+        debug_assert!(at + LANES <= self.len());
+        // SAFETY: the caller's contract; 16 bf16 are two loads of 8. Each half widened and
+        // shifted into the top half of its f32 (`shll`): the exact value, as `lanes`.
+        unsafe {
+            let p = self.as_ptr().add(at).cast::<u16>();
+            let (lo, hi) = (vld1q_u16(p), vld1q_u16(p.add(8)));
+            [
+                vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(lo))),
+                vreinterpretq_f32_u32(vshll_high_n_u16::<16>(lo)),
+                vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(hi))),
+                vreinterpretq_f32_u32(vshll_high_n_u16::<16>(hi)),
+            ]
+        }
+    }
     #[inline(always)]
     fn prefetch(&self, at: usize) {
         prefetch_line(self.as_ptr().wrapping_add(at).cast());
@@ -334,12 +376,24 @@ impl WeightRow for &[half::bf16] {
 }
 
 /// A prefetch into L1: no architectural effect, never a fault, wherever `at` points.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_line(at: *const i8) {
-    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    #[cfg(target_arch = "x86_64")]
     // SAFETY: see above.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(at) }
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at)
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: see above.
+    unsafe {
+        std::arch::asm!(
+            "prfm pldl1keep, [{}]",
+            in(reg) at,
+            options(nostack, readonly, preserves_flags)
+        )
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = at;
 }
 
 /// `out = x · Wᵀ (+ b)` for at most [`SMALL_M`] rows: each task streams the weight rows of its
@@ -388,8 +442,8 @@ fn small_m(
     }
 }
 
-/// The sums of [`small_m`] for the output columns `cols`: AVX-512 where the CPU has it, else
-/// the portable code (the same bits either way).
+/// The sums of [`small_m`] for the output columns `cols`: AVX-512 or else AVX2 where the CPU
+/// has them, NEON on aarch64, else the portable code (the same bits every way).
 fn small_m_block<W: WeightRow>(
     x: &[f32],
     m: usize,
@@ -408,13 +462,18 @@ fn small_m_block<W: WeightRow>(
         // SAFETY: the CPU supports AVX2.
         return unsafe { small_m_avx2(x, m, k, w, cols, sums) };
     }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: NEON is part of every aarch64 CPU.
+    return unsafe { small_m_neon(x, m, k, w, cols, sums) };
+    #[cfg(not(target_arch = "aarch64"))]
     small_m_generic(x, m, k, w, cols, sums)
 }
 
-/// How many weights ahead of its loads the AVX-512 streaming kernel prefetches each weight row:
-/// at 8 rows of 17920 × 2560 bf16, 2 threads, the weights stream at 17 GB/s without, 21 / 25 /
-/// 26.5 / 26 GB/s with 256 / 512 / 1024 / 2048.
-#[cfg(target_arch = "x86_64")]
+/// How many weights ahead of its loads the SIMD streaming kernels prefetch each weight row:
+/// at 8 rows of 17920 × 2560 bf16, 2 threads, AVX-512, the weights stream at 17 GB/s without,
+/// 21 / 25 / 26.5 / 26 GB/s with 256 / 512 / 1024 / 2048. The NEON version uses the same
+/// distance (not measured on ARM hardware).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const WEIGHT_PREFETCH: usize = 1024;
 
 /// The walk over blocks shared by every version of the streaming kernel: the output columns
@@ -460,6 +519,7 @@ fn for_each_block<W: WeightRow, const R: usize, const C: usize>(
 /// The sums of [`small_m`] for the output columns `cols`, in portable code. Plain multiplies and
 /// adds, no fused multiply-add: every build computes the same bits.
 #[inline(always)]
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 fn small_m_generic<W: WeightRow>(
     x: &[f32],
     m: usize,
@@ -575,6 +635,58 @@ unsafe fn small_m_avx2<W: WeightRow>(
                 unsafe {
                     _mm256_storeu_ps(d.as_mut_ptr(), v[0]);
                     _mm256_storeu_ps(d.as_mut_ptr().add(8), v[1]);
+                }
+            }
+        }
+        lanes
+    })
+}
+
+/// [`small_m_generic`] with the 16 lanes in four q registers, on blocks of [`NEON_ROWS`] ×
+/// [`NEON_COLS`] (16 accumulator registers of 32): the same multiplies and adds in the same
+/// order (`fmul` then `fadd`, never `fmla`), so the same bits.
+///
+/// # Safety
+/// None beyond the arguments' (NEON is part of every aarch64 CPU); `unsafe` for symmetry with
+/// the x86 versions.
+#[cfg(target_arch = "aarch64")]
+unsafe fn small_m_neon<W: WeightRow>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: W,
+    cols: std::ops::Range<usize>,
+    sums: &mut [f32],
+) {
+    use std::arch::aarch64::*;
+    for_each_block::<W, NEON_ROWS, NEON_COLS>(x, m, k, &w, cols, sums, |rows, w_at, whole| {
+        // SAFETY: NEON; zeroed registers.
+        let mut acc = [[[unsafe { vdupq_n_f32(0.0) }; 4]; NEON_COLS]; NEON_ROWS];
+        for kk in (0..whole).step_by(LANES) {
+            // SAFETY: kk + 16 <= k within each weight row and input row; NEON.
+            unsafe {
+                for &at in w_at {
+                    w.prefetch(at + kk + WEIGHT_PREFETCH);
+                }
+                let wv: [[float32x4_t; 4]; NEON_COLS] =
+                    std::array::from_fn(|j| w.load_neon(w_at[j] + kk));
+                for (acc_row, row) in acc.iter_mut().zip(rows) {
+                    let p = row.as_ptr().add(kk);
+                    let xv: [float32x4_t; 4] = std::array::from_fn(|q| vld1q_f32(p.add(4 * q)));
+                    for (a, wj) in acc_row.iter_mut().zip(&wv) {
+                        for q in 0..4 {
+                            a[q] = vaddq_f32(a[q], vmulq_f32(xv[q], wj[q]));
+                        }
+                    }
+                }
+            }
+        }
+        let mut lanes = [[[0.0f32; LANES]; NEON_COLS]; NEON_ROWS];
+        for (dst, src) in lanes.iter_mut().zip(&acc) {
+            for (d, v) in dst.iter_mut().zip(src) {
+                for (q, &part) in v.iter().enumerate() {
+                    // SAFETY: 4 f32 into the 16-element array at 4·q; NEON.
+                    unsafe { vst1q_f32(d.as_mut_ptr().add(4 * q), part) };
                 }
             }
         }
@@ -715,16 +827,20 @@ mod tests {
 
     /// The SIMD streaming kernels this CPU has compute the portable code's bits, for f32 and
     /// bf16 weights, on blocks with row, column and K tails.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[test]
     fn the_simd_streaming_kernels_equal_the_portable_one_bit_for_bit() {
-        let mut kernels = Vec::new();
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            kernels.push("avx512");
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            kernels.push("avx2");
-        }
+        #[cfg(target_arch = "x86_64")]
+        let kernels: Vec<&str> = [
+            ("avx512", std::arch::is_x86_feature_detected!("avx512f")),
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+        ]
+        .into_iter()
+        .filter_map(|(name, present)| present.then_some(name))
+        .collect();
+        // NEON is part of every aarch64 CPU.
+        #[cfg(target_arch = "aarch64")]
+        let kernels = vec!["neon"];
         eprintln!("streaming kernels under test: {kernels:?}");
         for &(m, k, n) in &[(1, 16, 6), (7, 1000, 47), (SMALL_M, 35, 13)] {
             let x = data(m * k, 7);
@@ -746,12 +862,18 @@ mod tests {
                     let (w32, w16, cols) = (w32.as_slice(), w16.as_slice(), cols.clone());
                     // SAFETY: the CPU has the kernel's features (detected above).
                     unsafe {
+                        #[cfg(target_arch = "x86_64")]
                         if name == "avx512" {
                             small_m_avx512(&x, m, k, w32, cols.clone(), &mut c);
                             small_m_avx512(&x, m, k, w16, cols, &mut d);
                         } else {
                             small_m_avx2(&x, m, k, w32, cols.clone(), &mut c);
                             small_m_avx2(&x, m, k, w16, cols, &mut d);
+                        }
+                        #[cfg(target_arch = "aarch64")]
+                        {
+                            small_m_neon(&x, m, k, w32, cols.clone(), &mut c);
+                            small_m_neon(&x, m, k, w16, cols, &mut d);
                         }
                     }
                     assert_eq!(bits(&a), bits(&c), "generic vs {name} f32, {m}x{k}x{n}");
