@@ -358,23 +358,7 @@ impl<'a> PanelPrefetch<'a> {
     /// Prefetches the next `per_tile` lines into L2. A prefetch never faults; it is only a hint.
     fn step(&mut self) {
         for line in self.lines.by_ref().take(self.per_tile) {
-            let at = line.as_ptr();
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `prefetcht1` has no architectural effect; `at` lies inside the codes.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(at.cast())
-            };
-            #[cfg(target_arch = "aarch64")]
-            // SAFETY: `prfm` has no architectural effect; `at` lies inside the codes.
-            unsafe {
-                std::arch::asm!(
-                    "prfm pldl2keep, [{}]",
-                    in(reg) at,
-                    options(nostack, readonly, preserves_flags)
-                )
-            };
-            #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-            let _ = at;
+            super::prefetch(line.as_ptr(), super::CacheLevel::L2);
         }
     }
 }

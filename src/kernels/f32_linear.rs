@@ -304,7 +304,7 @@ impl WeightRow for &[f32] {
     }
     #[inline(always)]
     fn prefetch(&self, at: usize) {
-        prefetch_line(self.as_ptr().wrapping_add(at).cast());
+        super::prefetch(self.as_ptr().wrapping_add(at).cast(), super::CacheLevel::L1);
     }
 }
 
@@ -371,29 +371,8 @@ impl WeightRow for &[half::bf16] {
     }
     #[inline(always)]
     fn prefetch(&self, at: usize) {
-        prefetch_line(self.as_ptr().wrapping_add(at).cast());
+        super::prefetch(self.as_ptr().wrapping_add(at).cast(), super::CacheLevel::L1);
     }
-}
-
-/// A prefetch into L1: no architectural effect, never a fault, wherever `at` points.
-#[inline(always)]
-fn prefetch_line(at: *const i8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: see above.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at)
-    };
-    #[cfg(target_arch = "aarch64")]
-    // SAFETY: see above.
-    unsafe {
-        std::arch::asm!(
-            "prfm pldl1keep, [{}]",
-            in(reg) at,
-            options(nostack, readonly, preserves_flags)
-        )
-    };
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    let _ = at;
 }
 
 /// `out = x · Wᵀ (+ b)` for at most [`SMALL_M`] rows: each task streams the weight rows of its

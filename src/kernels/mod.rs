@@ -89,6 +89,48 @@ pub fn pseudo_random(len: usize, seed: u64, amplitude: f32) -> Vec<f32> {
         .collect()
 }
 
+/// The cache level a [`prefetch`] asks for.
+#[derive(Clone, Copy)]
+pub(crate) enum CacheLevel {
+    L1,
+    L2,
+}
+
+/// Asks for the cache line holding `at` in `level` (x86 `prefetcht0` / `prefetcht1`, aarch64
+/// `prfm pldl1keep` / `pldl2keep`, nothing elsewhere): a hint with no architectural effect, which
+/// never faults wherever `at` points.
+#[inline(always)]
+pub(crate) fn prefetch(at: *const u8, level: CacheLevel) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: see above.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
+        match level {
+            CacheLevel::L1 => _mm_prefetch::<_MM_HINT_T0>(at.cast()),
+            CacheLevel::L2 => _mm_prefetch::<_MM_HINT_T1>(at.cast()),
+        }
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: see above.
+    unsafe {
+        use std::arch::asm;
+        match level {
+            CacheLevel::L1 => asm!(
+                "prfm pldl1keep, [{}]",
+                in(reg) at,
+                options(nostack, readonly, preserves_flags)
+            ),
+            CacheLevel::L2 => asm!(
+                "prfm pldl2keep, [{}]",
+                in(reg) at,
+                options(nostack, readonly, preserves_flags)
+            ),
+        }
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = (at, level);
+}
+
 /// Checks `len == rows * cols` and both non-zero.
 pub(crate) fn check_matrix(what: &'static str, len: usize, rows: usize, cols: usize) -> Result<()> {
     if rows == 0 || cols == 0 {
