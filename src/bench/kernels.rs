@@ -1,9 +1,10 @@
 //! `bitvla bench kernels`: the ternary GEMM on the real BitVLA shapes against the `gemm` crate's
 //! f32 GEMM on identical shapes, with the machine's int8 peak calibrated in the same run
-//! (`shared/spec/kernels.md` §5). Baseline and candidate alternate (ABAB…), medians are reported,
-//! and a run is marked noisy when the machine was busy.
+//! (`shared/spec/kernels.md` §5). Baseline and candidate alternate (ABAB…) in rounds over all
+//! shapes and thread counts, medians are reported, and a run is marked noisy when the machine
+//! was busy.
 
-use super::machine::{OtherCpu, cpu_features, cpu_model, loadavg_1m};
+use super::machine::{OtherCpu, OtherCpuTotal, cpu_features, cpu_model, loadavg_1m};
 use super::peak::{PeakLoop, calibrate, rate_on_pool};
 use crate::kernels::dispatch::tile_loop;
 use crate::kernels::f32_linear::linear_gemm_parallel;
@@ -232,7 +233,55 @@ impl Case {
     }
 }
 
+/// One thread count's pool and its calibrations, repeated between the rounds.
+struct Calibrated {
+    threads: usize,
+    pool: rayon::ThreadPool,
+    /// The kernel's own int8 peak loop.
+    peak: Vec<f64>,
+    /// The vector int8 peak loop, when it differs from the kernel's (AMX).
+    vector: Vec<f64>,
+    /// The kernel's register tile on L1-resident operands.
+    tile_loop: Vec<f64>,
+}
+
+impl Calibrated {
+    fn calibrate(&mut self, peak: Option<PeakLoop>, vector: Option<PeakLoop>, opts: &Options) {
+        let pool = &self.pool;
+        if let Some(p) = peak.and_then(|l| calibrate(l, pool, opts.calib_seconds)) {
+            self.peak.push(p);
+        }
+        if let Some(p) = vector.and_then(|l| calibrate(l, pool, opts.calib_seconds)) {
+            self.vector.push(p);
+        }
+        if let Some(r) =
+            tile_loop(opts.kernel).and_then(|run| rate_on_pool(pool, opts.calib_seconds, &run))
+        {
+            self.tile_loop.push(r);
+        }
+    }
+}
+
+/// The timings of one shape at one thread count, one per round.
+#[derive(Default)]
+struct Samples {
+    ternary: Vec<f64>,
+    quantize: Vec<f64>,
+    quantize_warm: Vec<f64>,
+    f32: Vec<f64>,
+    other_cpu: OtherCpuTotal,
+}
+
 /// Runs the benchmark; calls `emit` with each JSON-serializable line as it is produced.
+///
+/// The measurements go in rounds: each round visits every shape at every thread count once,
+/// then calibrates the peaks again. A visit runs baseline, candidate and the quantization once
+/// untimed, then once timed, so that every timed run finds the caches as a run right after the
+/// same shape's would (as in a loop over one layer); the pool's workers are also awake. A
+/// disturbance of the shared machine (another tenant for 50 ms, a frequency change) then costs
+/// one repetition of each shape it overlaps rather than every repetition of one shape, which the
+/// medians reject; and the 1- and N-thread times of a shape, whose ratio is a target, are
+/// measured seconds apart rather than a whole pass over the shapes apart.
 pub fn run(
     opts: &Options,
     mut emit: impl FnMut(&serde_json::Value),
@@ -250,59 +299,94 @@ pub fn run(
     emit(&serde_json::to_value(&head)?);
     let peak_loop = PeakLoop::for_kernel(opts.kernel);
     let vector_loop = PeakLoop::vector_for_kernel(opts.kernel).filter(|&l| Some(l) != peak_loop);
-    let mut records = Vec::new();
-    for &threads in &opts.threads {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()?;
-        let mut calibrations: Vec<f64> = Vec::new();
-        let mut vector_calibrations: Vec<f64> = Vec::new();
-        let mut tile_loops: Vec<f64> = Vec::new();
-        let calib = |calibrations: &mut Vec<f64>, vector: &mut Vec<f64>, loops: &mut Vec<f64>| {
-            if let Some(p) = peak_loop.and_then(|l| calibrate(l, &pool, opts.calib_seconds)) {
-                calibrations.push(p);
-            }
-            if let Some(p) = vector_loop.and_then(|l| calibrate(l, &pool, opts.calib_seconds)) {
-                vector.push(p);
-            }
-            if let Some(r) =
-                tile_loop(opts.kernel).and_then(|run| rate_on_pool(&pool, opts.calib_seconds, &run))
-            {
-                loops.push(r);
-            }
-        };
-        calib(&mut calibrations, &mut vector_calibrations, &mut tile_loops);
-        for shape in &opts.shapes {
-            let mut case = Case::new(shape)?;
-            let (mut tern, mut base, mut quant) = (Vec::new(), Vec::new(), Vec::new());
-            let mut quant_warm = Vec::new();
-            let window = OtherCpu::start();
-            pool.install(|| -> anyhow::Result<()> {
-                case.f32(shape)?; // warm-up: page faults, pool start, frequency ramp
+    let mut pools = opts
+        .threads
+        .iter()
+        .map(|&threads| -> anyhow::Result<Calibrated> {
+            Ok(Calibrated {
+                threads,
+                pool: rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()?,
+                peak: Vec::new(),
+                vector: Vec::new(),
+                tile_loop: Vec::new(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut cases = opts
+        .shapes
+        .iter()
+        .map(Case::new)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut samples: Vec<Vec<Samples>> = (0..opts.shapes.len())
+        .map(|_| (0..pools.len()).map(|_| Samples::default()).collect())
+        .collect();
+    // On stderr, hidden when it is not a terminal (the JSON lines go to stdout).
+    let bar = indicatif::ProgressBar::new((opts.reps * opts.shapes.len() * pools.len()) as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "bench kernels: round {msg} [{elapsed_precise}] {wide_bar} {pos}/{len} runs",
+    ) {
+        bar.set_style(style);
+    }
+    // Warm-up: page faults, pool start, frequency ramp.
+    for (shape, case) in opts.shapes.iter().zip(&mut cases) {
+        for p in &pools {
+            p.pool.install(|| -> anyhow::Result<()> {
+                case.f32(shape)?;
                 case.ternary(shape, opts.kernel)?;
-                for _ in 0..opts.reps {
-                    base.push(case.f32(shape)?);
-                    let (total, quantization) = case.ternary(shape, opts.kernel)?;
-                    tern.push(total);
-                    quant.push(quantization);
-                    quant_warm.push(case.quantize_warm(shape, opts.kernel)?);
-                }
                 Ok(())
             })?;
-            let other_cpu = window.finish();
-            calib(&mut calibrations, &mut vector_calibrations, &mut tile_loops);
+        }
+    }
+    for p in &mut pools {
+        p.calibrate(peak_loop, vector_loop, opts);
+    }
+    for round in 0..opts.reps {
+        bar.set_message(format!("{}/{}", round + 1, opts.reps));
+        for ((shape, case), shape_samples) in opts.shapes.iter().zip(&mut cases).zip(&mut samples) {
+            for (p, s) in pools.iter().zip(shape_samples.iter_mut()) {
+                let window = OtherCpu::start();
+                p.pool.install(|| -> anyhow::Result<()> {
+                    case.f32(shape)?;
+                    case.ternary(shape, opts.kernel)?;
+                    case.quantize_warm(shape, opts.kernel)?;
+                    s.f32.push(case.f32(shape)?);
+                    let (total, quantization) = case.ternary(shape, opts.kernel)?;
+                    s.ternary.push(total);
+                    s.quantize.push(quantization);
+                    s.quantize_warm
+                        .push(case.quantize_warm(shape, opts.kernel)?);
+                    Ok(())
+                })?;
+                s.other_cpu.add(&window);
+                bar.inc(1);
+            }
+        }
+        for p in &mut pools {
+            p.calibrate(peak_loop, vector_loop, opts);
+        }
+    }
+    bar.finish_and_clear();
 
-            let mut gemm_only: Vec<f64> = tern.iter().zip(&quant).map(|(t, q)| t - q).collect();
-            let gemm_only_med = median(&mut gemm_only);
-            let (t_med, f_med) = (median(&mut tern), median(&mut base));
-            let (t_min, f_min) = (tern[0], base[0]);
-            let peak = (!calibrations.is_empty()).then(|| median(&mut calibrations.clone()));
-            let spread = peak.map(|p| {
-                calibrations
-                    .iter()
-                    .map(|c| (c - p).abs() / p)
-                    .fold(0.0, f64::max)
-            });
+    let mut records = Vec::new();
+    for (pi, p) in pools.iter().enumerate() {
+        let peak = (!p.peak.is_empty()).then(|| median(&mut p.peak.clone()));
+        let spread = peak.map(|pk| {
+            p.peak
+                .iter()
+                .map(|c| (c - pk).abs() / pk)
+                .fold(0.0, f64::max)
+        });
+        let vector_peak = if vector_loop.is_some() {
+            (!p.vector.is_empty()).then(|| median(&mut p.vector.clone()))
+        } else {
+            peak
+        };
+        let tile_loop_rate = (!p.tile_loop.is_empty()).then(|| median(&mut p.tile_loop.clone()));
+        for (shape, shape_samples) in opts.shapes.iter().zip(&mut samples) {
+            let s = &mut shape_samples[pi];
+            let other_cpu = s.other_cpu.cores();
             let mut reasons = Vec::new();
             match other_cpu {
                 Some(o) if o > 0.2 => reasons.push(format!("other processes used {o:.2} cores")),
@@ -313,15 +397,20 @@ pub fn run(
                     }
                 }
             }
-            if let Some(s) = spread.filter(|&s| s > 0.10) {
-                reasons.push(format!("calibration spread {:.0}% > 10%", s * 100.0));
+            if let Some(sp) = spread.filter(|&sp| sp > 0.10) {
+                reasons.push(format!("calibration spread {:.0}% > 10%", sp * 100.0));
             }
+            let mut gemm_only: Vec<f64> = s
+                .ternary
+                .iter()
+                .zip(&s.quantize)
+                .map(|(t, q)| t - q)
+                .collect();
+            let gemm_only_med = median(&mut gemm_only);
+            let (t_med, f_med) = (median(&mut s.ternary), median(&mut s.f32));
+            // `median` sorted them.
+            let (t_min, f_min) = (s.ternary[0], s.f32[0]);
             let gops = shape.ops() / t_med / 1e9;
-            let vector_peak = if vector_loop.is_some() {
-                (!vector_calibrations.is_empty()).then(|| median(&mut vector_calibrations.clone()))
-            } else {
-                peak
-            };
             let record = Record {
                 kind: "result",
                 shape: shape.label(),
@@ -329,22 +418,20 @@ pub fn run(
                 m: shape.m,
                 k: shape.k,
                 n: shape.n,
-                threads,
+                threads: p.threads,
                 kernel: opts.kernel.name(),
                 gops,
                 peak_gops: peak,
-                efficiency: peak.map(|p| gops / p),
+                efficiency: peak.map(|pk| gops / pk),
                 vector_peak_gops: vector_peak,
-                efficiency_vs_vector_peak: vector_peak.map(|p| gops / p),
+                efficiency_vs_vector_peak: vector_peak.map(|pk| gops / pk),
                 f32_gflops: shape.ops() / f_med / 1e9,
                 speedup_vs_f32: f_med / t_med,
                 median_ms: t_med * 1e3,
-                quantize_median_ms: median(&mut quant) * 1e3,
-                quantize_warm_median_ms: median(&mut quant_warm) * 1e3,
-                gemm_only_efficiency: peak.map(|p| shape.ops() / gemm_only_med / 1e9 / p),
-                tile_loop_efficiency: peak
-                    .filter(|_| !tile_loops.is_empty())
-                    .map(|p| median(&mut tile_loops.clone()) / p),
+                quantize_median_ms: median(&mut s.quantize) * 1e3,
+                quantize_warm_median_ms: median(&mut s.quantize_warm) * 1e3,
+                gemm_only_efficiency: peak.map(|pk| shape.ops() / gemm_only_med / 1e9 / pk),
+                tile_loop_efficiency: peak.zip(tile_loop_rate).map(|(pk, r)| r / pk),
                 min_ms: t_min * 1e3,
                 f32_median_ms: f_med * 1e3,
                 f32_min_ms: f_min * 1e3,

@@ -113,9 +113,38 @@ impl OtherCpu {
     }
     /// Average number of cores used by other processes during the window (None if unknown).
     pub fn finish(&self) -> Option<f64> {
-        let wall = self.wall.elapsed().as_secs_f64();
-        let busy = total_busy_seconds()? - self.busy?;
-        let own = own_seconds()? - self.own?;
-        (wall > 0.05).then(|| ((busy - own) / wall).max(0.0))
+        let mut total = OtherCpuTotal::default();
+        total.add(self);
+        total.cores()
+    }
+}
+
+/// The CPU time of other processes summed over several windows, for a measurement spread over
+/// time (the kernel benchmark visits each shape once per round). /proc counts in 10 ms ticks,
+/// so one short window says little, but the sums over all of a shape's windows are unbiased.
+#[derive(Debug, Default, Clone)]
+pub struct OtherCpuTotal {
+    wall: f64,
+    other: f64,
+    /// A window could not be read (no /proc): the total is unknown.
+    unknown: bool,
+}
+
+impl OtherCpuTotal {
+    /// Adds the window from `window`'s start to now.
+    pub fn add(&mut self, window: &OtherCpu) {
+        self.wall += window.wall.elapsed().as_secs_f64();
+        let busy = total_busy_seconds().zip(window.busy).map(|(b, b0)| b - b0);
+        let own = own_seconds().zip(window.own).map(|(o, o0)| o - o0);
+        match busy.zip(own) {
+            Some((busy, own)) => self.other += busy - own,
+            None => self.unknown = true,
+        }
+    }
+
+    /// Average number of cores other processes used over the windows (None if unknown or if the
+    /// windows add up to less than 50 ms).
+    pub fn cores(&self) -> Option<f64> {
+        (!self.unknown && self.wall > 0.05).then(|| (self.other / self.wall).max(0.0))
     }
 }
