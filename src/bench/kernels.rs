@@ -233,6 +233,18 @@ impl Case {
     }
 }
 
+/// Makes sure every worker of the current pool is awake (spinning for work, not asleep) when
+/// the next timed run starts, as between a forward pass's back-to-back layers. A rayon worker
+/// that finds no work for some tens of microseconds sleeps, and waking it costs the run that
+/// needs it about 20 µs on the development machine's VM (traced per block: after the f32
+/// baseline of ViT q/k/v, which leaves the second worker idle at its end, the next
+/// quantization's first block started about 10 µs late and the second thread's about 22 µs;
+/// 48 µs for the pass against 30 µs with the workers awake). Both sides get it, so neither
+/// pays the other's idle tail.
+fn wake_workers() {
+    rayon::broadcast(|_| ());
+}
+
 /// One thread count's pool and its calibrations, repeated between the rounds.
 struct Calibrated {
     threads: usize,
@@ -277,7 +289,8 @@ struct Samples {
 /// The measurements go in rounds: each round visits every shape at every thread count once,
 /// then calibrates the peaks again. A visit runs baseline, candidate and the quantization once
 /// untimed, then once timed, so that every timed run finds the caches as a run right after the
-/// same shape's would (as in a loop over one layer); the pool's workers are also awake. A
+/// same shape's would (as in a loop over one layer), and each timed side starts with the pool's
+/// workers awake ([`wake_workers`]). A
 /// disturbance of the shared machine (another tenant for 50 ms, a frequency change) then costs
 /// one repetition of each shape it overlaps rather than every repetition of one shape, which the
 /// medians reject; and the 1- and N-thread times of a shape, whose ratio is a target, are
@@ -351,7 +364,9 @@ pub fn run(
                     case.f32(shape)?;
                     case.ternary(shape, opts.kernel)?;
                     case.quantize_warm(shape, opts.kernel)?;
+                    wake_workers();
                     s.f32.push(case.f32(shape)?);
+                    wake_workers();
                     let (total, quantization) = case.ternary(shape, opts.kernel)?;
                     s.ternary.push(total);
                     s.quantize.push(quantization);
