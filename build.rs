@@ -14,8 +14,24 @@ fn main() {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".to_string());
-    println!("cargo:rustc-env=BITVLA_GIT_COMMIT={commit}");
-    for path in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"] {
+    // A build from modified sources says so: benchmark figures name the code they measured.
+    let dirty = Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success() && !o.stdout.is_empty())
+        .is_some();
+    let suffix = if dirty { "-dirty" } else { "" };
+    println!("cargo:rustc-env=BITVLA_GIT_COMMIT={commit}{suffix}");
+    // The sources too, so that the dirty mark follows edits (running git costs milliseconds).
+    for path in [
+        ".git/HEAD",
+        ".git/index",
+        ".git/refs/heads",
+        ".git/packed-refs",
+        "src",
+        "Cargo.toml",
+    ] {
         if Path::new(path).exists() {
             println!("cargo:rerun-if-changed={path}");
         }

@@ -290,11 +290,11 @@ struct Samples {
 /// then calibrates the peaks again. A visit runs baseline, candidate and the quantization once
 /// untimed, then once timed, so that every timed run finds the caches as a run right after the
 /// same shape's would (as in a loop over one layer), and each timed side starts with the pool's
-/// workers awake ([`wake_workers`]). A
-/// disturbance of the shared machine (another tenant for 50 ms, a frequency change) then costs
-/// one repetition of each shape it overlaps rather than every repetition of one shape, which the
-/// medians reject; and the 1- and N-thread times of a shape, whose ratio is a target, are
-/// measured seconds apart rather than a whole pass over the shapes apart.
+/// workers awake ([`wake_workers`]). A disturbance of the shared machine (another tenant for
+/// 50 ms, a frequency change) then costs one repetition of each shape it overlaps rather than
+/// every repetition of one shape, which the medians reject; and the 1- and N-thread times of a
+/// shape, whose ratio is a target, are measured seconds apart rather than a whole pass over the
+/// shapes apart.
 pub fn run(
     opts: &Options,
     mut emit: impl FnMut(&serde_json::Value),
