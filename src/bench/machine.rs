@@ -148,3 +148,26 @@ impl OtherCpuTotal {
         (!self.unknown && self.wall > 0.05).then(|| (self.other / self.wall).max(0.0))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Windows add up: two of 30 ms make a measurement, one does not.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn other_cpu_sums_its_windows() {
+        let window = || {
+            let w = OtherCpu::start();
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            w
+        };
+        let mut total = OtherCpuTotal::default();
+        total.add(&window());
+        assert_eq!(total.cores(), None, "30 ms is too short to measure");
+        total.add(&window());
+        let cores = total.cores().expect("two windows make 60 ms");
+        // Other processes of the machine may use any number of its CPUs.
+        assert!(cores.is_finite() && cores >= 0.0, "{cores}");
+    }
+}
