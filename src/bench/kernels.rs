@@ -342,16 +342,6 @@ pub fn run(
     ) {
         bar.set_style(style);
     }
-    // Warm-up: page faults, pool start, frequency ramp.
-    for (shape, case) in opts.shapes.iter().zip(&mut cases) {
-        for p in &pools {
-            p.pool.install(|| -> anyhow::Result<()> {
-                case.f32(shape)?;
-                case.ternary(shape, opts.kernel)?;
-                Ok(())
-            })?;
-        }
-    }
     for p in &mut pools {
         p.calibrate(peak_loop, vector_loop, opts);
     }
@@ -361,6 +351,8 @@ pub fn run(
             for (p, s) in pools.iter().zip(shape_samples.iter_mut()) {
                 let window = OtherCpu::start();
                 p.pool.install(|| -> anyhow::Result<()> {
+                    // Untimed; in the first round also the warm-up (page faults, pool start,
+                    // frequency ramp).
                     case.f32(shape)?;
                     case.ternary(shape, opts.kernel)?;
                     case.quantize_warm(shape, opts.kernel)?;
