@@ -3,6 +3,7 @@
 
 pub mod cdr;
 pub mod episode;
+mod mcap_file;
 pub mod msgs;
 pub mod reader;
 pub mod writer;

@@ -1,9 +1,12 @@
 //! Reading rosbag2 bags: a bag directory (`metadata.yaml` naming its MCAP or sqlite3 files, split
-//! bags included), a bare `.mcap` file, or a bare `.db3` file. Messages are visited in storage
-//! order with their serialized (CDR) bytes. A file that is truncated or corrupt part-way is read up to the damage and
-//! reported as a warning; a bag that cannot be opened at all is an error.
+//! bags included), a bare `.mcap` file, or a bare `.db3` file. Messages are visited in log-time
+//! order, across chunks and split files, as rosbag2 plays them, with their serialized (CDR)
+//! bytes. A file that is truncated or corrupt part-way is read up to the damage and reported as
+//! a warning; a bag that cannot be opened at all is an error.
 
-use std::collections::HashMap;
+use super::mcap_file::{Decompressed, Intern, McapFile, SpanMessage, map_file};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -59,6 +62,9 @@ pub struct ReadSummary {
     pub bytes: u64,
     /// Damage found and skipped (file, position, error).
     pub warnings: Vec<String>,
+    /// The most decompressed chunk data held at once [bytes]: the read's memory, which
+    /// depends on how chunks overlap in time, not on the bag's size.
+    pub peak_buffered_bytes: u64,
 }
 
 /// An opened bag (files checked, nothing read yet).
@@ -252,8 +258,10 @@ impl BagReader {
         out
     }
 
-    /// Visits every message in storage order until `visit` breaks. Damage inside a file ends
-    /// that file with a warning; the next file is still read.
+    /// Visits every message in log-time order, across chunks and files (as rosbag2 plays a
+    /// bag), until `visit` breaks. Equal times keep the order of the files and of storage.
+    /// Memory holds the chunks whose time ranges overlap the current time, plus a few
+    /// decompressed ahead, not the bag. Damage inside a file is a warning; the rest is read.
     pub fn read(
         &self,
         mut visit: impl FnMut(BagMessage<'_>) -> ControlFlow<()>,
@@ -272,383 +280,29 @@ impl BagReader {
                 })
             }))
         };
-        for (file, storage) in &self.files {
-            let flow = match storage {
-                Storage::Mcap => read_mcap(file, &mut intern, &mut visit, &mut summary)?,
-                Storage::Sqlite3 => read_sqlite(file, &mut intern, &mut visit, &mut summary)?,
-            };
-            if flow.is_break() {
-                break;
+        // Every file is opened before the first message: one that cannot be read at all is an
+        // error, not a replay that stops half-way.
+        let mut mcaps = Vec::new();
+        let mut sqlites = Vec::new();
+        for (rank, (file, storage)) in self.files.iter().enumerate() {
+            match storage {
+                Storage::Mcap => {
+                    let mut f = McapFile::open(file, &mut intern)?;
+                    summary.warnings.append(&mut f.warnings);
+                    mcaps.push((rank, f));
+                }
+                Storage::Sqlite3 => sqlites.push((rank, SqliteFile::open(file, &mut intern)?)),
             }
         }
+        std::thread::scope(|scope| {
+            let streams = sqlites
+                .into_iter()
+                .map(|(rank, f)| f.stream(rank, scope))
+                .collect();
+            Merge::new(mcaps, streams).run(&mut intern, &mut visit, &mut summary);
+        });
         Ok(summary)
     }
-}
-
-fn map_file(path: &Path) -> Result<memmap2::Mmap, BagError> {
-    let f = std::fs::File::open(path).map_err(|source| BagError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    // SAFETY: the map is read-only; a bag modified while it is replayed is the user's error and
-    // at worst yields garbage bytes, which every decoder checks.
-    unsafe { memmap2::Mmap::map(&f) }.map_err(|source| BagError::Io {
-        path: path.display().to_string(),
-        source,
-    })
-}
-
-type Intern<'x> = dyn FnMut(&str, &str, &str) -> Arc<Connection> + 'x;
-
-/// Per-file state of the MCAP record walk.
-struct McapWalk<'p> {
-    path: &'p Path,
-    schemas: HashMap<u16, String>,
-    by_channel: HashMap<u16, Arc<Connection>>,
-    count: u64,
-    /// The damage that ended the fast pass (the rest of the file is skipped; the salvage pass
-    /// reports its own).
-    damage: Option<String>,
-    /// Messages to pass over (already visited by the fast pass).
-    skip: u64,
-    /// Chunks read but not yet decompressed and walked (fast pass).
-    pending: Vec<(mcap::records::ChunkHeader, Vec<u8>)>,
-    /// Decompression buffers, one per pending chunk, reused.
-    scratch: Vec<Vec<u8>>,
-    /// Largest decompressed chunk accepted.
-    limit: usize,
-}
-
-impl<'p> McapWalk<'p> {
-    fn new(path: &'p Path, limit: usize, skip: u64) -> Self {
-        Self {
-            path,
-            schemas: HashMap::new(),
-            by_channel: HashMap::new(),
-            count: 0,
-            damage: None,
-            skip,
-            pending: Vec::new(),
-            scratch: Vec::new(),
-            limit,
-        }
-    }
-
-    /// Decompresses the pending chunks in parallel, then visits their records in order. A
-    /// damaged chunk ends the file after the records of the chunks before it.
-    fn flush(
-        &mut self,
-        intern: &mut Intern<'_>,
-        visit: &mut dyn FnMut(BagMessage<'_>) -> ControlFlow<()>,
-        summary: &mut ReadSummary,
-    ) -> ControlFlow<()> {
-        use rayon::prelude::*;
-        if self.pending.is_empty() {
-            return ControlFlow::Continue(());
-        }
-        let n = self.pending.len();
-        self.scratch
-            .resize_with(n.max(self.scratch.len()), Vec::new);
-        let limit = self.limit;
-        let results: Vec<Result<(), String>> = self
-            .pending
-            .par_iter()
-            .zip(self.scratch.par_iter_mut())
-            .map(|((header, data), buf)| decompress_chunk(header, data, limit, buf))
-            .collect();
-        self.pending.clear();
-        let scratch = std::mem::take(&mut self.scratch);
-        let mut flow = ControlFlow::Continue(());
-        'chunks: for (result, buf) in results.into_iter().zip(&scratch).take(n) {
-            if let Err(e) = result {
-                self.damage = Some(self.damaged(&e));
-                break;
-            }
-            for item in chunk_records(buf) {
-                match item
-                    .and_then(|(op, body)| mcap::parse_record(op, body).map_err(|e| e.to_string()))
-                {
-                    Ok(r) => {
-                        if self.record(r, intern, visit, summary).is_break() {
-                            flow = ControlFlow::Break(());
-                            break 'chunks;
-                        }
-                    }
-                    Err(e) => {
-                        self.damage = Some(self.damaged(&e));
-                        break 'chunks;
-                    }
-                }
-            }
-        }
-        self.scratch = scratch;
-        flow
-    }
-
-    fn damaged(&self, e: &dyn std::fmt::Display) -> String {
-        format!(
-            "{}: damaged after {} messages ({e}); the rest of this file is skipped",
-            self.path.display(),
-            self.count
-        )
-    }
-
-    /// One schema, channel or message record; Err(warning) ends the file.
-    fn record(
-        &mut self,
-        record: mcap::records::Record<'_>,
-        intern: &mut Intern<'_>,
-        visit: &mut dyn FnMut(BagMessage<'_>) -> ControlFlow<()>,
-        summary: &mut ReadSummary,
-    ) -> ControlFlow<()> {
-        use mcap::records::Record;
-        match record {
-            Record::Schema { header, .. } => {
-                self.schemas.insert(header.id, header.name);
-            }
-            Record::Channel(c) => {
-                let ty = self.schemas.get(&c.schema_id).map_or("", String::as_str);
-                self.by_channel
-                    .insert(c.id, intern(&c.topic, ty, &c.message_encoding));
-            }
-            Record::Message { header, data } => {
-                let Some(connection) = self.by_channel.get(&header.channel_id) else {
-                    summary.warnings.push(format!(
-                        "{}: message {} names unknown channel {}; skipped",
-                        self.path.display(),
-                        self.count,
-                        header.channel_id
-                    ));
-                    return ControlFlow::Continue(());
-                };
-                self.count += 1;
-                if self.skip > 0 {
-                    self.skip -= 1;
-                    return ControlFlow::Continue(());
-                }
-                summary.messages += 1;
-                summary.bytes += data.len() as u64;
-                return visit(BagMessage {
-                    connection,
-                    log_time: header.log_time,
-                    data: &data,
-                });
-            }
-            _ => {}
-        }
-        ControlFlow::Continue(())
-    }
-}
-
-/// A chunk's records, decompressed in one call (the `mcap` crate's streaming decompressor
-/// reads zstd at about half the speed).
-fn decompress_chunk(
-    header: &mcap::records::ChunkHeader,
-    data: &[u8],
-    limit: usize,
-    scratch: &mut Vec<u8>,
-) -> Result<(), String> {
-    {
-        let size = usize::try_from(header.uncompressed_size)
-            .ok()
-            .filter(|&n| n <= limit)
-            .ok_or_else(|| {
-                format!(
-                    "chunk claims {} uncompressed bytes, over the {limit}-byte limit",
-                    header.uncompressed_size
-                )
-            })?;
-        scratch.clear();
-        match header.compression.as_str() {
-            "" => scratch.extend_from_slice(data),
-            "zstd" => {
-                scratch.reserve(size);
-                let mut d = zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?;
-                d.decompress_to_buffer(data, scratch)
-                    .map_err(|e| format!("zstd chunk: {e}"))?;
-            }
-            "lz4" => {
-                use std::io::Read;
-                let mut d = lz4::Decoder::new(data).map_err(|e| format!("lz4 chunk: {e}"))?;
-                (&mut d)
-                    .take(size as u64 + 1)
-                    .read_to_end(scratch)
-                    .map_err(|e| format!("lz4 chunk: {e}"))?;
-            }
-            other => return Err(format!("chunk compression {other:?} is not supported")),
-        }
-        if scratch.len() != size {
-            return Err(format!(
-                "chunk decompressed to {} bytes, its header says {size}",
-                scratch.len()
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Splits a chunk's records: opcode (u8), length (u64 LE), body.
-fn chunk_records(buf: &[u8]) -> impl Iterator<Item = Result<(u8, &[u8]), String>> {
-    let mut pos = 0usize;
-    std::iter::from_fn(move || {
-        if pos >= buf.len() {
-            return None;
-        }
-        let head = buf.get(pos..pos + 9);
-        let Some(head) = head else {
-            pos = buf.len();
-            return Some(Err("truncated record header in a chunk".into()));
-        };
-        let len = u64::from_le_bytes(head[1..9].try_into().unwrap_or([0xff; 8]));
-        let start = pos + 9;
-        let end = usize::try_from(len)
-            .ok()
-            .and_then(|l| start.checked_add(l))
-            .filter(|&e| e <= buf.len());
-        match end {
-            Some(end) => {
-                pos = end;
-                Some(Ok((head[0], &buf[start..end])))
-            }
-            None => {
-                pos = buf.len();
-                Some(Err(format!(
-                    "chunk record of {len} bytes overruns its chunk"
-                )))
-            }
-        }
-    })
-}
-
-/// The largest record (or decompressed chunk) accepted from a file of `len` bytes: a damaged
-/// chunk header claiming terabytes must be an error, not an allocation that aborts the process.
-fn record_limit(len: usize) -> usize {
-    len.saturating_mul(64).clamp(64 << 20, 4 << 30)
-}
-
-fn read_mcap(
-    path: &Path,
-    intern: &mut Intern<'_>,
-    visit: &mut dyn FnMut(BagMessage<'_>) -> ControlFlow<()>,
-    summary: &mut ReadSummary,
-) -> Result<ControlFlow<()>, BagError> {
-    use mcap::records::Record;
-    use mcap::sans_io::{LinearReadEvent, LinearReader, LinearReaderOptions};
-    let map = map_file(path)?;
-    if map.len() < 8 || &map[..8] != mcap::MAGIC {
-        return Err(open_err(
-            path,
-            "not an MCAP file (no MCAP magic at the start)",
-        ));
-    }
-    let mut walk = McapWalk::new(path, record_limit(map.len()), 0);
-    let mut reader = LinearReader::new_with_options(
-        LinearReaderOptions::default()
-            .with_skip_end_magic(true)
-            .with_emit_chunks(true)
-            .with_record_length_limit(walk.limit),
-    );
-    let mut rest: &[u8] = &map;
-    let batch = 2 * rayon::current_num_threads();
-    while let Some(event) = reader.next_event() {
-        let record = match event {
-            Ok(LinearReadEvent::ReadRequest(need)) => {
-                let n = need.min(rest.len());
-                reader.insert(n).copy_from_slice(&rest[..n]);
-                reader.notify_read(n);
-                rest = &rest[n..];
-                continue;
-            }
-            Ok(LinearReadEvent::Record { opcode, data }) => mcap::parse_record(opcode, data),
-            Err(e) => Err(e),
-        };
-        // Chunks are decompressed in parallel batches and walked in order; anything else
-        // (damage, the end of the data, a record outside chunks) first walks the batch.
-        let chunk = matches!(record, Ok(Record::Chunk { .. }));
-        if !chunk || walk.pending.len() >= batch {
-            let flow = walk.flush(intern, visit, summary);
-            if flow.is_break() || walk.damage.is_some() {
-                return salvage(path, walk, flow, intern, visit, summary);
-            }
-        }
-        match record {
-            Ok(Record::Chunk { header, data }) => walk.pending.push((header, data.into_owned())),
-            Ok(Record::DataEnd(_) | Record::Footer(_)) => break,
-            Ok(other) => {
-                if walk.record(other, intern, visit, summary).is_break() {
-                    return Ok(ControlFlow::Break(()));
-                }
-            }
-            Err(e) => {
-                walk.damage = Some(walk.damaged(&e));
-                return salvage(
-                    path,
-                    walk,
-                    ControlFlow::Continue(()),
-                    intern,
-                    visit,
-                    summary,
-                );
-            }
-        }
-    }
-    let flow = walk.flush(intern, visit, summary);
-    salvage(path, walk, flow, intern, visit, summary)
-}
-
-/// After damage in the fast pass: reads the file again with the streaming reader, which also
-/// yields the records of a chunk cut short, passing over the messages already visited.
-fn salvage(
-    path: &Path,
-    fast: McapWalk<'_>,
-    flow: ControlFlow<()>,
-    intern: &mut Intern<'_>,
-    visit: &mut dyn FnMut(BagMessage<'_>) -> ControlFlow<()>,
-    summary: &mut ReadSummary,
-) -> Result<ControlFlow<()>, BagError> {
-    let Some(damage) = fast.damage else {
-        return Ok(flow);
-    };
-    if flow.is_break() {
-        return Ok(flow);
-    }
-    use mcap::sans_io::{LinearReadEvent, LinearReader, LinearReaderOptions};
-    let map = map_file(path)?;
-    let mut reader = LinearReader::new_with_options(
-        LinearReaderOptions::default()
-            .with_skip_end_magic(true)
-            .with_record_length_limit(record_limit(map.len())),
-    );
-    let mut walk = McapWalk::new(path, record_limit(map.len()), fast.count);
-    let mut rest: &[u8] = &map;
-    while let Some(event) = reader.next_event() {
-        let record = match event {
-            Ok(LinearReadEvent::ReadRequest(need)) => {
-                let n = need.min(rest.len());
-                reader.insert(n).copy_from_slice(&rest[..n]);
-                reader.notify_read(n);
-                rest = &rest[n..];
-                continue;
-            }
-            Ok(LinearReadEvent::Record { opcode, data }) => mcap::parse_record(opcode, data),
-            Err(e) => Err(e),
-        };
-        match record {
-            Ok(mcap::records::Record::DataEnd(_) | mcap::records::Record::Footer(_)) => break,
-            Ok(r) => {
-                if walk.record(r, intern, visit, summary).is_break() {
-                    return Ok(ControlFlow::Break(()));
-                }
-            }
-            Err(e) => {
-                summary.warnings.push(walk.damaged(&e));
-                return Ok(ControlFlow::Continue(()));
-            }
-        }
-    }
-    // The streaming reader got past what stopped the fast one: report the first damage.
-    summary.warnings.push(damage);
-    Ok(ControlFlow::Continue(()))
 }
 
 fn open_db(path: &Path) -> Result<rusqlite::Connection, BagError> {
@@ -660,75 +314,358 @@ fn open_db(path: &Path) -> Result<rusqlite::Connection, BagError> {
     Ok(db)
 }
 
-fn read_sqlite(
-    path: &Path,
-    intern: &mut Intern<'_>,
-    visit: &mut dyn FnMut(BagMessage<'_>) -> ControlFlow<()>,
-    summary: &mut ReadSummary,
-) -> Result<ControlFlow<()>, BagError> {
-    let db = open_db(path)?;
-    let bad = |e: rusqlite::Error| open_err(path, format!("not a rosbag2 sqlite3 file: {e}"));
-    let mut topics: HashMap<i64, Arc<Connection>> = HashMap::new();
-    {
-        let mut stmt = db
-            .prepare("SELECT id, name, type, serialization_format FROM topics")
+/// A rosbag2 sqlite3 file: its topics, and its messages in (timestamp, id) order.
+struct SqliteFile {
+    path: PathBuf,
+    db: rusqlite::Connection,
+    topics: HashMap<i64, Arc<Connection>>,
+}
+
+/// One row of a sqlite3 file's messages, or the damage that ended them.
+enum SqlItem {
+    Row {
+        topic_id: i64,
+        timestamp: i64,
+        data: Vec<u8>,
+    },
+    Damaged(String),
+}
+
+/// Rows in flight from a file's reader thread (a few frames at most).
+const SQL_QUEUE: usize = 16;
+
+impl SqliteFile {
+    fn open(path: &Path, intern: &mut Intern<'_>) -> Result<Self, BagError> {
+        let db = open_db(path)?;
+        let bad = |e: rusqlite::Error| open_err(path, format!("not a rosbag2 sqlite3 file: {e}"));
+        let mut topics = HashMap::new();
+        {
+            let mut stmt = db
+                .prepare("SELECT id, name, type, serialization_format FROM topics")
+                .map_err(bad)?;
+            let mut rows = stmt.query([]).map_err(bad)?;
+            while let Some(row) = rows.next().map_err(bad)? {
+                let id: i64 = row.get(0).map_err(bad)?;
+                let name: String = row.get(1).map_err(bad)?;
+                let ty: String = row.get(2).map_err(bad)?;
+                let enc: String = row.get(3).map_err(bad)?;
+                topics.insert(id, intern(&name, &ty, &enc));
+            }
+        }
+        // The query is prepared here so that a file without a messages table is an error now.
+        db.prepare("SELECT topic_id, timestamp, data FROM messages ORDER BY timestamp, id")
             .map_err(bad)?;
-        let mut rows = stmt.query([]).map_err(bad)?;
-        while let Some(row) = rows.next().map_err(bad)? {
-            let id: i64 = row.get(0).map_err(bad)?;
-            let name: String = row.get(1).map_err(bad)?;
-            let ty: String = row.get(2).map_err(bad)?;
-            let enc: String = row.get(3).map_err(bad)?;
-            topics.insert(id, intern(&name, &ty, &enc));
-        }
+        Ok(Self {
+            path: path.to_owned(),
+            db,
+            topics,
+        })
     }
-    let mut stmt = db
-        .prepare("SELECT topic_id, timestamp, data FROM messages ORDER BY timestamp, id")
-        .map_err(bad)?;
-    let mut rows = stmt.query([]).map_err(bad)?;
-    let mut count = 0u64;
-    loop {
-        let row = match rows.next() {
-            Ok(Some(row)) => row,
-            Ok(None) => break,
-            Err(e) => {
-                summary.warnings.push(format!(
-                    "{}: damaged after {count} messages ({e}); the rest of this file is skipped",
-                    path.display()
-                ));
-                break;
+
+    /// The file's messages, read on a thread of `scope` (a statement borrows its connection, so
+    /// it stays on one thread), through a short queue: the merge pulls rows as it needs them.
+    fn stream<'s>(self, rank: usize, scope: &'s std::thread::Scope<'s, '_>) -> SqlStream {
+        let (tx, rx) = std::sync::mpsc::sync_channel(SQL_QUEUE);
+        let Self { path, db, topics } = self;
+        let display = path.display().to_string();
+        scope.spawn(move || {
+            let sql = "SELECT topic_id, timestamp, data FROM messages ORDER BY timestamp, id";
+            let result = (|| -> Result<(), (u64, rusqlite::Error)> {
+                let mut stmt = db.prepare(sql).map_err(|e| (0, e))?;
+                let mut rows = stmt.query([]).map_err(|e| (0, e))?;
+                let mut count = 0u64;
+                while let Some(row) = rows.next().map_err(|e| (count, e))? {
+                    let item = match (|| -> rusqlite::Result<SqlItem> {
+                        Ok(SqlItem::Row {
+                            topic_id: row.get(0)?,
+                            timestamp: row.get(1)?,
+                            data: row.get_ref(2)?.as_blob()?.to_vec(),
+                        })
+                    })() {
+                        Ok(item) => item,
+                        Err(e) => {
+                            SqlItem::Damaged(format!("{display}: message {count}: {e}; skipped"))
+                        }
+                    };
+                    count += 1;
+                    if tx.send(item).is_err() {
+                        return Ok(()); // the reader stopped
+                    }
+                }
+                Ok(())
+            })();
+            if let Err((count, e)) = result {
+                let _ = tx.send(SqlItem::Damaged(format!(
+                    "{display}: damaged after {count} messages ({e}); the rest of this file is \
+                     skipped"
+                )));
             }
-        };
-        let fields = (|| -> rusqlite::Result<(i64, i64, &[u8])> {
-            Ok((row.get(0)?, row.get(1)?, row.get_ref(2)?.as_blob()?))
-        })();
-        let (topic_id, timestamp, data) = match fields {
-            Ok(f) => f,
-            Err(e) => {
-                summary
-                    .warnings
-                    .push(format!("{}: message {count}: {e}; skipped", path.display()));
-                continue;
-            }
-        };
-        let Some(connection) = topics.get(&topic_id) else {
-            summary.warnings.push(format!(
-                "{}: message {count} names unknown topic id {topic_id}; skipped",
-                path.display()
-            ));
-            continue;
-        };
-        count += 1;
-        summary.messages += 1;
-        summary.bytes += data.len() as u64;
-        let flow = visit(BagMessage {
-            connection,
-            log_time: u64::try_from(timestamp).unwrap_or(0),
-            data,
         });
-        if flow.is_break() {
-            return Ok(flow);
+        SqlStream {
+            rank,
+            path,
+            rx,
+            topics,
+            head: None,
+            count: 0,
         }
     }
-    Ok(ControlFlow::Continue(()))
+}
+
+struct SqlStream {
+    rank: usize,
+    path: PathBuf,
+    rx: std::sync::mpsc::Receiver<SqlItem>,
+    topics: HashMap<i64, Arc<Connection>>,
+    /// The next message: (time, connection, data).
+    head: Option<(u64, Arc<Connection>, Vec<u8>)>,
+    count: usize,
+}
+
+impl SqlStream {
+    /// Pulls the next message into `head`, passing damage and unknown topics to `warnings`.
+    fn advance(&mut self, warnings: &mut Vec<String>) {
+        self.head = None;
+        while let Ok(item) = self.rx.recv() {
+            match item {
+                SqlItem::Row {
+                    topic_id,
+                    timestamp,
+                    data,
+                } => {
+                    let Some(connection) = self.topics.get(&topic_id) else {
+                        warnings.push(format!(
+                            "{}: message {} names unknown topic id {topic_id}; skipped",
+                            self.path.display(),
+                            self.count
+                        ));
+                        self.count += 1;
+                        continue;
+                    };
+                    self.count += 1;
+                    let t = u64::try_from(timestamp).unwrap_or(0);
+                    self.head = Some((t, Arc::clone(connection), data));
+                    return;
+                }
+                SqlItem::Damaged(w) => warnings.push(w),
+            }
+        }
+    }
+}
+
+/// Where a message waits in the merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Source {
+    /// MCAP file (index into the merge's files), span, message index in the loaded span.
+    Mcap(usize, usize, usize),
+    /// sqlite3 stream (index into the merge's streams).
+    Sql(usize),
+}
+
+/// The heap's order: log time, then the file's place in the bag, then storage order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    time: u64,
+    rank: usize,
+    span: usize,
+    index: usize,
+    source: Source,
+}
+
+/// A loaded span: its bytes (decompressed; empty for loose records, read from the map) and
+/// its messages sorted by time.
+struct Loaded {
+    bytes: Vec<u8>,
+    messages: Vec<SpanMessage>,
+}
+
+/// The k-way merge of every file's messages by log time (see [`BagReader::read`]).
+struct Merge {
+    files: Vec<(usize, McapFile)>,
+    /// Every MCAP span as (file, span), by start time, then file rank, then storage order.
+    order: Vec<(usize, usize)>,
+    next: usize,
+    /// Spans decompressed ahead of their turn (in parallel).
+    ready: HashMap<(usize, usize), Decompressed>,
+    loaded: HashMap<(usize, usize), Loaded>,
+    streams: Vec<SqlStream>,
+    heap: BinaryHeap<Reverse<Key>>,
+    buffered: usize,
+}
+
+impl Merge {
+    fn new(files: Vec<(usize, McapFile)>, streams: Vec<SqlStream>) -> Self {
+        let mut order: Vec<(usize, usize)> = files
+            .iter()
+            .enumerate()
+            .flat_map(|(f, (_, file))| (0..file.spans.len()).map(move |s| (f, s)))
+            .collect();
+        order.sort_by_key(|&(f, s)| (files[f].1.spans[s].start, files[f].0, s));
+        Self {
+            files,
+            order,
+            next: 0,
+            ready: HashMap::new(),
+            loaded: HashMap::new(),
+            streams,
+            heap: BinaryHeap::new(),
+            buffered: 0,
+        }
+    }
+
+    fn run(
+        &mut self,
+        intern: &mut Intern<'_>,
+        visit: &mut dyn FnMut(BagMessage<'_>) -> ControlFlow<()>,
+        summary: &mut ReadSummary,
+    ) {
+        for k in 0..self.streams.len() {
+            self.pull_sql(k, &mut summary.warnings);
+        }
+        loop {
+            // Load every span that may hold a message as early as the earliest one waiting.
+            while let Some(&(f, s)) = self.order.get(self.next) {
+                let start = self.files[f].1.spans[s].start;
+                if self.heap.peek().is_some_and(|Reverse(k)| k.time < start) {
+                    break;
+                }
+                self.next += 1;
+                self.load(f, s, intern, summary);
+            }
+            let Some(Reverse(key)) = self.heap.pop() else {
+                break;
+            };
+            let flow = match key.source {
+                Source::Mcap(f, s, i) => self.visit_mcap(f, s, i, visit, summary),
+                Source::Sql(k) => {
+                    let flow = match &self.streams[k].head {
+                        Some((time, connection, data)) => {
+                            summary.messages += 1;
+                            summary.bytes += data.len() as u64;
+                            visit(BagMessage {
+                                connection,
+                                log_time: *time,
+                                data,
+                            })
+                        }
+                        None => ControlFlow::Continue(()),
+                    };
+                    self.pull_sql(k, &mut summary.warnings);
+                    flow
+                }
+            };
+            if flow.is_break() {
+                return;
+            }
+        }
+    }
+
+    fn pull_sql(&mut self, k: usize, warnings: &mut Vec<String>) {
+        let stream = &mut self.streams[k];
+        stream.advance(warnings);
+        if let Some((time, _, _)) = &stream.head {
+            self.heap.push(Reverse(Key {
+                time: *time,
+                rank: stream.rank,
+                span: 0,
+                index: stream.count,
+                source: Source::Sql(k),
+            }));
+        }
+    }
+
+    fn visit_mcap(
+        &mut self,
+        f: usize,
+        s: usize,
+        i: usize,
+        visit: &mut dyn FnMut(BagMessage<'_>) -> ControlFlow<()>,
+        summary: &mut ReadSummary,
+    ) -> ControlFlow<()> {
+        let (rank, file) = &self.files[f];
+        let Some(loaded) = self.loaded.get(&(f, s)) else {
+            return ControlFlow::Continue(());
+        };
+        let m = &loaded.messages[i];
+        let flow = match file.channel(m.channel) {
+            Some(connection) => {
+                let span = &file.spans[s];
+                let data = file
+                    .span_bytes(span, &loaded.bytes)
+                    .get(m.data.clone())
+                    .unwrap_or_default();
+                summary.messages += 1;
+                summary.bytes += data.len() as u64;
+                visit(BagMessage {
+                    connection,
+                    log_time: m.log_time,
+                    data,
+                })
+            }
+            None => {
+                summary.warnings.push(format!(
+                    "{}: a message at {} ns names unknown channel {}; skipped",
+                    file.path.display(),
+                    m.log_time,
+                    m.channel
+                ));
+                ControlFlow::Continue(())
+            }
+        };
+        if let Some(next) = loaded.messages.get(i + 1) {
+            self.heap.push(Reverse(Key {
+                time: next.log_time,
+                rank: *rank,
+                span: s,
+                index: i + 1,
+                source: Source::Mcap(f, s, i + 1),
+            }));
+        } else if let Some(done) = self.loaded.remove(&(f, s)) {
+            self.buffered -= done.bytes.len();
+        }
+        flow
+    }
+
+    /// Loads a span (decompressing it, and the next few in parallel, unless done already).
+    fn load(&mut self, f: usize, s: usize, intern: &mut Intern<'_>, summary: &mut ReadSummary) {
+        use rayon::prelude::*;
+        if self.files[f].1.spans[s].compressed() && !self.ready.contains_key(&(f, s)) {
+            let batch = 2 * rayon::current_num_threads();
+            let ahead: Vec<(usize, usize)> = std::iter::once((f, s))
+                .chain(self.order[self.next..].iter().copied())
+                .filter(|&(g, t)| {
+                    self.files[g].1.spans[t].compressed() && !self.ready.contains_key(&(g, t))
+                })
+                .take(batch)
+                .collect();
+            let files = &self.files;
+            let decoded: Vec<Decompressed> = ahead
+                .par_iter()
+                .map(|&(g, t)| files[g].1.decompress(&files[g].1.spans[t]))
+                .collect();
+            for (key, d) in ahead.into_iter().zip(decoded) {
+                self.buffered += d.len();
+                self.ready.insert(key, d);
+            }
+            summary.peak_buffered_bytes = summary.peak_buffered_bytes.max(self.buffered as u64);
+        }
+        let decompressed = self.ready.remove(&(f, s)).unwrap_or_default();
+        let held = decompressed.len();
+        let (rank, file) = &mut self.files[f];
+        let span = file.spans[s].clone();
+        let (bytes, messages) = file.load(&span, decompressed, intern, &mut summary.warnings);
+        self.buffered = self.buffered - held + bytes.len();
+        if let Some(first) = messages.first() {
+            self.heap.push(Reverse(Key {
+                time: first.log_time,
+                rank: *rank,
+                span: s,
+                index: 0,
+                source: Source::Mcap(f, s, 0),
+            }));
+            self.loaded.insert((f, s), Loaded { bytes, messages });
+        } else {
+            self.buffered -= bytes.len();
+        }
+    }
 }
