@@ -17,11 +17,13 @@ pub struct NodeParams {
     pub threads: i64,
     /// Third-person camera topic
     pub camera_topic: String,
-    /// raw (sensor_msgs/Image) or compressed (sensor_msgs/CompressedImage)
+    /// auto (the topic's type: sensor_msgs/Image or sensor_msgs/CompressedImage, looked up in
+    /// the ROS graph once a publisher appears, or in the bag), raw (Image) or compressed
+    /// (CompressedImage)
     pub camera_transport: String,
     /// Wrist camera topic; empty for a one-camera checkpoint
     pub wrist_camera_topic: String,
-    /// raw or compressed
+    /// auto, raw or compressed (see camera_transport)
     pub wrist_camera_transport: String,
     /// Instruction topic (std_msgs/String); a new instruction cancels the current chunk
     pub instruction_topic: String,
@@ -141,9 +143,9 @@ impl Default for NodeParams {
             unnorm_key: String::new(),
             threads: 0,
             camera_topic: "/camera/image_raw".into(),
-            camera_transport: "raw".into(),
+            camera_transport: "auto".into(),
             wrist_camera_topic: String::new(),
-            wrist_camera_transport: "raw".into(),
+            wrist_camera_transport: "auto".into(),
             instruction_topic: "/instruction".into(),
             estop_topic: "/estop".into(),
             proprio_source: "none".into(),
@@ -176,6 +178,67 @@ impl Default for NodeParams {
             gripper: "raw".into(),
             use_sim_time: false,
             fixed_latency_s: 0.0,
+        }
+    }
+}
+
+/// `sensor_msgs/msg/Image`: the `raw` camera transport.
+pub const IMAGE_TYPE: &str = "sensor_msgs/msg/Image";
+/// `sensor_msgs/msg/CompressedImage`: the `compressed` camera transport.
+pub const COMPRESSED_IMAGE_TYPE: &str = "sensor_msgs/msg/CompressedImage";
+
+/// How a camera topic is subscribed (`camera_transport`, `wrist_camera_transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CameraTransport {
+    /// `sensor_msgs/msg/Image`.
+    Raw,
+    /// `sensor_msgs/msg/CompressedImage` (JPEG or PNG).
+    Compressed,
+    /// Whichever of the two the topic carries (the ROS graph's or the bag's type).
+    Auto,
+}
+
+impl CameraTransport {
+    /// The value of the parameter `name`.
+    pub fn parse(name: &str, value: &str) -> Result<Self, String> {
+        match value {
+            "raw" => Ok(Self::Raw),
+            "compressed" => Ok(Self::Compressed),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!("{name} {other:?}: auto, raw or compressed")),
+        }
+    }
+
+    /// The transport for a topic of type `type_name` (`pkg/msg/Type`): `raw` and `compressed`
+    /// as forced; `auto` from the type, an error naming `param` (the transport parameter) and
+    /// `topic` when it is not an image type.
+    pub fn resolve(self, param: &str, topic: &str, type_name: &str) -> Result<Self, String> {
+        match (self, type_name) {
+            (Self::Auto, IMAGE_TYPE) => Ok(Self::Raw),
+            (Self::Auto, COMPRESSED_IMAGE_TYPE) => Ok(Self::Compressed),
+            (Self::Auto, other) => Err(format!(
+                "{param} auto: topic {topic} has type {other}, which is neither {IMAGE_TYPE} \
+                 nor {COMPRESSED_IMAGE_TYPE}; point the camera topic parameter at an image \
+                 topic"
+            )),
+            (forced, _) => Ok(forced),
+        }
+    }
+
+    /// The message type this transport subscribes with (None for `auto`).
+    pub fn type_name(self) -> Option<&'static str> {
+        match self {
+            Self::Raw => Some(IMAGE_TYPE),
+            Self::Compressed => Some(COMPRESSED_IMAGE_TYPE),
+            Self::Auto => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Compressed => "compressed",
+            Self::Auto => "auto",
         }
     }
 }
@@ -272,6 +335,35 @@ mod tests {
             }
         }
         assert!(n >= 5, "{n} parameter files");
+    }
+
+    #[test]
+    fn camera_transport_auto_follows_the_type_and_names_the_parameter() {
+        let auto = CameraTransport::parse("camera_transport", "auto").unwrap();
+        assert_eq!(
+            auto.resolve("camera_transport", "/c", IMAGE_TYPE),
+            Ok(CameraTransport::Raw)
+        );
+        assert_eq!(
+            auto.resolve("camera_transport", "/c", COMPRESSED_IMAGE_TYPE),
+            Ok(CameraTransport::Compressed)
+        );
+        let e = auto
+            .resolve("wrist_camera_transport", "/w", "std_msgs/msg/String")
+            .unwrap_err();
+        assert!(
+            e.contains("wrist_camera_transport") && e.contains("/w") && e.contains("std_msgs"),
+            "{e}"
+        );
+        // Forced transports stay forced (a mismatch is reported where the messages arrive).
+        let raw = CameraTransport::parse("camera_transport", "raw").unwrap();
+        assert_eq!(
+            raw.resolve("camera_transport", "/c", COMPRESSED_IMAGE_TYPE),
+            Ok(CameraTransport::Raw)
+        );
+        let e = CameraTransport::parse("camera_transport", "jpeg").unwrap_err();
+        assert!(e.contains("camera_transport") && e.contains("auto"), "{e}");
+        assert_eq!(NodeParams::default().camera_transport, "auto");
     }
 
     #[test]

@@ -14,10 +14,10 @@ use crate::bag::msgs::{
     JointTrajectory, JointTrajectoryPoint, PoseStamped, StringMsg, TwistStamped, command_values,
     decode,
 };
-use crate::bag::{BagReader, BagWriter, Connection};
+use crate::bag::{BagReader, BagWriter, Connection, ReadSummary};
 use crate::control::core::{Command, CommandMode, ControlCore, CoreConfig, TickOutput, percentile};
 use crate::model::Policy;
-use crate::params::{NODE_NAME, NodeParams};
+use crate::params::{CameraTransport, NODE_NAME, NodeParams};
 use crate::runtime::{InferenceWorker, Request, call};
 use anyhow::Context;
 use std::collections::{BTreeMap, HashMap};
@@ -134,8 +134,13 @@ pub struct ReplayReport {
     pub frames_rejected: u64,
     pub messages_skipped: u64,
     pub recorded_vs_predicted: Option<ActionComparison>,
+    /// The transport each camera topic was read with (`auto` resolved from the bag's types).
+    pub camera_transports: BTreeMap<String, String>,
     pub warning_count: u64,
+    /// Every warning, in order.
     pub warnings: Vec<String>,
+    /// The warnings grouped by kind and topic, in the order each group first occurred.
+    pub warning_summary: Vec<WarningGroup>,
     pub wall_s: f64,
     /// Wall time of the policy calls (preprocessing included).
     pub inference_s: f64,
@@ -146,6 +151,20 @@ pub struct ReplayReport {
     pub overhead_fraction: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expect: Option<ExpectResult>,
+}
+
+/// Warnings of one kind on one topic (or about the bag's files, topic empty).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WarningGroup {
+    pub kind: String,
+    pub topic: String,
+    pub count: u64,
+    /// Bag time of the first and last one, seconds after the bag's first message (None for
+    /// warnings about the files).
+    pub first_s: Option<f64>,
+    pub last_s: Option<f64>,
+    /// The first one in full.
+    pub example: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -188,8 +207,6 @@ impl Role {
     }
 }
 
-const MAX_WARNINGS: usize = 50;
-
 struct Replayer<'a> {
     opts: &'a ReplayOptions,
     core: ControlCore,
@@ -208,6 +225,11 @@ struct Replayer<'a> {
     /// Durations of every policy call that returned a chunk.
     latencies_s: Vec<f64>,
     roles: HashMap<usize, Role>,
+    /// The two cameras' transports (`auto` resolved per connection when the bag's summary
+    /// did not say).
+    transports: [CameraTransport; 2],
+    /// Index into `report.warning_summary` per (kind, topic).
+    groups: HashMap<(&'static str, String), usize>,
     report: ReplayReport,
     commands: Vec<PublishedCommand>,
     recorded: Option<(u64, Vec<f64>)>,
@@ -221,12 +243,36 @@ struct Replayer<'a> {
 }
 
 impl Replayer<'_> {
-    fn warn(&mut self, message: String) {
+    /// Records a warning of `kind` on `topic` at bag time `t_ns` (None: about the files). The
+    /// first of each kind and topic is logged as it happens; the rest are counted into its
+    /// group, which the summary prints once.
+    fn warn(&mut self, kind: &'static str, topic: &str, t_ns: Option<u64>, message: String) {
+        let t_s = t_ns.map(|t| t.saturating_sub(self.first_ns.unwrap_or(t)) as f64 * 1e-9);
         self.report.warning_count += 1;
-        if self.report.warnings.len() < MAX_WARNINGS {
-            log::warn!("{message}");
-            self.report.warnings.push(message);
+        match self.groups.get(&(kind, topic.to_owned())) {
+            Some(&i) => {
+                let g = &mut self.report.warning_summary[i];
+                g.count += 1;
+                if t_s.is_some() {
+                    g.first_s = g.first_s.or(t_s);
+                    g.last_s = t_s;
+                }
+            }
+            None => {
+                log::warn!("{message}");
+                self.groups
+                    .insert((kind, topic.to_owned()), self.report.warning_summary.len());
+                self.report.warning_summary.push(WarningGroup {
+                    kind: kind.to_owned(),
+                    topic: topic.to_owned(),
+                    count: 1,
+                    first_s: t_s,
+                    last_s: t_s,
+                    example: message.clone(),
+                });
+            }
         }
+        self.report.warnings.push(message);
     }
 
     fn core_time(&self, ns: u64) -> f64 {
@@ -239,15 +285,33 @@ impl Replayer<'_> {
         }
         let p = &self.opts.params;
         let t = c.topic.as_str();
-        let mut role = if t == p.camera_topic {
-            Role::Camera {
-                slot: 0,
-                compressed: p.camera_transport == "compressed",
-            }
+        let camera = if t == p.camera_topic {
+            Some((0, "camera_transport"))
         } else if !p.wrist_camera_topic.is_empty() && t == p.wrist_camera_topic {
-            Role::Camera {
-                slot: 1,
-                compressed: p.wrist_camera_transport == "compressed",
+            Some((1, "wrist_camera_transport"))
+        } else {
+            None
+        };
+        let mut role = if let Some((slot, param)) = camera {
+            match self.transports[slot].resolve(param, t, &c.type_name) {
+                Ok(transport) => {
+                    self.report
+                        .camera_transports
+                        .insert(t.to_owned(), transport.name().to_owned());
+                    Role::Camera {
+                        slot,
+                        compressed: transport == CameraTransport::Compressed,
+                    }
+                }
+                Err(e) => {
+                    self.warn(
+                        "type_mismatch",
+                        t,
+                        None,
+                        format!("{e}; its messages are skipped"),
+                    );
+                    Role::Ignored
+                }
             }
         } else if t == p.instruction_topic {
             Role::Instruction
@@ -264,27 +328,37 @@ impl Replayer<'_> {
             Role::Ignored
         };
         if c.encoding != "cdr" && role != Role::Ignored {
-            self.warn(format!(
-                "topic {t}: message encoding {:?} is not cdr; its messages are skipped",
-                c.encoding
-            ));
+            self.warn(
+                "encoding",
+                t,
+                None,
+                format!(
+                    "topic {t}: message encoding {:?} is not cdr; its messages are skipped",
+                    c.encoding
+                ),
+            );
             role = Role::Ignored;
         }
         if let Some(expected) = role.expected_type()
             && c.type_name != expected
         {
-            self.warn(format!(
+            self.warn("type_mismatch", t, None, format!(
                 "topic {t}: type {} in the bag, the node subscribes with {expected}; its messages are skipped",
                 c.type_name
             ));
             role = Role::Ignored;
         }
         if role == Role::Recorded && command_values(&c.type_name, &[]).is_none() {
-            self.warn(format!(
-                "recorded action topic {t}: type {} is not comparable (use Float64MultiArray, \
+            self.warn(
+                "type_mismatch",
+                t,
+                None,
+                format!(
+                    "recorded action topic {t}: type {} is not comparable (use Float64MultiArray, \
                  Float32MultiArray, TwistStamped, PoseStamped or JointTrajectory)",
-                c.type_name
-            ));
+                    c.type_name
+                ),
+            );
             role = Role::Ignored;
         }
         self.roles.insert(c.id, role);
@@ -317,21 +391,26 @@ impl Replayer<'_> {
                     Ok(img) => self.core.on_frame(slot, img, now),
                     Err(e) => {
                         self.core.on_rejected_frame();
-                        self.warn(format!("rejected frame: {e}"));
+                        self.warn(
+                            "rejected_frame",
+                            topic,
+                            Some(t_ns),
+                            format!("rejected frame: {e}"),
+                        );
                     }
                 }
             }
             Role::Instruction => match decode::<StringMsg>(data) {
                 Ok(m) => self.instruction(t_ns, &m.data),
-                Err(e) => self.warn(bad(&e)),
+                Err(e) => self.warn("undecodable", topic, Some(t_ns), bad(&e)),
             },
             Role::EStop => match decode::<BoolMsg>(data) {
                 Ok(m) => self.core.on_estop(m.data),
-                Err(e) => self.warn(bad(&e)),
+                Err(e) => self.warn("undecodable", topic, Some(t_ns), bad(&e)),
             },
             Role::JointStates => match decode::<JointState>(data) {
                 Ok(m) => self.core.on_joint_states(&m.name, &m.position),
-                Err(e) => self.warn(bad(&e)),
+                Err(e) => self.warn("undecodable", topic, Some(t_ns), bad(&e)),
             },
             Role::EePose => match decode::<PoseStamped>(data) {
                 Ok(m) => {
@@ -345,11 +424,11 @@ impl Replayer<'_> {
                         rotation,
                     ));
                 }
-                Err(e) => self.warn(bad(&e)),
+                Err(e) => self.warn("undecodable", topic, Some(t_ns), bad(&e)),
             },
             Role::Recorded => match command_values(&self.recorded_type, data) {
                 Some(Ok(v)) => self.recorded = Some((t_ns, v)),
-                Some(Err(e)) => self.warn(bad(&e)),
+                Some(Err(e)) => self.warn("undecodable", topic, Some(t_ns), bad(&e)),
                 None => {}
             },
             Role::Ignored => {}
@@ -359,7 +438,13 @@ impl Replayer<'_> {
     fn instruction(&mut self, t_ns: u64, text: &str) {
         let t_s = t_ns.saturating_sub(self.first_ns.unwrap_or(t_ns)) as f64 * 1e-9;
         if !self.core.on_instruction(text) {
-            self.warn(format!("empty instruction at {t_s:.3} s ignored"));
+            let topic = self.opts.params.instruction_topic.clone();
+            self.warn(
+                "empty_instruction",
+                &topic,
+                Some(t_ns),
+                format!("empty instruction at {t_s:.3} s ignored"),
+            );
             return;
         }
         let text = text.trim().to_owned();
@@ -441,7 +526,8 @@ impl Replayer<'_> {
             self.write(&topic, t_ns, &msg);
         }
         for (id, e) in &out.failures {
-            self.warn(format!("policy call {id} failed: {e}"));
+            let message = format!("policy call {id} failed: {e}");
+            self.warn("policy_failed", "", Some(t_ns), message);
         }
         if let Some(command) = &out.command {
             let topic = self.command_topic.clone();
@@ -574,7 +660,10 @@ pub struct ReplayOutcome {
 }
 
 /// Replays `bag` through the node's logic with `policy`, writing into `out` when given. Stops
-/// early (with a valid partial output) when `stop` is set.
+/// early (with a valid partial output) when `stop` is set. The stages: map the bag's topics to
+/// what the node subscribes ([`map_topics`]), set up the core and the policy
+/// ([`Replayer::new`]), read the bag in log-time order ticking the core on the control grid and
+/// writing what it publishes ([`Replayer::play`]), then the report ([`Replayer::finish`]).
 pub fn replay(
     bag: &BagReader,
     policy: Policy,
@@ -582,220 +671,307 @@ pub fn replay(
     out: Option<&mut BagWriter>,
     stop: &AtomicBool,
 ) -> anyhow::Result<ReplayOutcome> {
-    let p = &opts.params;
-    let mut core_params = p.clone();
-    core_params.fixed_latency_s = match opts.latency {
-        LatencyModel::Fixed(s) => s,
-        LatencyModel::Measured => 0.0,
+    let transports = map_topics(bag, &opts.params, opts.instruction.is_some())?;
+    let mut r = Replayer::new(bag, policy, opts, out, transports)?;
+    let read = r.play(bag, stop)?;
+    Ok(r.finish(read, stop))
+}
+
+/// Checks that the bag has the topics the parameters name, and resolves the cameras'
+/// transports: `auto` takes the bag's type (an error naming the parameter when it is not an
+/// image type). When a file has no readable summary the topics are not known up front: `auto`
+/// is then resolved from each connection's type as its messages arrive.
+fn map_topics(
+    bag: &BagReader,
+    p: &NodeParams,
+    instruction_given: bool,
+) -> anyhow::Result<[CameraTransport; 2]> {
+    let mut transports = [
+        CameraTransport::parse("camera_transport", &p.camera_transport)
+            .map_err(anyhow::Error::msg)?,
+        CameraTransport::parse("wrist_camera_transport", &p.wrist_camera_transport)
+            .map_err(anyhow::Error::msg)?,
+    ];
+    let Some(topics) = bag.topics() else {
+        return Ok(transports);
     };
-    let config = CoreConfig::from_params(&core_params, policy.action_dim(), policy.proprio_dim())
-        .map_err(|e| anyhow::anyhow!("parameters: {e}"))?;
-    if let Some(topics) = bag.topics() {
-        let names: Vec<&str> = topics.iter().map(|(t, _)| t.as_str()).collect();
-        anyhow::ensure!(
-            names.contains(&p.camera_topic.as_str()),
-            "the bag has no camera topic {} (camera_topic); its topics: {names:?}. Set camera_topic \
-             in the parameter file (--params)",
-            p.camera_topic
+    let names: Vec<&str> = topics.iter().map(|(t, _)| t.as_str()).collect();
+    anyhow::ensure!(
+        names.contains(&p.camera_topic.as_str()),
+        "the bag has no camera topic {} (camera_topic); its topics: {names:?}. Set camera_topic \
+         in the parameter file (--params)",
+        p.camera_topic
+    );
+    if !p.wrist_camera_topic.is_empty() && !names.contains(&p.wrist_camera_topic.as_str()) {
+        anyhow::bail!(
+            "the bag has no wrist camera topic {} (wrist_camera_topic); its topics: {names:?}",
+            p.wrist_camera_topic
         );
-        if !p.wrist_camera_topic.is_empty() && !names.contains(&p.wrist_camera_topic.as_str()) {
-            anyhow::bail!(
-                "the bag has no wrist camera topic {} (wrist_camera_topic); its topics: {names:?}",
-                p.wrist_camera_topic
-            );
+    }
+    if !instruction_given && !names.contains(&p.instruction_topic.as_str()) {
+        log::warn!(
+            "the bag has no instruction topic {}: the replay holds throughout; pass \
+             --instruction TEXT to give one",
+            p.instruction_topic
+        );
+    }
+    let cameras = [
+        (&p.camera_topic, "camera_transport"),
+        (&p.wrist_camera_topic, "wrist_camera_transport"),
+    ];
+    for (slot, (topic, param)) in cameras.into_iter().enumerate() {
+        if transports[slot] != CameraTransport::Auto || topic.is_empty() {
+            continue;
         }
-        if opts.instruction.is_none() && !names.contains(&p.instruction_topic.as_str()) {
-            log::warn!(
-                "the bag has no instruction topic {}: the replay holds throughout; pass \
-                 --instruction TEXT to give one",
-                p.instruction_topic
+        let types: Vec<&str> = topics
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, ty)| ty.as_str())
+            .collect();
+        // One type: resolved now (or an error). Several (a bag that recorded a retyped topic):
+        // each connection is resolved as its messages arrive.
+        if let [ty] = types[..] {
+            transports[slot] = CameraTransport::Auto
+                .resolve(param, topic, ty)
+                .map_err(anyhow::Error::msg)?;
+            log::info!(
+                "{param} auto: {topic} is {ty} in the bag, read as {}",
+                transports[slot].name()
             );
         }
     }
-    let definition_warnings = foreign_definitions(bag);
-    let dt_ns = (1e9 / p.control_rate_hz).round().max(1.0) as u64;
-    let (inline, worker) = if opts.realtime {
-        let worker = InferenceWorker::spawn(policy, opts.threads)
-            .context("starting the inference thread")?;
-        (None, Some(worker))
-    } else {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(opts.threads)
-            .build()
-            .context("building the inference thread pool")?;
-        (Some((policy, pool)), None)
-    };
-    let mut r = Replayer {
-        opts,
-        core: ControlCore::new(config),
-        out,
-        command_topic: if p.dry_run {
-            format!("/{NODE_NAME}/dry_run/command")
+    Ok(transports)
+}
+
+impl<'a> Replayer<'a> {
+    /// The core configured from the parameters (with the replay's latency model) and the
+    /// policy on an inline pool, or on the node's worker thread for `--realtime`.
+    fn new(
+        bag: &BagReader,
+        policy: Policy,
+        opts: &'a ReplayOptions,
+        out: Option<&'a mut BagWriter>,
+        transports: [CameraTransport; 2],
+    ) -> anyhow::Result<Self> {
+        let p = &opts.params;
+        let mut core_params = p.clone();
+        core_params.fixed_latency_s = match opts.latency {
+            LatencyModel::Fixed(s) => s,
+            LatencyModel::Measured => 0.0,
+        };
+        let config =
+            CoreConfig::from_params(&core_params, policy.action_dim(), policy.proprio_dim())
+                .map_err(|e| anyhow::anyhow!("parameters: {e}"))?;
+        let dt_ns = (1e9 / p.control_rate_hz).round().max(1.0) as u64;
+        let (inline, worker) = if opts.realtime {
+            let worker = InferenceWorker::spawn(policy, opts.threads)
+                .context("starting the inference thread")?;
+            (None, Some(worker))
         } else {
-            p.command_topic.clone()
-        },
-        gripper_topic: if p.dry_run {
-            format!("/{NODE_NAME}/dry_run/gripper")
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(opts.threads)
+                .build()
+                .context("building the inference thread pool")?;
+            (Some((policy, pool)), None)
+        };
+        let dry = |topic: &str, own: &str| {
+            if p.dry_run {
+                format!("/{NODE_NAME}/dry_run/{own}")
+            } else {
+                topic.to_owned()
+            }
+        };
+        Ok(Self {
+            opts,
+            core: ControlCore::new(config),
+            out,
+            command_topic: dry(&p.command_topic, "command"),
+            gripper_topic: dry(&p.gripper_topic, "gripper"),
+            chunk_topic: format!("/{NODE_NAME}/action_chunk"),
+            dt_ns,
+            next_tick: 0,
+            base_ns: 0,
+            last_time: 0,
+            first_ns: None,
+            latencies_s: Vec::new(),
+            roles: HashMap::new(),
+            transports,
+            groups: HashMap::new(),
+            report: ReplayReport {
+                bag: bag.path().display().to_string(),
+                latency_model: opts.latency.to_string(),
+                realtime: opts.realtime,
+                ..Default::default()
+            },
+            commands: Vec::new(),
+            recorded: None,
+            recorded_type: String::new(),
+            sums: (Vec::new(), Vec::new(), 0),
+            last_instruction: None,
+            inline,
+            worker,
+            wall_start: Instant::now(),
+            write_error: None,
+        })
+    }
+
+    /// Reads the bag in log-time order: each message runs the control ticks before its time,
+    /// then is delivered; after the last one, the ticks up to its time. The bag's own damage
+    /// comes back as warnings in the read summary.
+    fn play(&mut self, bag: &BagReader, stop: &AtomicBool) -> anyhow::Result<ReadSummary> {
+        let progress = if self.opts.progress {
+            indicatif::ProgressBar::new(bag.size())
         } else {
-            p.gripper_topic.clone()
-        },
-        chunk_topic: format!("/{NODE_NAME}/action_chunk"),
-        dt_ns,
-        next_tick: 0,
-        base_ns: 0,
-        last_time: 0,
-        first_ns: None,
-        latencies_s: Vec::new(),
-        roles: HashMap::new(),
-        report: ReplayReport {
-            bag: bag.path().display().to_string(),
-            latency_model: opts.latency.to_string(),
-            realtime: opts.realtime,
-            ..Default::default()
-        },
-        commands: Vec::new(),
-        recorded: None,
-        recorded_type: String::new(),
-        sums: (Vec::new(), Vec::new(), 0),
-        last_instruction: None,
-        inline,
-        worker,
-        wall_start: Instant::now(),
-        write_error: None,
-    };
-    let progress = if opts.progress {
-        indicatif::ProgressBar::new(bag.size())
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    progress.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} replay [{bar:30}] {bytes}/{total_bytes} {msg} ({eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    let read = bag.read(|m| {
-        if stop.load(Ordering::Relaxed) || r.write_error.is_some() {
-            return ControlFlow::Break(());
+            indicatif::ProgressBar::hidden()
+        };
+        progress.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} replay [{bar:30}] {bytes}/{total_bytes} {msg} ({eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        for w in foreign_definitions(bag) {
+            self.warn("definition", "", None, w);
         }
-        progress.inc(m.data.len() as u64);
-        let mut t = m.log_time;
-        if r.first_ns.is_none() {
+        let read = bag.read(|m| {
+            if stop.load(Ordering::Relaxed) || self.write_error.is_some() {
+                return ControlFlow::Break(());
+            }
+            progress.inc(m.data.len() as u64);
+            self.message(m.connection, m.log_time, m.data, stop);
+            if self.core.stats().ticks.is_multiple_of(20) {
+                progress.set_message(format!(
+                    "{} inferences, {} commands",
+                    self.core.stats().requests,
+                    self.core.stats().commands
+                ));
+            }
+            ControlFlow::Continue(())
+        })?;
+        // The ticks up to and including the last message's time.
+        self.ticks_until(self.last_time + 1, stop);
+        progress.finish_and_clear();
+        if let Some(e) = self.write_error.take() {
+            return Err(e.context("writing the output bag"));
+        }
+        Ok(read)
+    }
+
+    /// One message of the bag, at log time `t` [ns].
+    fn message(&mut self, connection: &Connection, mut t: u64, data: &[u8], stop: &AtomicBool) {
+        if self.first_ns.is_none() {
             // The tick grid is absolute (multiples of the period), as the node's under sim time.
-            r.first_ns = Some(t);
-            r.next_tick = t.div_ceil(dt_ns) * dt_ns;
-            r.base_ns = r.next_tick.saturating_sub(dt_ns);
-            r.last_time = t;
-            r.wall_start = Instant::now();
-            if let Some(text) = &opts.instruction {
-                r.instruction(t, text);
+            self.first_ns = Some(t);
+            self.next_tick = t.div_ceil(self.dt_ns) * self.dt_ns;
+            self.base_ns = self.next_tick.saturating_sub(self.dt_ns);
+            self.last_time = t;
+            self.wall_start = Instant::now();
+            if let Some(text) = &self.opts.instruction {
+                self.instruction(t, text);
             }
         }
-        if t < r.last_time {
-            r.warn(format!(
+        // The reader delivers log-time order; a time going back can only come from a file
+        // whose chunk headers misstate their time ranges.
+        if t < self.last_time {
+            let message = format!(
                 "{} at {:.3} s: timestamp goes back {:.3} s; used as arriving at {:.3} s",
-                m.connection.topic,
+                connection.topic,
                 t as f64 * 1e-9,
-                (r.last_time - t) as f64 * 1e-9,
-                r.last_time as f64 * 1e-9
-            ));
-            t = r.last_time;
+                (self.last_time - t) as f64 * 1e-9,
+                self.last_time as f64 * 1e-9
+            );
+            self.warn("time_goes_back", &connection.topic, Some(t), message);
+            t = self.last_time;
         }
-        r.last_time = t;
-        *r.report
+        self.last_time = t;
+        *self
+            .report
             .messages_per_topic
-            .entry(m.connection.topic.clone())
+            .entry(connection.topic.clone())
             .or_default() += 1;
-        let role = r.role(m.connection);
+        let role = self.role(connection);
         if role == Role::Ignored {
-            r.report.messages_skipped += 1;
+            self.report.messages_skipped += 1;
         }
         // Messages at a tick's time arrive before that tick.
-        r.ticks_until(t, stop);
-        r.deliver(role, &m.connection.topic, t, m.data);
-        if r.core.stats().ticks.is_multiple_of(20) {
-            progress.set_message(format!(
-                "{} inferences, {} commands",
-                r.core.stats().requests,
-                r.core.stats().commands
-            ));
+        self.ticks_until(t, stop);
+        self.deliver(role, &connection.topic, t, data);
+    }
+
+    /// The report of a finished (or interrupted) replay.
+    fn finish(mut self, read: ReadSummary, stop: &AtomicBool) -> ReplayOutcome {
+        let end = self.last_time;
+        for w in read.warnings {
+            self.warn("bag", "", None, w);
         }
-        ControlFlow::Continue(())
-    })?;
-    // The ticks up to and including the last message's time.
-    let end = r.last_time;
-    r.ticks_until(end + 1, stop);
-    progress.finish_and_clear();
-    if let Some(e) = r.write_error.take() {
-        return Err(e.context("writing the output bag"));
-    }
-    for w in definition_warnings.into_iter().chain(read.warnings) {
-        r.warn(w);
-    }
-    let stats = r.core.stats().clone();
-    let mut report = r.report;
-    report.interrupted = stop.load(Ordering::Relaxed);
-    report.bag_messages = read.messages;
-    report.bag_bytes = read.bytes;
-    report.bag_duration_s = r.first_ns.map_or(0.0, |f| (end - f) as f64 * 1e-9);
-    report.inferences = stats.requests;
-    report.failed_inferences = stats.failed_calls;
-    let ms = |v: Option<f64>| v.map(|s| (s * 1e3 * 1000.0).round() / 1000.0);
-    report.latency = LatencySummary {
-        p50_ms: ms(percentile(&r.latencies_s, 0.5)),
-        p95_ms: ms(percentile(&r.latencies_s, 0.95)),
-        max_ms: ms(r.latencies_s.iter().copied().reduce(f64::max)),
-    };
-    if opts.realtime {
-        report.inference_s = r.latencies_s.iter().sum();
-    }
-    report.ticks = stats.ticks;
-    report.chunks = stats.chunks;
-    report.stale_chunks = stats.stale_chunks;
-    report.late_chunks = stats.late_responses;
-    report.holds = stats
-        .holds
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), *v))
-        .collect();
-    report.frames_received = stats.frames_received;
-    report.frames_rejected = stats.frames_rejected;
-    if let Some(topic) = &opts.recorded_topic {
-        let (l1, sq, pairs) = &r.sums;
-        let n = (*pairs).max(1) as f64;
-        report.recorded_vs_predicted = Some(ActionComparison {
-            topic: topic.clone(),
-            type_name: r.recorded_type.clone(),
-            against: if r.recorded_type.ends_with("Stamped") {
-                "command".into()
-            } else {
-                "action".into()
-            },
-            pairs: *pairs,
-            l1: l1.iter().map(|s| s / n).collect(),
-            rmse: sq.iter().map(|s| (s / n).sqrt()).collect(),
-        });
-        if *pairs == 0 {
-            let message = format!(
-                "recorded action topic {topic}: no recorded action within one control period of \
-                 an executed command; nothing compared"
-            );
-            report.warning_count += 1;
-            report.warnings.push(message);
+        let stats = self.core.stats().clone();
+        let mut report = std::mem::take(&mut self.report);
+        report.interrupted = stop.load(Ordering::Relaxed);
+        report.bag_messages = read.messages;
+        report.bag_bytes = read.bytes;
+        report.bag_duration_s = self.first_ns.map_or(0.0, |f| (end - f) as f64 * 1e-9);
+        report.inferences = stats.requests;
+        report.failed_inferences = stats.failed_calls;
+        let ms = |v: Option<f64>| v.map(|s| (s * 1e3 * 1000.0).round() / 1000.0);
+        let latencies = &self.latencies_s;
+        report.latency = LatencySummary {
+            p50_ms: ms(percentile(latencies, 0.5)),
+            p95_ms: ms(percentile(latencies, 0.95)),
+            max_ms: ms(latencies.iter().copied().reduce(f64::max)),
+        };
+        if self.opts.realtime {
+            report.inference_s = latencies.iter().sum();
+        }
+        report.ticks = stats.ticks;
+        report.chunks = stats.chunks;
+        report.stale_chunks = stats.stale_chunks;
+        report.late_chunks = stats.late_responses;
+        report.holds = stats
+            .holds
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect();
+        report.frames_received = stats.frames_received;
+        report.frames_rejected = stats.frames_rejected;
+        self.report = report;
+        if let Some(topic) = &self.opts.recorded_topic {
+            let (l1, sq, pairs) = &self.sums;
+            let n = (*pairs).max(1) as f64;
+            self.report.recorded_vs_predicted = Some(ActionComparison {
+                topic: topic.clone(),
+                type_name: self.recorded_type.clone(),
+                against: if self.recorded_type.ends_with("Stamped") {
+                    "command".into()
+                } else {
+                    "action".into()
+                },
+                pairs: *pairs,
+                l1: l1.iter().map(|s| s / n).collect(),
+                rmse: sq.iter().map(|s| (s / n).sqrt()).collect(),
+            });
+            if *pairs == 0 {
+                let message = format!(
+                    "recorded action topic {topic}: no recorded action within one control period \
+                     of an executed command; nothing compared"
+                );
+                self.warn("not_compared", topic, None, message);
+            }
+        }
+        let mut report = self.report;
+        report.wall_s = self.wall_start.elapsed().as_secs_f64();
+        report.overhead_fraction = if report.wall_s > 0.0 {
+            ((report.wall_s - report.inference_s + report.preprocess_s) / report.wall_s)
+                .clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        ReplayOutcome {
+            report,
+            command_topic: self.command_topic,
+            commands: self.commands,
         }
     }
-    report.wall_s = r.wall_start.elapsed().as_secs_f64();
-    report.overhead_fraction = if report.wall_s > 0.0 {
-        ((report.wall_s - report.inference_s + report.preprocess_s) / report.wall_s).clamp(0.0, 1.0)
-    } else {
-        0.0
-    };
-    Ok(ReplayOutcome {
-        report,
-        command_topic: r.command_topic,
-        commands: r.commands,
-    })
 }
 
 /// Compares this run's commands (on `topic`) with those on the same topic in a previous output
@@ -871,6 +1047,26 @@ pub fn compare_with(
         passed: total == 0,
         differences,
     })
+}
+
+/// One line for a group of warnings: how many, where, when, and the first one.
+fn warning_group_line(g: &WarningGroup) -> String {
+    let what = if g.topic.is_empty() {
+        g.kind.clone()
+    } else {
+        format!("{} on {}", g.kind, g.topic)
+    };
+    let when = match (g.first_s, g.last_s) {
+        (Some(a), Some(b)) if g.count > 1 => format!(", {a:.3} s to {b:.3} s"),
+        (Some(a), _) => format!(", at {a:.3} s"),
+        _ => String::new(),
+    };
+    let times = if g.count == 1 {
+        "once".to_owned()
+    } else {
+        format!("{} times", g.count)
+    };
+    format!("{what}: {times}{when}; first: {}", g.example)
 }
 
 /// The report as a few lines for a terminal.
@@ -951,9 +1147,13 @@ pub fn summary(report: &ReplayReport) -> String {
         ));
     }
     if report.warning_count > 0 {
-        line(format!("warnings: {}", report.warning_count));
-        for w in report.warnings.iter().take(5) {
-            line(format!("  {w}"));
+        line(format!(
+            "warnings: {} ({} kinds; the report's `warnings` lists every one)",
+            report.warning_count,
+            report.warning_summary.len()
+        ));
+        for g in &report.warning_summary {
+            line(format!("  {}", warning_group_line(g)));
         }
     }
     line(format!(

@@ -371,9 +371,7 @@ impl CoreConfig {
             ("camera_transport", &p.camera_transport),
             ("wrist_camera_transport", &p.wrist_camera_transport),
         ] {
-            if transport != "raw" && transport != "compressed" {
-                return Err(format!("{name} {transport:?}: raw or compressed"));
-            }
+            crate::params::CameraTransport::parse(name, transport)?;
         }
         if p.camera_topic.is_empty() {
             return Err("camera_topic is empty: the policy needs the third-person camera".into());

@@ -65,8 +65,8 @@ def scene(h, w, phase):
     return img
 
 
-def write_episode(path, plugin, *, seconds=3.0, bad_step_at=None, camera_type=None, out_of_order=False,
-                  encoding="bgr8", size=(96, 128), keep=lambda t: True, extra=None):
+def write_episode(path, plugin, *, seconds=3.0, bad_step_at=(), camera_type=None, out_of_order=False,
+                  encoding="bgr8", size=(96, 128), keep=lambda t: True, extra=None, storage_order=None):
     """A two-camera episode: raw camera (padded rows), JPEG wrist, instructions at 0 and 1.5 s."""
     h, w = size
     with Writer(path, version=9, storage_plugin=plugin) as bag:
@@ -94,7 +94,7 @@ def write_episode(path, plugin, *, seconds=3.0, bad_step_at=None, camera_type=No
                 padded[:, : w * 3] = rows.reshape(h, w * 3)
                 step = w * 3 + pad
                 data = padded.reshape(-1)
-                if bad_step_at is not None and i == bad_step_at:
+                if i in bad_step_at:
                     data = data[: step * (h // 2)]  # shorter than height x step
                 events.append((t, cam, T["sensor_msgs/msg/Image"](
                     header=header(t), height=h, width=w, encoding=encoding, is_bigendian=0,
@@ -115,6 +115,8 @@ def write_episode(path, plugin, *, seconds=3.0, bad_step_at=None, camera_type=No
         if extra:
             events.extend(extra(bag))  # (t, connection, serialized bytes)
         events.sort(key=lambda e: e[0])
+        if storage_order:
+            events = storage_order(events)
         if out_of_order:
             # One camera message written 0.3 s late (its timestamp is in the past).
             k = next(i for i, e in enumerate(events) if e[1] is cam and e[0] > START + 1_000_000_000)
@@ -392,7 +394,7 @@ def test_damaged_and_mistyped_input(c):
     p = bitvla("replay", "--bag", c.params, "--model", c.model, check=False)
     assert p.returncode == 1 and "not a bag" in p.stderr, p.stderr
     # A frame whose data is shorter than height x step: rejected, the replay goes on.
-    bad = write_episode(c.tmp / "badstep", StoragePlugin.MCAP, bad_step_at=5)
+    bad = write_episode(c.tmp / "badstep", StoragePlugin.MCAP, bad_step_at={5})
     _, rep, _ = c.replay(bad)
     assert rep["frames_rejected"] == 1 and rep["chunks"] > 3, rep
     assert any("/cam/image_raw" in w and "0.507" in w for w in rep["warnings"]), rep["warnings"]
@@ -401,17 +403,107 @@ def test_damaged_and_mistyped_input(c):
     _, rep, _ = c.replay(wrong)
     assert any("std_msgs/msg/String" in w for w in rep["warnings"]), rep["warnings"]
     assert rep["inferences"] == 0 and rep["holds"].get("no_camera", 0) > 0
-    # Out-of-order timestamps: a warning, and the message used at the current time.
-    ooo = write_episode(c.tmp / "ooo", StoragePlugin.SQLITE3, out_of_order=True)
-    _, rep, _ = c.replay(ooo)
-    assert rep["chunks"] > 3
-    # sqlite3 returns rows ordered by timestamp, so only MCAP keeps the late write; check MCAP.
-    ooo = write_episode(c.tmp / "ooo_mcap", StoragePlugin.MCAP, out_of_order=True)
-    _, rep, _ = c.replay(ooo)
-    assert any("goes back" in w for w in rep["warnings"]), rep["warnings"]
     # A missing camera topic: a clear error naming the parameter.
     p = bitvla("replay", "--bag", c.mcap, "--model", c.model, check=False)
     assert p.returncode == 1 and "camera_topic" in p.stderr, p.stderr
+
+
+def per_topic_queues(events):
+    """Storage order of a recorder with per-topic queues: within each 100 ms frame, the camera,
+    then the joint state (t+2 ms) before the wrist image (t+1 ms) and the rest."""
+    order = {"/cam/image_raw": 0, "/joint_states": 1}
+    frames = {}
+    for e in events:
+        frames.setdefault((e[0] - START) // 100_000_000, []).append(e)
+    return [e for k in sorted(frames) for e in sorted(frames[k], key=lambda e: order.get(e[1].topic, 2))]
+
+
+def test_messages_out_of_log_time_order_are_replayed_in_log_time_order(c):
+    # Inside a chunk: rosbags writes 1 MiB chunks, and this episode's frames are small.
+    ooo = write_episode(c.tmp / "queues", StoragePlugin.MCAP, storage_order=per_topic_queues)
+    from mcap.reader import make_reader
+    with open(next(Path(ooo).glob("*.mcap")), "rb") as f:
+        stored = [m.log_time for _, _, m in make_reader(f).iter_messages(log_time_order=False)]
+        f.seek(0)
+        chunks = make_reader(f).get_summary().chunk_indexes
+    # Every frame is stored out of order and rosbags writes 1 MiB chunks: all but at most one
+    # inversion per chunk boundary lie inside a chunk.
+    inversions = sum(b < a for a, b in zip(stored, stored[1:]))
+    assert inversions > 10 * len(chunks), (inversions, len(chunks))
+    a, whole, _ = c.replay(c.mcap)
+    b, rep, _ = c.replay(ooo)
+    assert not any("goes back" in w for w in rep["warnings"]), rep["warnings"]
+    assert rep["warning_count"] == whole["warning_count"] == 0, rep["warnings"]
+    assert commands(a) == commands(b)
+    # One message written 0.3 s late (out of order across chunks of rosbags' writer as well).
+    late = write_episode(c.tmp / "ooo_mcap", StoragePlugin.MCAP, out_of_order=True)
+    d, rep, _ = c.replay(late)
+    assert not any("goes back" in w for w in rep["warnings"]), rep["warnings"]
+    assert commands(a) == commands(d)
+    # sqlite3 stores rows in any order too; the reader orders them by timestamp.
+    e, rep, _ = c.replay(write_episode(c.tmp / "ooo_db3", StoragePlugin.SQLITE3, out_of_order=True))
+    assert commands(a) == commands(e)
+
+
+def test_split_bag_whose_files_interleave_in_time(c):
+    # Two storage files, each holding every other half second of the episode.
+    first = lambda t: ((t - START) // 500_000_000) % 2 == 0
+    split = write_episode(c.tmp / "inter", StoragePlugin.MCAP, keep=first)
+    other = write_episode(c.tmp / "inter_b", StoragePlugin.MCAP, keep=lambda t: not first(t))
+    shutil.copy(other / "inter_b.mcap", split / "inter_1.mcap")
+    meta = (split / "metadata.yaml").read_text()
+    (split / "metadata.yaml").write_text(
+        meta.replace("relative_file_paths:\n  - inter.mcap", "relative_file_paths:\n  - inter.mcap\n  - inter_1.mcap"))
+    assert "inter_1.mcap" in (split / "metadata.yaml").read_text()
+    a, whole, _ = c.replay(c.mcap)
+    b, rep, _ = c.replay(split)
+    assert rep["bag_messages"] == whole["bag_messages"], (rep["bag_messages"], whole["bag_messages"])
+    assert not any("goes back" in w for w in rep["warnings"]), rep["warnings"]
+    assert commands(a) == commands(b)
+
+
+def test_warnings_are_summarised_per_topic_and_kind(c):
+    bad = write_episode(c.tmp / "manybad", StoragePlugin.MCAP, bad_step_at=set(range(3, 30, 2)))
+    n = c.n + 1
+    p = bitvla("replay", "--bag", bad, "--model", c.model, "--params", c.params, "--out", c.tmp / "mb",
+               "--report", c.tmp / f"mb{n}.json")
+    rep = json.loads((c.tmp / f"mb{n}.json").read_text())
+    assert rep["warning_count"] == len(rep["warnings"]) == 14, rep["warnings"]
+    [group] = rep["warning_summary"]
+    assert group["kind"] == "rejected_frame" and group["topic"] == "/cam/image_raw" and group["count"] == 14
+    assert abs(group["first_s"] - 0.3) < 0.01 and abs(group["last_s"] - 2.9) < 0.01, group
+    # The terminal shows one line for the group (and logged the first one), not 14.
+    out = p.stdout + p.stderr
+    assert "rejected_frame on /cam/image_raw: 14 times" in out, out
+    assert out.count("rejected frame:") <= 3, out
+    # --json keeps every one.
+    p = bitvla("replay", "--bag", bad, "--model", c.model, "--params", c.params, "--json")
+    rep = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(rep["warnings"]) == 14 and rep["warning_summary"][0]["count"] == 14
+
+
+def test_camera_transport_auto_takes_the_type_from_the_bag(c):
+    auto = c.tmp / "auto.yaml"
+    auto.write_text("\n".join(l for l in PARAMS.splitlines() if "_transport" not in l) + "\n")
+    a, _, _ = c.replay(c.mcap)
+    n = c.n + 1
+    bitvla("replay", "--bag", c.mcap, "--model", c.model, "--params", auto, "--out", c.tmp / "auto_out",
+           "--report", c.tmp / f"auto{n}.json")
+    rep = json.loads((c.tmp / f"auto{n}.json").read_text())
+    assert rep["camera_transports"] == {"/cam/image_raw": "raw", "/wrist/image_raw/compressed": "compressed"}, rep
+    assert rep["frames_received"] == 62 and rep["holds"].get("no_camera", 0) < 3, rep
+    assert commands(a) == commands(c.tmp / "auto_out")
+    # sqlite3 declares types in its topics table.
+    bitvla("replay", "--bag", c.sqlite, "--model", c.model, "--params", auto, "--out", c.tmp / "auto_db3",
+           "--report", c.tmp / f"auto{n}_db3.json")
+    rep = json.loads((c.tmp / f"auto{n}_db3.json").read_text())
+    assert rep["camera_transports"]["/wrist/image_raw/compressed"] == "compressed", rep
+    assert commands(a) == commands(c.tmp / "auto_db3")
+    # A camera topic that is not an image: a clear error naming the parameter.
+    wrong = write_episode(c.tmp / "auto_wrong", StoragePlugin.MCAP, camera_type="std_msgs/msg/String")
+    p = bitvla("replay", "--bag", wrong, "--model", c.model, "--params", auto, check=False)
+    assert p.returncode == 1 and "camera_transport" in p.stderr and "std_msgs/msg/String" in p.stderr, p.stderr
+    assert "panicked" not in p.stderr
 
 
 def test_ctrl_c_leaves_a_valid_partial_bag(c):
