@@ -7,7 +7,7 @@ use crate::bag::msgs;
 use crate::control::{Command, CommandMode, ControlCore, CoreConfig};
 use crate::model::{GripperMapping, Policy, PolicyOptions};
 use crate::obs::{self, ImageOptions};
-use crate::params::{NODE_NAME, NodeParams};
+use crate::params::{CameraTransport, NODE_NAME, NodeParams};
 use crate::runtime::InferenceWorker;
 use anyhow::Context;
 use futures::executor::LocalPool;
@@ -85,58 +85,47 @@ pub fn run_node() -> anyhow::Result<()> {
     spawner.spawn_local(param_handler)?;
     let clock = node.get_ros_clock();
     let now_time = move || clock.lock().ok().and_then(|mut c| c.get_now().ok());
-    let now_s = {
+    let now_s: NowS = {
         let now_time = now_time.clone();
-        move || now_time().map(|d| d.as_secs_f64())
+        Rc::new(move || now_time().map(|d| d.as_secs_f64()))
     };
 
-    let cameras = [
-        (p.camera_topic.clone(), p.camera_transport.clone()),
+    // Cameras: a forced transport is subscribed now; `auto` once the graph shows a publisher
+    // of the topic, with the type it offers (re-checked as publishers come and go).
+    let mut cameras = Vec::new();
+    for (slot, (topic, param, transport)) in [
+        (&p.camera_topic, "camera_transport", &p.camera_transport),
         (
-            p.wrist_camera_topic.clone(),
-            p.wrist_camera_transport.clone(),
+            &p.wrist_camera_topic,
+            "wrist_camera_transport",
+            &p.wrist_camera_transport,
         ),
-    ];
-    for (slot, (topic, transport)) in cameras.into_iter().enumerate() {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         if topic.is_empty() {
             continue;
         }
-        let core = Rc::clone(&core);
-        let log = logger.clone();
-        let now_s = now_s.clone();
-        // Frames are timed by arrival in the node's clock (header stamps of drivers vary).
-        let store = move |decoded: Result<RgbImage, obs::ImageError>| match decoded {
-            Ok(img) => core
-                .borrow_mut()
-                .on_frame(slot, img, now_s().unwrap_or(0.0)),
-            Err(e) => {
-                core.borrow_mut().on_rejected_frame();
-                r2r::log_error!(&log, "camera {slot}: rejected frame: {e}");
-            }
+        let transport = CameraTransport::parse(param, transport).map_err(anyhow::Error::msg)?;
+        let mut camera = Camera {
+            slot,
+            topic: resolve_topic_name(topic),
+            param,
+            transport,
+            subscribed: None,
+            reported: None,
         };
-        if transport == "compressed" {
-            let sub = node.subscribe::<r2r::sensor_msgs::msg::CompressedImage>(
-                &topic,
-                QosProfile::sensor_data(),
-            )?;
-            spawner.spawn_local(sub.for_each(move |m| {
-                store(obs::decode_compressed(&m.data));
-                future::ready(())
-            }))?;
+        if transport != CameraTransport::Auto {
+            camera.subscribe(&mut node, transport, &core, &logger, &now_s, &spawner)?;
         } else {
-            let sub =
-                node.subscribe::<r2r::sensor_msgs::msg::Image>(&topic, QosProfile::sensor_data())?;
-            spawner.spawn_local(sub.for_each(move |m| {
-                store(obs::decode_raw(
-                    &m.encoding,
-                    m.width,
-                    m.height,
-                    m.step as usize,
-                    &m.data,
-                ));
-                future::ready(())
-            }))?;
+            r2r::log_info!(
+                &logger,
+                "{param} auto: waiting for a publisher on {} to choose raw or compressed",
+                camera.topic
+            );
         }
+        cameras.push(camera);
     }
     {
         let sub = node
@@ -269,7 +258,9 @@ pub fn run_node() -> anyhow::Result<()> {
     let mut timer = node.create_wall_timer(Duration::from_secs_f64(period))?;
     let frame_id = p.frame_id.clone();
     let log = logger.clone();
+    let control_core = Rc::clone(&core);
     spawner.spawn_local(async move {
+        let core = control_core;
         // Under simulation time, control ticks sit on the grid of multiples of the period in
         // sim time, however /clock advances (a bag player, a paused simulator): the same ticks
         // `bitvla replay` runs, so a replayed bag gives the same commands.
@@ -455,14 +446,169 @@ pub fn run_node() -> anyhow::Result<()> {
     })?;
 
     let stop = crate::process::stop_flag();
+    let mut next_graph_check = std::time::Instant::now();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         node.spin_once(Duration::from_millis(2));
         pool.run_until_stalled();
+        if std::time::Instant::now() >= next_graph_check
+            && cameras.iter().any(|c| c.transport == CameraTransport::Auto)
+        {
+            next_graph_check = std::time::Instant::now() + GRAPH_CHECK;
+            match node.get_topic_names_and_types() {
+                Ok(graph) => {
+                    for camera in &mut cameras {
+                        camera.follow_graph(&graph, &mut node, &core, &logger, &now_s, &spawner);
+                    }
+                }
+                Err(e) => r2r::log_warn!(&logger, "reading the ROS graph's topics: {e}"),
+            }
+        }
     }
     r2r::log_info!(&logger, "shutting down");
     // Commands stop with the process (MoveIt Servo halts after its command timeout); an
     // inference in flight is not waited for.
     std::process::exit(0)
+}
+
+/// How often `auto` camera transports look at the graph's topic types.
+const GRAPH_CHECK: Duration = Duration::from_millis(250);
+
+type Core = Rc<RefCell<ControlCore>>;
+type NowS = Rc<dyn Fn() -> Option<f64>>;
+
+/// A camera subscription; with `auto`, resubscribed when the topic's type in the graph changes.
+struct Camera {
+    slot: usize,
+    /// Fully qualified topic name, as the graph lists it.
+    topic: String,
+    /// The transport parameter's name (for messages).
+    param: &'static str,
+    transport: CameraTransport,
+    /// The current subscription: its transport, and the handle that ends it.
+    subscribed: Option<(CameraTransport, future::AbortHandle)>,
+    /// The last graph state logged (types offered), so each change is logged once.
+    reported: Option<Vec<String>>,
+}
+
+impl Camera {
+    fn subscribe(
+        &mut self,
+        node: &mut r2r::Node,
+        transport: CameraTransport,
+        core: &Core,
+        logger: &str,
+        now_s: &NowS,
+        spawner: &futures::executor::LocalSpawner,
+    ) -> anyhow::Result<()> {
+        if let Some((_, handle)) = self.subscribed.take() {
+            handle.abort(); // drops the old stream: r2r removes its subscription
+        }
+        let slot = self.slot;
+        let core = Rc::clone(core);
+        let log = logger.to_owned();
+        let now_s = Rc::clone(now_s);
+        // Frames are timed by arrival in the node's clock (header stamps of drivers vary).
+        let store = move |decoded: Result<RgbImage, obs::ImageError>| match decoded {
+            Ok(img) => core
+                .borrow_mut()
+                .on_frame(slot, img, now_s().unwrap_or(0.0)),
+            Err(e) => {
+                core.borrow_mut().on_rejected_frame();
+                r2r::log_error!(&log, "camera {slot}: rejected frame: {e}");
+            }
+        };
+        let task: future::LocalBoxFuture<'static, ()> = if transport == CameraTransport::Compressed
+        {
+            let sub = node.subscribe::<r2r::sensor_msgs::msg::CompressedImage>(
+                &self.topic,
+                QosProfile::sensor_data(),
+            )?;
+            sub.for_each(move |m| {
+                store(obs::decode_compressed(&m.data));
+                future::ready(())
+            })
+            .boxed_local()
+        } else {
+            let sub = node.subscribe::<r2r::sensor_msgs::msg::Image>(
+                &self.topic,
+                QosProfile::sensor_data(),
+            )?;
+            sub.for_each(move |m| {
+                store(obs::decode_raw(
+                    &m.encoding,
+                    m.width,
+                    m.height,
+                    m.step as usize,
+                    &m.data,
+                ));
+                future::ready(())
+            })
+            .boxed_local()
+        };
+        let (task, handle) = future::abortable(task);
+        spawner.spawn_local(task.map(|_| ()))?;
+        self.subscribed = Some((transport, handle));
+        Ok(())
+    }
+
+    /// `auto`: subscribes with the type the topic's publishers offer, once there are any, and
+    /// again when it changes. A type that is not an image is an error in the log naming the
+    /// parameter (the node keeps serving and keeps looking).
+    fn follow_graph(
+        &mut self,
+        graph: &std::collections::HashMap<String, Vec<String>>,
+        node: &mut r2r::Node,
+        core: &Core,
+        logger: &str,
+        now_s: &NowS,
+        spawner: &futures::executor::LocalSpawner,
+    ) {
+        if self.transport != CameraTransport::Auto {
+            return;
+        }
+        let mut types = graph.get(&self.topic).cloned().unwrap_or_default();
+        types.sort();
+        let changed = self.reported.as_ref() != Some(&types);
+        let (param, topic) = (self.param, self.topic.clone());
+        let chosen = match &types[..] {
+            [] => return, // no publisher (yet, or any more): keep what we have
+            [ty] => CameraTransport::Auto.resolve(param, &topic, ty),
+            several => Err(format!(
+                "{param} auto: topic {topic} is offered with several types {several:?}; set                  {param} to raw or compressed"
+            )),
+        };
+        if changed {
+            self.reported = Some(types.clone());
+        }
+        match chosen {
+            Ok(t) if self.subscribed.as_ref().map(|(s, _)| *s) != Some(t) => {
+                match self.subscribe(node, t, core, logger, now_s, spawner) {
+                    Ok(()) => r2r::log_info!(
+                        logger,
+                        "{param} auto: {topic} is published as {}; subscribed as {}",
+                        types.join(", "),
+                        t.name()
+                    ),
+                    Err(e) => r2r::log_error!(logger, "{param} auto: subscribing to {topic}: {e}"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) if changed => r2r::log_error!(logger, "{e}"),
+            Err(_) => {}
+        }
+    }
+}
+
+/// A topic parameter as the graph names it: absolute names as they are, relative ones under
+/// the root namespace (the node runs in `/`), `~/x` under the node's name.
+fn resolve_topic_name(topic: &str) -> String {
+    if topic.starts_with('/') {
+        topic.to_owned()
+    } else if let Some(rest) = topic.strip_prefix("~/") {
+        format!("/{NODE_NAME}/{rest}")
+    } else {
+        format!("/{topic}")
+    }
 }
 
 /// A one-dimensional `Float64MultiArray` whose layout names its values (as
