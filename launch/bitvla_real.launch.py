@@ -1,54 +1,51 @@
-"""bitvla_node on a real arm (MoveIt Servo twist commands). Safe by default: dry_run is true.
+"""bitvla_node on a real arm (MoveIt Servo twist commands by default). Safe by default: dry_run is
+true, so commands go to ~/dry_run/command until you set dry_run:=false deliberately.
 
     ros2 launch bitvla_ros bitvla_real.launch.py model_path:=/models/libero_spatial.bitvla \
         camera_topic:=/camera/color/image_raw dry_run:=false
+    ros2 launch bitvla_ros bitvla_real.launch.py model_path:=M \
+        config:=$(ros2 pkg prefix bitvla_ros)/share/bitvla_ros/config/ur_joint_trajectory.yaml
 
 Arguments:
-    model_path     checkpoint directory or packed .bitvla file (required)
-    config         parameter file (default: the package's config/real_arm.yaml)
-    camera_topic   third-person camera (sensor_msgs/Image)
-    wrist_camera_topic  wrist camera (sensor_msgs/CompressedImage)
-    command_topic  MoveIt Servo twist input
-    use_sim_time   false: wall clock on a real robot
-    dry_run        true: publish only on ~/dry_run/command
+    model_path          checkpoint directory or packed .bitvla file (required)
+    config              parameter file (default: the package's config/real_arm.yaml); profiles:
+                        franka_servo.yaml, ur_joint_trajectory.yaml
+    camera_topic        third-person camera (Image or CompressedImage: the transport is found by
+                        type); empty: the parameter file's
+    wrist_camera_topic  wrist camera; empty: the parameter file's
+    command_topic       where commands go when dry_run is false; empty: the parameter file's
+    dry_run             true: publish only on ~/dry_run/command
+    use_sim_time        false: wall clock on a real robot
+
+A process that fails (a bad argument or parameter, a checkpoint that does not load) ends the
+launch with exit status 1 after its error.
 """
 
 import os
+import sys
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bitvla_launch_common import bitvla_node_action  # noqa: E402
 
 
 def generate_launch_description():
     share = get_package_share_directory("bitvla_ros")
-    arg = LaunchConfiguration
     return LaunchDescription([
         DeclareLaunchArgument("model_path", description="checkpoint directory or .bitvla file"),
-        DeclareLaunchArgument("config", default_value=os.path.join(share, "config", "real_arm.yaml")),
-        DeclareLaunchArgument("camera_topic", default_value="/camera/color/image_raw"),
-        DeclareLaunchArgument("wrist_camera_topic", default_value="/wrist_camera/color/image_raw/compressed"),
-        DeclareLaunchArgument("command_topic", default_value="/servo_node/delta_twist_cmds"),
-        DeclareLaunchArgument("dry_run", default_value="true"),
+        DeclareLaunchArgument("config", default_value=os.path.join(share, "config", "real_arm.yaml"),
+                              description="bitvla_node parameter file"),
+        DeclareLaunchArgument("camera_topic", default_value="",
+                              description="third-person camera topic (empty: the parameter file's)"),
+        DeclareLaunchArgument("wrist_camera_topic", default_value="",
+                              description="wrist camera topic (empty: the parameter file's)"),
+        DeclareLaunchArgument("command_topic", default_value="",
+                              description="command topic (empty: the parameter file's)"),
+        DeclareLaunchArgument("dry_run", default_value="true",
+                              description="true: commands only on ~/dry_run/command"),
         DeclareLaunchArgument("use_sim_time", default_value="false"),
-        Node(
-            package="bitvla_ros",
-            executable="bitvla_node",
-            name="bitvla_node",
-            output="screen",
-            parameters=[
-                arg("config"),
-                {
-                    "model_path": arg("model_path"),
-                    "camera_topic": arg("camera_topic"),
-                    "wrist_camera_topic": arg("wrist_camera_topic"),
-                    "command_topic": arg("command_topic"),
-                    "dry_run": ParameterValue(arg("dry_run"), value_type=bool),
-                    "use_sim_time": ParameterValue(arg("use_sim_time"), value_type=bool),
-                },
-            ],
-        ),
+        bitvla_node_action(),
     ])

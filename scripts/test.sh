@@ -18,7 +18,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 run_tests() { cargo test --quiet --all-targets "$@" 2>&1 | tee -a "$log"; }
 summary() {
-  awk '/^test result:/ || /^ros: [0-9]+ passed/ || /^bags: [0-9]+ passed/ || /^colcon: [0-9]+ passed/ || /^sim: [0-9]+ passed/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  awk '/^test result:/ || /^ros: [0-9]+ passed/ || /^bags: [0-9]+ passed/ || /^colcon: [0-9]+ passed/ || /^sim: [0-9]+ passed/ || /^launch: [0-9]+ passed/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
        END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
 }
 
@@ -55,6 +55,13 @@ ros_tests() {
   step "colcon packaging: colcon build and the installed layout"
   if ! scripts/test_colcon.sh 2>&1 | tee -a "$log"; then
     echo "error: the colcon packaging check failed" >&2
+    summary
+    exit 1
+  fi
+  prune target/ros-colcon
+  step "the launch files under ROS 2's launch, from the colcon install"
+  if ! scripts/test_launch.sh 2>&1 | tee -a "$log"; then
+    echo "error: the launch tests failed" >&2
     summary
     exit 1
   fi
