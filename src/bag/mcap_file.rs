@@ -137,6 +137,23 @@ struct ChunkHead {
     data_at: usize,
 }
 
+impl ChunkHead {
+    /// The span of this chunk: its record at `at`, its compressed data at `data` in the file.
+    fn span(self, at: usize, data: Range<usize>, truncated: bool) -> Span {
+        Span {
+            start: self.start,
+            end: self.end,
+            offset: at,
+            kind: SpanKind::Chunk {
+                compression: self.compression,
+                uncompressed_size: self.uncompressed_size,
+                data,
+                truncated,
+            },
+        }
+    }
+}
+
 fn chunk_head(body: &[u8]) -> Option<ChunkHead> {
     let mut f = Fields { buf: body, pos: 0 };
     let start = f.u64()?;
@@ -234,17 +251,7 @@ fn walk(map: &[u8]) -> Walked {
                     && let Some(h) = chunk_head(body)
                 {
                     let data_start = (at + 9 + h.data_at).min(map.len());
-                    w.spans.push(Span {
-                        start: h.start,
-                        end: h.end,
-                        offset: at,
-                        kind: SpanKind::Chunk {
-                            compression: h.compression,
-                            uncompressed_size: h.uncompressed_size,
-                            data: data_start..map.len(),
-                            truncated: true,
-                        },
-                    });
+                    w.spans.push(h.span(at, data_start..map.len(), true));
                 }
                 w.end = WalkEnd::Damaged(at, e);
                 return w;
@@ -255,17 +262,8 @@ fn walk(map: &[u8]) -> Walked {
             op::CHUNK => match chunk_head(body) {
                 Some(h) if h.compressed_size <= (body.len() - h.data_at) as u64 => {
                     let data_start = body_at + h.data_at;
-                    w.spans.push(Span {
-                        start: h.start,
-                        end: h.end,
-                        offset: at,
-                        kind: SpanKind::Chunk {
-                            compression: h.compression,
-                            uncompressed_size: h.uncompressed_size,
-                            data: data_start..data_start + h.compressed_size as usize,
-                            truncated: false,
-                        },
-                    });
+                    let data = data_start..data_start + h.compressed_size as usize;
+                    w.spans.push(h.span(at, data, false));
                 }
                 _ => {
                     w.end = WalkEnd::Damaged(at, "chunk header does not fit its record".into());
