@@ -6,10 +6,11 @@
 #   scripts/sim_demo.sh [--model M] [--instruction TEXT] [--seconds S] [--json]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup_ros.sh
+scripts/setup_ros.sh >&2
 # shellcheck disable=SC1091
 . .ros/env
-cargo build --release --quiet --features ros --bins
+# Cargo's own progress (the first build takes minutes): on stderr, so --json stays clean.
+cargo build --release --features ros --bins >&2
 export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-$(( (RANDOM % 100) + 101 ))}
 export MUJOCO_GL=${MUJOCO_GL:-osmesa}
 exec python3 sim/demo.py "$@"

@@ -124,7 +124,9 @@ def main():
         print(json.dumps(report))
     else:
         print(f"instruction: {report['instruction']!r} (model {report['model']})")
-        print(f"  {report['policy_calls']} policy calls, mean latency {report['mean_inference_latency_s']} s")
+        latency = report["mean_inference_latency_s"]
+        latency = "n/a" if latency is None else f"{latency * 1e3:.1f} ms"
+        print(f"  {report['policy_calls']} policy calls, mean latency {latency}")
         print(f"  {report['twist_commands']} twist commands ({report['moving_commands']} moving)")
         print(f"  end effector {report['ee_start_m']} -> {report['ee_end_m']} m, path {report['ee_path_m']} m")
         print(f"  cameras {report['camera_rate_hz']} Hz (2 x 224x224), sim {report['sim_real_time_factor']}x real time, "

@@ -373,6 +373,24 @@ def main():
         assert "recorded" in p.stdout, p.stdout[-1500:]
         assert abs(final.pose.position.y - (-0.25)) < 0.05, final.pose.position
 
+    def sim_demo_shows_cargo_and_rounds_the_latency():
+        """scripts/sim_demo.sh as a newcomer runs it: cargo's progress is shown (not --quiet), the
+        report's latency is in milliseconds, and --json prints only the JSON report on stdout."""
+        import json
+        import re
+        # Its own ROS domain: the demo's node must not drive this test's simulated arm.
+        env = dict(os.environ, ROS_DOMAIN_ID=str(int(os.environ.get("ROS_DOMAIN_ID", "0")) % 100 + 1))
+        demo = lambda *a: subprocess.run([ROOT / "scripts/sim_demo.sh", "--seconds", "3", *a], capture_output=True,
+                                         text=True, timeout=600, cwd=ROOT, env=env)
+        p = demo()
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "Finished" in p.stderr, p.stderr[-2000:]
+        assert re.search(r"mean latency \d+\.\d ms\n", p.stdout), p.stdout
+        p = demo("--json")
+        assert p.returncode == 0, p.stderr[-3000:]
+        report = json.loads(p.stdout)
+        assert report["policy_calls"] > 0, report
+
     for name, fn in [
         ("the sim publishes two 224x224 cameras, joint states, the end-effector pose and /clock",
          sim_publishes_cameras_state_pose_and_clock),
@@ -386,6 +404,8 @@ def main():
         ("a malformed MJCF is a clear error", a_malformed_mjcf_is_a_clear_error),
         ("a scripted-expert episode is recorded (MCAP) and replayed with predicted vs recorded actions",
          a_scripted_expert_episode_is_recorded_and_replayed),
+        ("scripts/sim_demo.sh: cargo's progress shown, latency in ms, --json stays JSON",
+         sim_demo_shows_cargo_and_rounds_the_latency),
     ]:
         check(name, fn)
     for p in procs:
