@@ -332,6 +332,7 @@ impl McapFile {
             channels: HashMap::new(),
             warnings: Vec::new(),
         };
+        let _ = file.map.advise(memmap2::Advice::Sequential);
         let complete = file.walk(intern);
         let summarised = complete && file.summary_channels(intern);
         if !summarised {
@@ -539,6 +540,27 @@ impl McapFile {
         // Stable: equal log times keep their order in the file.
         messages.sort_by_key(|m| m.log_time);
         (owned, messages)
+    }
+
+    /// Drops the pages of a span the read is done with from this process's memory (the span
+    /// decompressed, or its loose messages visited): reading a bag streams through its file
+    /// instead of keeping every page it touched resident. The bytes stay in the kernel's page
+    /// cache; a later access reads them back.
+    pub fn release(&self, span: &Span) {
+        let range = match &span.kind {
+            SpanKind::Chunk { data, .. } => span.offset..data.end,
+            SpanKind::Loose { records } => records.clone(),
+        };
+        // SAFETY: the map is a read-only shared mapping of a file: MADV_DONTNEED drops page-table
+        // entries, and the next access faults the same bytes back in from the file, so memory
+        // that any reference points into keeps its contents.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                range.start,
+                range.len(),
+            )
+        };
     }
 
     pub fn channel(&self, id: u16) -> Option<&Arc<Connection>> {

@@ -622,6 +622,7 @@ impl Merge {
             }));
         } else if let Some(done) = self.loaded.remove(&(f, s)) {
             self.buffered -= done.bytes.len();
+            file.release(&file.spans[s]);
         }
         flow
     }
@@ -654,6 +655,9 @@ impl Merge {
         let (rank, file) = &mut self.files[f];
         let span = file.spans[s].clone();
         let (bytes, messages) = file.load(&span, decompressed, intern, &mut summary.warnings);
+        if span.compressed() {
+            file.release(&span); // its records live in `bytes` now
+        }
         self.buffered = self.buffered - held + bytes.len();
         if let Some(first) = messages.first() {
             self.heap.push(Reverse(Key {

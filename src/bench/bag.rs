@@ -36,6 +36,9 @@ pub struct Variant {
     pub decoded_stream_mb_per_s: f64,
     pub read_s: Vec<f64>,
     pub read_decode_s: Vec<f64>,
+    /// The most decompressed chunk data the reader held at once (it reads in log-time order,
+    /// holding the chunks that overlap in time, not the file) [MB].
+    pub peak_buffered_mb: f64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -90,11 +93,11 @@ fn write(path: &Path, n: u64, zstd: bool, pool: &[Vec<u8>]) -> anyhow::Result<f6
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn read_pass(bag: &BagReader, decode_frames: bool) -> anyhow::Result<(f64, u64)> {
+fn read_pass(bag: &BagReader, decode_frames: bool) -> anyhow::Result<(f64, u64, u64)> {
     let start = Instant::now();
     let mut checksum = 0u64;
     let mut failed = None;
-    bag.read(|m| {
+    let summary = bag.read(|m| {
         if decode_frames {
             let frame = decode::<Image>(m.data)
                 .map_err(|e| e.to_string())
@@ -123,7 +126,11 @@ fn read_pass(bag: &BagReader, decode_frames: bool) -> anyhow::Result<(f64, u64)>
     if let Some(e) = failed {
         anyhow::bail!("decoding a frame: {e}");
     }
-    Ok((start.elapsed().as_secs_f64(), checksum))
+    Ok((
+        start.elapsed().as_secs_f64(),
+        checksum,
+        summary.peak_buffered_bytes,
+    ))
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<Report> {
@@ -144,18 +151,22 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             secs,
             Vec::new(),
             Vec::new(),
+            0u64,
         ));
     }
     for _ in 0..opts.reps {
-        for (_, bag, _, _, reads, decodes) in &mut bags {
-            reads.push(read_pass(bag, false)?.0);
-            decodes.push(read_pass(bag, true)?.0);
+        for (_, bag, _, _, reads, decodes, peak) in &mut bags {
+            let (read_s, _, read_peak) = read_pass(bag, false)?;
+            let (decode_s, _, decode_peak) = read_pass(bag, true)?;
+            reads.push(read_s);
+            decodes.push(decode_s);
+            *peak = (*peak).max(read_peak).max(decode_peak);
         }
     }
     let stream_mb = (n * frame_bytes) as f64 / 1e6;
     let variants = bags
         .into_iter()
-        .map(|(name, _, size, write_s, mut reads, mut decodes)| {
+        .map(|(name, _, size, write_s, mut reads, mut decodes, peak)| {
             let mb = size / 1e6;
             let decode_s = median(&mut decodes.clone());
             Variant {
@@ -168,6 +179,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
                 decoded_stream_mb_per_s: stream_mb / decode_s,
                 read_s: std::mem::take(&mut reads),
                 read_decode_s: std::mem::take(&mut decodes),
+                peak_buffered_mb: peak as f64 / 1e6,
             }
         })
         .collect();

@@ -322,12 +322,13 @@ fn main() -> anyhow::Result<()> {
                 );
                 for v in &report.variants {
                     println!(
-                        "  {:>4} chunks: file {:.0} MB; write {:.0} MB/s; read {:.0} MB/s; read + decode to RGB {:.0} MB/s",
+                        "  {:>4} chunks: file {:.0} MB; write {:.0} MB/s; read {:.0} MB/s; read + decode to RGB {:.0} MB/s; chunk data held at most {:.1} MB",
                         v.chunks,
                         v.file_mb,
                         v.write_mb_per_s,
                         v.read_mb_per_s,
-                        v.read_decode_mb_per_s
+                        v.read_decode_mb_per_s,
+                        v.peak_buffered_mb
                     );
                 }
             }
