@@ -246,6 +246,51 @@ fn the_best_kernel_is_selected_and_supported() {
         && std::arch::is_x86_feature_detected!("avx512bw")
     {
         assert_eq!(best, KernelKind::Avx512Vnni);
+    } else if std::arch::is_x86_feature_detected!("avxvnni") {
+        assert_eq!(best, KernelKind::AvxVnni);
     }
     assert!(KernelKind::supported().contains(&KernelKind::Scalar));
+}
+
+/// The 256-bit VNNI body runs in two encodings: VEX (AVX-VNNI: Intel client CPUs, Sapphire
+/// Rapids, Zen 5) and EVEX (AVX-512 VNNI + VL: every AVX-512 VNNI CPU, Zen 4 included). The
+/// exactness tests above cover each one this CPU runs; this one says which did not run here,
+/// and fails if the CPU reports the features of one whose kernel is not offered.
+#[test]
+fn both_encodings_of_the_256_bit_vnni_body_run_where_the_cpu_allows() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let has = |f: &[bool]| f.iter().all(|&x| x);
+        use std::arch::is_x86_feature_detected as has_feature;
+        let variants = [
+            (
+                KernelKind::AvxVnni,
+                "VEX (avxvnni)",
+                has(&[has_feature!("avx2"), has_feature!("avxvnni")]),
+            ),
+            (
+                KernelKind::Avx512VnniYmm,
+                "EVEX (avx512vnni + avx512vl)",
+                has(&[
+                    has_feature!("avx2"),
+                    has_feature!("avx512f"),
+                    has_feature!("avx512vl"),
+                    has_feature!("avx512vnni"),
+                ]),
+            ),
+        ];
+        let mut ran = 0;
+        for (kind, encoding, cpu_has) in variants {
+            assert_eq!(kind.is_supported(), cpu_has, "{kind}: {encoding}");
+            if cpu_has {
+                ran += 1;
+                eprintln!("{kind}: the {encoding} encoding is tested on this CPU");
+            } else {
+                eprintln!("{kind}: SKIPPED, this CPU lacks {encoding}; not tested here");
+            }
+        }
+        eprintln!("256-bit VNNI body: {ran} of 2 encodings tested");
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    eprintln!("256-bit VNNI body: SKIPPED, not an x86-64 CPU");
 }

@@ -13,6 +13,10 @@ pub enum PeakLoop {
     Avx512Vnni,
     /// `vpmaddubsw` + `vpmaddwd` + `vpaddd` on ymm: 32 MACs = 64 ops.
     Avx2,
+    /// `vpdpbusd ymm`, VEX-encoded (AVX-VNNI): 32 MACs = 64 ops.
+    AvxVnni,
+    /// `vpdpbusd ymm`, EVEX-encoded (AVX-512 VNNI + VL): 32 MACs = 64 ops.
+    Avx512VnniYmm,
     /// `sdot v.4s`: 16 MACs = 32 ops.
     NeonDot,
     /// `vfmadd zmm` (f32): 32 flops; `ymm` on AVX2-only machines: 16.
@@ -34,6 +38,8 @@ impl PeakLoop {
             KernelKind::AmxInt8 => Some(PeakLoop::AmxInt8),
             KernelKind::Avx512Vnni => Some(PeakLoop::Avx512Vnni),
             KernelKind::Avx2 => Some(PeakLoop::Avx2),
+            KernelKind::AvxVnni => Some(PeakLoop::AvxVnni),
+            KernelKind::Avx512VnniYmm => Some(PeakLoop::Avx512VnniYmm),
             KernelKind::NeonDot | KernelKind::NeonMull => {
                 cfg!(target_arch = "aarch64").then_some(PeakLoop::NeonDot)
             }
@@ -69,6 +75,18 @@ fn run_loop(which: PeakLoop, iters: u64) -> f64 {
         PeakLoop::Avx2 if std::arch::is_x86_feature_detected!("avx2") => {
             // SAFETY: feature checked.
             unsafe { x86::avx2(iters) };
+            iters as f64 * ACCUMULATORS as f64 * 64.0
+        }
+        #[cfg(target_arch = "x86_64")]
+        PeakLoop::AvxVnni if KernelKind::AvxVnni.is_supported() => {
+            // SAFETY: feature checked.
+            unsafe { x86::vnni_ymm_vex(iters) };
+            iters as f64 * ACCUMULATORS as f64 * 64.0
+        }
+        #[cfg(target_arch = "x86_64")]
+        PeakLoop::Avx512VnniYmm if KernelKind::Avx512VnniYmm.is_supported() => {
+            // SAFETY: feature checked.
+            unsafe { x86::vnni_ymm_evex(iters) };
             iters as f64 * ACCUMULATORS as f64 * 64.0
         }
         #[cfg(target_arch = "x86_64")]
@@ -227,6 +245,32 @@ mod x86 {
         for _ in 0..iters {
             for r in acc.iter_mut() {
                 *r = _mm512_dpbusd_epi32(*r, a, b);
+            }
+        }
+        black_box(acc);
+    }
+
+    #[target_feature(enable = "avxvnni")]
+    pub(super) unsafe fn vnni_ymm_vex(iters: u64) {
+        let a = black_box(_mm256_set1_epi8(1));
+        let b = black_box(_mm256_set1_epi8(-1));
+        let mut acc = [_mm256_setzero_si256(); ACCUMULATORS];
+        for _ in 0..iters {
+            for r in acc.iter_mut() {
+                *r = _mm256_dpbusd_avx_epi32(*r, a, b);
+            }
+        }
+        black_box(acc);
+    }
+
+    #[target_feature(enable = "avx512vnni,avx512vl")]
+    pub(super) unsafe fn vnni_ymm_evex(iters: u64) {
+        let a = black_box(_mm256_set1_epi8(1));
+        let b = black_box(_mm256_set1_epi8(-1));
+        let mut acc = [_mm256_setzero_si256(); ACCUMULATORS];
+        for _ in 0..iters {
+            for r in acc.iter_mut() {
+                *r = _mm256_dpbusd_epi32(*r, a, b);
             }
         }
         black_box(acc);

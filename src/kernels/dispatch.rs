@@ -28,6 +28,13 @@ pub enum KernelKind {
     Avx2,
     /// x86-64 AVX-512 VNNI `vpdpbusd` (12 × 32 register tile, 24 zmm accumulators).
     Avx512Vnni,
+    /// x86-64 AVX-VNNI: VEX-encoded `vpdpbusd ymm` (6 × 16 register tiles, 12 ymm accumulators),
+    /// for CPUs with AVX-VNNI but no AVX-512 (Intel client CPUs from Alder Lake on).
+    AvxVnni,
+    /// The AVX-VNNI kernel's body with EVEX-encoded `vpdpbusd ymm` (AVX-512 VNNI + VL): never
+    /// chosen (the zmm kernel is faster), it runs that body on every AVX-512 VNNI CPU, so its
+    /// logic is tested and measured where AVX-VNNI itself is missing (Zen 4, QEMU).
+    Avx512VnniYmm,
     /// aarch64 NEON `sdot` (dotprod), via `asm!`.
     NeonDot,
     /// aarch64 NEON without dotprod: `smull` + `sadalp`.
@@ -35,11 +42,13 @@ pub enum KernelKind {
 }
 
 impl KernelKind {
-    pub const ALL: [KernelKind; 6] = [
+    pub const ALL: [KernelKind; 8] = [
         KernelKind::Scalar,
         KernelKind::AmxInt8,
         KernelKind::Avx2,
         KernelKind::Avx512Vnni,
+        KernelKind::AvxVnni,
+        KernelKind::Avx512VnniYmm,
         KernelKind::NeonDot,
         KernelKind::NeonMull,
     ];
@@ -50,6 +59,8 @@ impl KernelKind {
             KernelKind::AmxInt8 => "amx-int8",
             KernelKind::Avx2 => "avx2",
             KernelKind::Avx512Vnni => "avx512vnni",
+            KernelKind::AvxVnni => "avxvnni",
+            KernelKind::Avx512VnniYmm => "avx512vnni-ymm",
             KernelKind::NeonDot => "neon-sdot",
             KernelKind::NeonMull => "neon-smull",
         }
@@ -87,6 +98,7 @@ impl KernelKind {
         [
             KernelKind::AmxInt8,
             KernelKind::Avx512Vnni,
+            KernelKind::AvxVnni,
             KernelKind::Avx2,
             KernelKind::NeonDot,
             KernelKind::NeonMull,
@@ -127,6 +139,13 @@ impl KernelKind {
             KernelKind::Avx512Vnni => {
                 super::x86::avx512vnni_supported().then_some(super::x86::tile_avx512vnni as TileFn)
             }
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::AvxVnni => {
+                super::x86::avxvnni_supported().then_some(super::x86::tile_avxvnni as TileFn)
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx512VnniYmm => super::x86::avx512vnni_ymm_supported()
+                .then_some(super::x86::tile_avx512vnni_ymm as TileFn),
             #[cfg(target_arch = "aarch64")]
             KernelKind::NeonDot => {
                 super::aarch64::dotprod_supported().then_some(super::aarch64::tile_sdot as TileFn)

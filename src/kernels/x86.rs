@@ -269,3 +269,165 @@ pub(crate) unsafe fn tile_avx2(tile: &Tile) {
     // SAFETY: forwarded Tile invariants.
     unsafe { finish_chunk(&raw, tile) };
 }
+
+pub(crate) fn avxvnni_supported() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni")
+}
+
+/// The CPU can run the 256-bit VNNI body with its EVEX encoding (AVX-512 VNNI + VL).
+pub(crate) fn avx512vnni_ymm_supported() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// Rows of the 256-bit VNNI register tile: 6 rows × 16 columns are 12 ymm accumulators, plus two
+/// weight registers and one broadcast: 15 of the 16 ymm registers (VEX code has no more).
+const YMM_TILE_ROWS: usize = 6;
+
+/// The 256-bit `vpdpbusd` tile body, written once and compiled twice (see its two instances
+/// below): VEX-encoded for AVX-VNNI (Intel Alder Lake and later client CPUs, Sapphire Rapids,
+/// Zen 5), EVEX-encoded for AVX-512 VNNI + VL, so that every AVX-512 VNNI CPU runs (and tests)
+/// the body the AVX-VNNI machines run.
+///
+/// The 12 × 32 tile runs as four 6 × 16 sub-tiles, each over the whole K chunk with its 12
+/// accumulators in registers: per 4-k group two 32-byte weight loads (16 columns × 4 k), and per
+/// row one 4-byte activation broadcast used by two `vpdpbusd`. The chunk's weights (up to 32 KB)
+/// and activations (up to 12 KB) are read twice, from L1. Sums are exact int32 like every
+/// kernel's; the epilogue is [`epilogue_avx2`], the scalar contract's operations in order.
+macro_rules! vnni_ymm_tile {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $dpbusd:ident) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(tile: &Tile) {
+            // SAFETY: Tile invariants.
+            let mut raw = unsafe { start_chunk(tile) };
+            let row_halves = tile.real_rows().div_ceil(YMM_TILE_ROWS);
+            for rh in 0..row_halves {
+                for ch in 0..2 {
+                    let mut acc = [_mm256_setzero_si256(); 2 * YMM_TILE_ROWS];
+                    for r in 0..YMM_TILE_ROWS {
+                        let row = &raw[YMM_TILE_ROWS * rh + r][16 * ch..16 * ch + 16];
+                        // SAFETY: `row` holds 16 i32 = two ymm loads.
+                        unsafe {
+                            acc[2 * r] = _mm256_loadu_si256(row.as_ptr().cast());
+                            acc[2 * r + 1] = _mm256_loadu_si256(row.as_ptr().add(8).cast());
+                        }
+                    }
+                    let mut w = tile.weights.wrapping_add(64 * ch);
+                    let mut a = (tile.act as *const i32).wrapping_add(YMM_TILE_ROWS * rh);
+                    for _ in 0..tile.k_blocks * 4 {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            (a as *const i8).wrapping_add(ACT_PREFETCH_BYTES),
+                        );
+                        // SAFETY: the 64 weight bytes of this column half in this 4-k group,
+                        // and the 4-byte activation words of rows 6·rh..6·rh+6, inside the
+                        // tile's extents (a block always holds 12 rows, padding included).
+                        unsafe {
+                            let c0 = _mm256_loadu_si256(w.cast());
+                            let c1 = _mm256_loadu_si256(w.add(32).cast());
+                            for r in 0..YMM_TILE_ROWS {
+                                let q = _mm256_set1_epi32(a.add(r).read_unaligned());
+                                acc[2 * r] = $dpbusd(acc[2 * r], c0, q);
+                                acc[2 * r + 1] = $dpbusd(acc[2 * r + 1], c1, q);
+                            }
+                        }
+                        w = w.wrapping_add(128);
+                        a = a.wrapping_add(ROWS_PER_BLOCK);
+                    }
+                    for r in 0..YMM_TILE_ROWS {
+                        let row = &mut raw[YMM_TILE_ROWS * rh + r][16 * ch..16 * ch + 16];
+                        // SAFETY: `row` holds 16 i32 = two ymm stores.
+                        unsafe {
+                            _mm256_storeu_si256(row.as_mut_ptr().cast(), acc[2 * r]);
+                            _mm256_storeu_si256(row.as_mut_ptr().add(8).cast(), acc[2 * r + 1]);
+                        }
+                    }
+                }
+            }
+            if tile.last {
+                // SAFETY: the Tile invariants; AVX2 is enabled.
+                unsafe { epilogue_avx2(raw.as_flattened(), &tile.epi) };
+            } else {
+                // SAFETY: `carry` is valid for writes and owned by this tile.
+                unsafe { *tile.carry = raw };
+            }
+        }
+    };
+}
+
+vnni_ymm_tile!(
+    /// AVX-VNNI: the 256-bit body with VEX-encoded `vpdpbusd` (`{vex} vpdpbusd ymm`).
+    ///
+    /// # Safety
+    /// The [`Tile`] invariants, and the CPU supports AVX2 and AVX-VNNI (`avxvnni_supported`).
+    tile_avxvnni,
+    "avx2,avxvnni",
+    _mm256_dpbusd_avx_epi32
+);
+
+vnni_ymm_tile!(
+    /// The same body with EVEX-encoded `vpdpbusd ymm` (AVX-512 VNNI + VL).
+    ///
+    /// # Safety
+    /// The [`Tile`] invariants, and the CPU supports AVX2 and AVX-512 F/VL/VNNI
+    /// (`avx512vnni_ymm_supported`).
+    tile_avx512vnni_ymm,
+    "avx2,avx512f,avx512vl,avx512vnni",
+    _mm256_dpbusd_epi32
+);
+
+/// The epilogue of the math contract on a finished tile, 8 columns at a time (masked for a
+/// partial panel): `v = acc − Σq`, then `(v as f32) · (γ[n] · d[m]) (+ b[n])`, and for the fused
+/// FFN gate `relu(y)² · up` — the operations of `tile::epilogue_scalar` in the same order.
+/// `acc` holds the raw sums row-major, 32 per row.
+///
+/// # Safety
+/// The CPU supports AVX2; `e.rows` row values and 32 column values are readable; the output
+/// rectangle `rows × cols` at stride `ldo` is writable and belongs to this tile.
+#[target_feature(enable = "avx2")]
+#[inline(never)]
+pub(crate) unsafe fn epilogue_avx2(acc: &[i32], e: &Epilogue) {
+    assert!(
+        acc.len() >= e.rows * PANEL_COLS,
+        "epilogue: accumulators too short"
+    );
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let masks: [__m256i; 4] = std::array::from_fn(|q| {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(e.cols as i32 - 8 * q as i32), lane)
+    });
+    let active = e.cols.min(PANEL_COLS).div_ceil(8);
+    // SAFETY: the function's contract (col_scales and bias hold 32 values; masked lanes of the
+    // output are neither read nor written).
+    unsafe {
+        for r in 0..e.rows {
+            let sum = _mm256_set1_epi32(*e.row_sums.add(r));
+            let dequant = _mm256_set1_ps(*e.row_dequant.add(r));
+            for (q, &mask) in masks.iter().enumerate().take(active) {
+                let raw = _mm256_loadu_si256(acc.as_ptr().add(r * PANEL_COLS + 8 * q).cast());
+                let v = _mm256_sub_epi32(raw, sum);
+                let at = r * e.ldo + 8 * q;
+                match e.out {
+                    TileOutput::I32(out) => _mm256_maskstore_epi32(out.add(at), mask, v),
+                    TileOutput::F32(out) | TileOutput::Relu2Mul(out) => {
+                        let factor =
+                            _mm256_mul_ps(_mm256_loadu_ps(e.col_scales.add(8 * q)), dequant);
+                        let mut y = _mm256_mul_ps(_mm256_cvtepi32_ps(v), factor);
+                        if !e.bias.is_null() {
+                            y = _mm256_add_ps(y, _mm256_loadu_ps(e.bias.add(8 * q)));
+                        }
+                        if let TileOutput::Relu2Mul(_) = e.out {
+                            // max(y, 0) returns its second operand for NaN and for ±0: exactly
+                            // `if y > 0 { y } else { 0 }`.
+                            let relu = _mm256_max_ps(y, _mm256_setzero_ps());
+                            let up = _mm256_maskload_ps(out.add(at), mask);
+                            y = _mm256_mul_ps(_mm256_mul_ps(relu, relu), up);
+                        }
+                        _mm256_maskstore_ps(out.add(at), mask, y);
+                    }
+                }
+            }
+        }
+    }
+}
