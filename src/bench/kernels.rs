@@ -61,6 +61,9 @@ pub struct Options {
     pub threads: Vec<usize>,
     pub reps: usize,
     pub kernel: KernelKind,
+    /// A second ternary kernel timed in the same visits (quantization + GEMM, interleaved with
+    /// the others): `speedup_vs_versus` is its time over the kernel's.
+    pub versus: Option<KernelKind>,
     /// Seconds per calibration repetition.
     pub calib_seconds: f64,
 }
@@ -116,6 +119,11 @@ pub struct Record {
     pub min_ms: f64,
     pub f32_median_ms: f64,
     pub f32_min_ms: f64,
+    /// With `--versus`: the other kernel, its median time (quantization + GEMM, same visits)
+    /// and its time over this kernel's.
+    pub versus_kernel: Option<&'static str>,
+    pub versus_median_ms: Option<f64>,
+    pub speedup_vs_versus: Option<f64>,
     pub reps: usize,
     pub noisy: bool,
     pub noise_reasons: Vec<String>,
@@ -139,6 +147,9 @@ pub struct Summary {
     pub median_tile_loop_efficiency: Option<f64>,
     pub median_speedup_vs_f32: f64,
     pub min_speedup_vs_f32: f64,
+    /// With `--versus`: the median and lowest of the shapes' `speedup_vs_versus`.
+    pub median_speedup_vs_versus: Option<f64>,
+    pub min_speedup_vs_versus: Option<f64>,
     /// t(threads) / t(1 thread) per shape (only for threads > 1).
     pub time_ratio_vs_1_thread: Vec<(String, f64)>,
     pub any_noisy: bool,
@@ -281,6 +292,7 @@ struct Samples {
     quantize: Vec<f64>,
     quantize_warm: Vec<f64>,
     f32: Vec<f64>,
+    versus: Vec<f64>,
     other_cpu: OtherCpuTotal,
 }
 
@@ -304,6 +316,12 @@ pub fn run(
         "kernel {} is not supported by this CPU",
         opts.kernel
     );
+    if let Some(v) = opts.versus {
+        anyhow::ensure!(
+            v.is_supported(),
+            "kernel {v} (--versus) is not supported by this CPU"
+        );
+    }
     anyhow::ensure!(opts.reps >= 1, "--reps must be at least 1");
     let head = header(opts.kernel);
     // The load average includes whatever ran just before (often the build of this binary), so it
@@ -356,6 +374,12 @@ pub fn run(
                     case.f32(shape)?;
                     case.ternary(shape, opts.kernel)?;
                     case.quantize_warm(shape, opts.kernel)?;
+                    if let Some(v) = opts.versus {
+                        case.ternary(shape, v)?;
+                        wake_workers();
+                        s.versus.push(case.ternary(shape, v)?.0);
+                        case.ternary(shape, opts.kernel)?;
+                    }
                     wake_workers();
                     s.f32.push(case.f32(shape)?);
                     wake_workers();
@@ -418,6 +442,7 @@ pub fn run(
             // `median` sorted them.
             let (t_min, f_min) = (s.ternary[0], s.f32[0]);
             let gops = shape.ops() / t_med / 1e9;
+            let versus_med = (!s.versus.is_empty()).then(|| median(&mut s.versus));
             let record = Record {
                 kind: "result",
                 shape: shape.label(),
@@ -442,6 +467,9 @@ pub fn run(
                 min_ms: t_min * 1e3,
                 f32_median_ms: f_med * 1e3,
                 f32_min_ms: f_min * 1e3,
+                versus_kernel: opts.versus.map(KernelKind::name),
+                versus_median_ms: versus_med.map(|v| v * 1e3),
+                speedup_vs_versus: versus_med.map(|v| v / t_med),
                 reps: opts.reps,
                 noisy: !reasons.is_empty(),
                 noise_reasons: reasons,
@@ -475,6 +503,7 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
             let mut gemm_eff: Vec<f64> = rs.iter().filter_map(|r| r.gemm_only_efficiency).collect();
             let mut loop_eff: Vec<f64> = rs.iter().filter_map(|r| r.tile_loop_efficiency).collect();
             let mut speed: Vec<f64> = rs.iter().map(|r| r.speedup_vs_f32).collect();
+            let mut versus: Vec<f64> = rs.iter().filter_map(|r| r.speedup_vs_versus).collect();
             let ratios = if t > 1 {
                 rs.iter()
                     .filter_map(|r| {
@@ -499,6 +528,8 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
                 median_tile_loop_efficiency: (!loop_eff.is_empty()).then(|| median(&mut loop_eff)),
                 median_speedup_vs_f32: median(&mut speed),
                 min_speedup_vs_f32: speed.iter().cloned().fold(f64::INFINITY, f64::min),
+                median_speedup_vs_versus: (!versus.is_empty()).then(|| median(&mut versus)),
+                min_speedup_vs_versus: versus.iter().cloned().reduce(f64::min),
                 time_ratio_vs_1_thread: ratios,
                 any_noisy: rs.iter().any(|r| r.noisy),
             }
@@ -525,6 +556,7 @@ mod tests {
             threads: vec![1, 2],
             reps: 2,
             kernel: KernelKind::best(),
+            versus: Some(KernelKind::Scalar),
             calib_seconds: 0.001,
         };
         let mut lines = Vec::new();
@@ -543,6 +575,13 @@ mod tests {
                 assert!(v.is_finite() && v > 0.0, "{what} = {v}");
             }
             assert!(r.quantize_median_ms <= r.median_ms);
+            assert_eq!(r.versus_kernel, Some("scalar"));
+            let versus = r.versus_median_ms.expect("the versus kernel is timed");
+            let ratio = r.speedup_vs_versus.expect("and compared");
+            assert!(
+                (ratio - versus / r.median_ms).abs() < 1e-9 * ratio,
+                "{ratio}"
+            );
             assert!(r.min_ms <= r.median_ms);
             if let (Some(peak), Some(eff)) = (r.peak_gops, r.efficiency) {
                 assert!((eff - r.gops / peak).abs() < 1e-9 * eff.max(1.0));

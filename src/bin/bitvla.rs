@@ -277,9 +277,13 @@ struct KernelsArgs {
     /// Interleaved repetitions per side (median reported).
     #[arg(long, default_value_t = 7)]
     reps: usize,
-    /// Kernel to measure (scalar, amx-int8, avx512vnni, avx2, neon-sdot, neon-smull); default: the best.
+    /// Kernel to measure (scalar, amx-int8, avx512vnni, avxvnni, avx512vnni-ymm, avx2, neon-sdot,
+    /// neon-smull); default: the best.
     #[arg(long)]
     kernel: Option<String>,
+    /// A second kernel timed in the same visits (e.g. avx2 against avxvnni): speedup_vs_versus.
+    #[arg(long)]
+    versus: Option<String>,
     /// LLM tokens (M of the LLM shapes).
     #[arg(long, default_value_t = 625)]
     llm_tokens: usize,
@@ -819,8 +823,8 @@ fn run_on(args: RunArgs, images: Vec<image::RgbImage>) -> anyhow::Result<()> {
 }
 
 fn bench_kernels(args: KernelsArgs) -> anyhow::Result<()> {
-    let kernel = match &args.kernel {
-        Some(name) => KernelKind::from_name(name).with_context(|| {
+    let named = |name: &str| {
+        KernelKind::from_name(name).with_context(|| {
             format!(
                 "unknown kernel {name:?}; supported here: {}",
                 KernelKind::supported()
@@ -829,9 +833,13 @@ fn bench_kernels(args: KernelsArgs) -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ")
             )
-        })?,
+        })
+    };
+    let kernel = match &args.kernel {
+        Some(name) => named(name)?,
         None => KernelKind::selected(),
     };
+    let versus = args.versus.as_deref().map(named).transpose()?;
     let threads = thread_counts(&args.threads)?;
     let shapes: Vec<_> = kbench::bitvla_shapes(args.llm_tokens, args.vit_tokens)
         .into_iter()
@@ -847,6 +855,7 @@ fn bench_kernels(args: KernelsArgs) -> anyhow::Result<()> {
         threads,
         reps: args.reps,
         kernel,
+        versus,
         calib_seconds: args.calib_seconds,
     };
     let stdout = std::io::stdout();
@@ -928,7 +937,7 @@ fn print_human(out: &mut impl Write, line: &serde_json::Value) -> std::io::Resul
         ),
         Some("summary") => writeln!(
             out,
-            "threads {}: median efficiency {:.3} (min {:.3}); against the vector int8 peak {:.3} (min {:.3}); GEMM alone {:.3}; tile loop alone {}; median speedup vs f32 {:.2}x (min {:.2}x){}{}",
+            "threads {}: median efficiency {:.3} (min {:.3}); against the vector int8 peak {:.3} (min {:.3}); GEMM alone {:.3}; tile loop alone {}; median speedup vs f32 {:.2}x (min {:.2}x){}{}{}",
             line["threads"],
             f("median_efficiency").unwrap_or(f64::NAN),
             f("min_efficiency").unwrap_or(f64::NAN),
@@ -938,6 +947,11 @@ fn print_human(out: &mut impl Write, line: &serde_json::Value) -> std::io::Resul
             f("median_tile_loop_efficiency").map_or("n/a".to_string(), |e| format!("{e:.3}")),
             f("median_speedup_vs_f32").unwrap_or(f64::NAN),
             f("min_speedup_vs_f32").unwrap_or(f64::NAN),
+            match (f("median_speedup_vs_versus"), f("min_speedup_vs_versus")) {
+                (Some(med), Some(min)) =>
+                    format!("; vs the other kernel {med:.2}x (min {min:.2}x)"),
+                _ => String::new(),
+            },
             match line["time_ratio_vs_1_thread"].as_array() {
                 Some(r) if !r.is_empty() =>
                     format!(", time vs 1 thread {}", line["time_ratio_vs_1_thread"]),
