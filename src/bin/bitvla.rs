@@ -695,6 +695,10 @@ fn bench_forward(args: ForwardArgs) -> anyhow::Result<()> {
             report.model, report.threads, report.kernel, report.tokens
         );
         println!(
+            "  first call after load {:.1} ms ({:.2}x the warm median)",
+            report.first_call_ms, report.first_call_vs_median
+        );
+        println!(
             "  forward median {:.1} ms: preprocess {:.1}, vision {:.1}, projector {:.1}, llm {:.1}, head {:.1}",
             report.median_ms,
             s.preprocess_ms,
