@@ -100,3 +100,35 @@ pub fn run(
     }
     Ok(rows)
 }
+
+/// [`run`]'s rows as a table for a terminal (`bitvla bench attention` without `--json`).
+pub fn print_rows(
+    out: &mut impl std::io::Write,
+    rows: &[serde_json::Value],
+    reps: usize,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{}; medians of {reps} interleaved calls",
+        super::machine::cpu_model()
+    )?;
+    for row in rows {
+        for r in row["results"].as_array().into_iter().flatten() {
+            writeln!(
+                out,
+                "{:<7} L={:<4} {:>2}x{:<3} thr {}  {:<7} {:>8.2} ms {:>6.0} GFLOP/s  eff {:.2}  time vs gemm {:.3}",
+                row["shape"].as_str().unwrap_or(""),
+                row["tokens"],
+                row["heads"],
+                row["head_dim"],
+                row["threads"],
+                r["impl"].as_str().unwrap_or(""),
+                r["ms"].as_f64().unwrap_or(f64::NAN),
+                r["gflops"].as_f64().unwrap_or(f64::NAN),
+                r["efficiency"].as_f64().unwrap_or(f64::NAN),
+                r["time_vs_gemm"].as_f64().unwrap_or(f64::NAN),
+            )?;
+        }
+    }
+    Ok(())
+}

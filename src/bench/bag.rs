@@ -193,3 +193,30 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         variants,
     })
 }
+
+impl Report {
+    /// The report as lines for a terminal (`bitvla bench bag` without `--json`).
+    pub fn print(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{} MB image stream of {}x{} rgb8 frames, median of {} passes (warm cache):",
+            self.image_stream_mb.round(),
+            self.width,
+            self.height,
+            self.reps
+        )?;
+        for v in &self.variants {
+            writeln!(
+                out,
+                "  {:>4} chunks: file {:.0} MB; write {:.0} MB/s; read {:.0} MB/s; read + decode to RGB {:.0} MB/s; chunk data held at most {:.1} MB",
+                v.chunks,
+                v.file_mb,
+                v.write_mb_per_s,
+                v.read_mb_per_s,
+                v.read_decode_mb_per_s,
+                v.peak_buffered_mb
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -203,3 +203,73 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         max_abs_action_diff_vs_f32: diff,
     })
 }
+
+impl Report {
+    /// The report as a few lines for a terminal (`bitvla bench forward` without `--json`).
+    pub fn print(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let s = &self.stages_median_ms;
+        writeln!(
+            out,
+            "{} ({} threads, kernel {}, {} tokens)",
+            self.model, self.threads, self.kernel, self.tokens
+        )?;
+        writeln!(
+            out,
+            "  first call after load {:.1} ms ({:.2}x the warm median)",
+            self.first_call_ms, self.first_call_vs_median
+        )?;
+        writeln!(
+            out,
+            "  forward median {:.1} ms: preprocess {:.1}, vision {:.1}, projector {:.1}, llm {:.1}, head {:.1}",
+            self.median_ms,
+            s.preprocess_ms,
+            s.vision_ms,
+            s.projector_ms,
+            s.llm_ms,
+            s.action_head_ms
+        )?;
+        writeln!(
+            out,
+            "  ternary work {:.0} GOP -> {:.1} GOP/s; peak {} GOP/s; efficiency {}",
+            self.ternary_gops,
+            self.achieved_gops,
+            self.peak_gops.map_or("?".into(), |p| format!("{p:.1}")),
+            self.efficiency.map_or("?".into(), |e| format!("{e:.3}"))
+        )?;
+        if self.vector_peak_gops != self.peak_gops {
+            writeln!(
+                out,
+                "  vector int8 peak {} GOP/s; efficiency against it {}",
+                self.vector_peak_gops
+                    .map_or("?".into(), |p| format!("{p:.1}")),
+                self.efficiency_vs_vector_peak
+                    .map_or("?".into(), |e| format!("{e:.3}"))
+            )?;
+        }
+        writeln!(
+            out,
+            "  attention {:.0} GFLOP f32 (f32 peak {} GFLOP/s); efficiency counting it {}",
+            self.attention_gflop,
+            self.f32_peak_gflops
+                .map_or("?".into(), |p| format!("{p:.0}")),
+            self.efficiency_with_attention
+                .map_or("?".into(), |e| format!("{e:.3}"))
+        )?;
+        writeln!(
+            out,
+            "  load {:.2} s; weights {:.0} MB; peak RSS {}",
+            self.load_s,
+            self.weight_bytes as f64 / 1e6,
+            self.peak_rss_bytes
+                .map_or("?".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
+        )?;
+        if let (Some(f), Some(r)) = (self.f32_median_ms, self.time_ratio_vs_f32) {
+            writeln!(
+                out,
+                "  f32-GEMM path {:.1} ms: ternary takes {:.3}x its time (max |action diff| {:?})",
+                f, r, self.max_abs_action_diff_vs_f32
+            )?;
+        }
+        Ok(())
+    }
+}

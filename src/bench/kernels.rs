@@ -537,6 +537,96 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
         .collect()
 }
 
+/// One line of [`run`]'s output as a row of the terminal table (`bitvla bench kernels` without
+/// `--json`).
+pub fn print_human(out: &mut impl std::io::Write, line: &serde_json::Value) -> std::io::Result<()> {
+    let f = |k: &str| line.get(k).and_then(|v| v.as_f64());
+    match line.get("kind").and_then(|v| v.as_str()) {
+        Some("header") => {
+            writeln!(out, "cpu: {}", line["cpu"].as_str().unwrap_or("?"))?;
+            writeln!(out, "features: {}", line["features"])?;
+            writeln!(
+                out,
+                "kernel: {}   commit: {}   load average: {}",
+                line["kernel"].as_str().unwrap_or("?"),
+                line["commit"].as_str().unwrap_or("?"),
+                line["loadavg_1m"]
+            )?;
+            writeln!(
+                out,
+                "{:<24} {:>16} {:>3} {:>9} {:>6} {:>6} {:>8} {:>9} {:>6} {:>7} {:>8} {:>9} {:>8}  noisy",
+                "layer",
+                "MxKxN",
+                "thr",
+                "ms",
+                "quant",
+                "q/warm",
+                "GOP/s",
+                "peak",
+                "eff",
+                "vec eff",
+                "gemm eff",
+                "f32 GF/s",
+                "speedup"
+            )
+        }
+        Some("result") => writeln!(
+            out,
+            "{:<24} {:>16} {:>3} {:>9.2} {:>5.1}% {:>6.2} {:>8.1} {:>9.1} {:>6.3} {:>7.3} {:>8.3} {:>9.1} {:>7.2}x  {}",
+            line["layer"].as_str().unwrap_or("?"),
+            line["shape"].as_str().unwrap_or("?"),
+            line["threads"],
+            f("median_ms").unwrap_or(f64::NAN),
+            100.0 * f("quantize_median_ms").unwrap_or(f64::NAN)
+                / f("median_ms").unwrap_or(f64::NAN),
+            // The timed quantization against the same one with its input in the cache.
+            f("quantize_median_ms").unwrap_or(f64::NAN)
+                / f("quantize_warm_median_ms").unwrap_or(f64::NAN),
+            f("gops").unwrap_or(f64::NAN),
+            f("peak_gops").unwrap_or(f64::NAN),
+            f("efficiency").unwrap_or(f64::NAN),
+            f("efficiency_vs_vector_peak").unwrap_or(f64::NAN),
+            f("gemm_only_efficiency").unwrap_or(f64::NAN),
+            f("f32_gflops").unwrap_or(f64::NAN),
+            f("speedup_vs_f32").unwrap_or(f64::NAN),
+            if line["noisy"].as_bool() == Some(true) {
+                line["noise_reasons"].to_string()
+            } else {
+                String::new()
+            },
+        ),
+        Some("summary") => writeln!(
+            out,
+            "threads {}: median efficiency {:.3} (min {:.3}); against the vector int8 peak {:.3} (min {:.3}); GEMM alone {:.3}; tile loop alone {}; median speedup vs f32 {:.2}x (min {:.2}x){}{}{}",
+            line["threads"],
+            f("median_efficiency").unwrap_or(f64::NAN),
+            f("min_efficiency").unwrap_or(f64::NAN),
+            f("median_efficiency_vs_vector_peak").unwrap_or(f64::NAN),
+            f("min_efficiency_vs_vector_peak").unwrap_or(f64::NAN),
+            f("median_gemm_only_efficiency").unwrap_or(f64::NAN),
+            f("median_tile_loop_efficiency").map_or("n/a".to_string(), |e| format!("{e:.3}")),
+            f("median_speedup_vs_f32").unwrap_or(f64::NAN),
+            f("min_speedup_vs_f32").unwrap_or(f64::NAN),
+            match (f("median_speedup_vs_versus"), f("min_speedup_vs_versus")) {
+                (Some(med), Some(min)) =>
+                    format!("; vs the other kernel {med:.2}x (min {min:.2}x)"),
+                _ => String::new(),
+            },
+            match line["time_ratio_vs_1_thread"].as_array() {
+                Some(r) if !r.is_empty() =>
+                    format!(", time vs 1 thread {}", line["time_ratio_vs_1_thread"]),
+                _ => String::new(),
+            },
+            if line["any_noisy"].as_bool() == Some(true) {
+                "  [NOISY]"
+            } else {
+                ""
+            },
+        ),
+        _ => writeln!(out, "{line}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -161,6 +161,87 @@ pub fn amx_int8_available() -> bool {
     KernelKind::AmxInt8.is_supported()
 }
 
+/// `bitvla bench peaks`: every calibration loop of this CPU (the GEMM kernel's int8 loop, f32
+/// FMA, AMX where the OS grants it) at 1 thread and at all threads, `reps` interleaved
+/// repetitions of `seconds` each: medians and spreads, as one JSON object.
+pub fn report(reps: usize, seconds: f64) -> anyhow::Result<serde_json::Value> {
+    use super::kernels::median;
+
+    let kernel = KernelKind::best();
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut loops: Vec<(&str, PeakLoop)> = Vec::new();
+    if let Some(l) = PeakLoop::for_kernel(kernel) {
+        loops.push(("int8 (GEMM kernel's loop)", l));
+    }
+    loops.push(("f32 fma", PeakLoop::F32Fma));
+    if amx_int8_available() {
+        loops.push(("amx-int8 tdpbusd", PeakLoop::AmxInt8));
+        loops.push((
+            "amx-int8 tdpbusd, 2x2 tiles loaded from L1 each step",
+            PeakLoop::AmxInt8Streaming,
+        ));
+    }
+    let mut results = Vec::new();
+    for threads in [1, all] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
+        let mut samples = vec![Vec::new(); loops.len()];
+        for _ in 0..reps {
+            for (i, (_, l)) in loops.iter().enumerate() {
+                if let Some(g) = calibrate(*l, &pool, seconds) {
+                    samples[i].push(g);
+                }
+            }
+        }
+        for ((name, _), mut s) in loops.iter().zip(samples) {
+            if !s.is_empty() {
+                let spread = (s.iter().copied().fold(f64::MIN, f64::max)
+                    - s.iter().copied().fold(f64::MAX, f64::min))
+                    / median(&mut s.clone());
+                results.push(serde_json::json!({
+                    "loop": name, "threads": threads, "median_gops": median(&mut s), "spread": spread,
+                }));
+            }
+        }
+    }
+    Ok(serde_json::json!({
+        "bench": "peaks",
+        "cpu": super::machine::cpu_model(),
+        "kernel": format!("{kernel:?}"),
+        "amx_int8_available": amx_int8_available(),
+        "reps": reps,
+        "results": results,
+    }))
+}
+
+/// [`report`] as lines for a terminal.
+pub fn print_report(
+    out: &mut impl std::io::Write,
+    report: &serde_json::Value,
+) -> std::io::Result<()> {
+    let results = report["results"].as_array().cloned().unwrap_or_default();
+    writeln!(
+        out,
+        "{} (GEMM kernel {}), medians of {} interleaved reps:",
+        report["cpu"], report["kernel"], report["reps"]
+    )?;
+    for r in &results {
+        writeln!(
+            out,
+            "  {:<28} {} thread(s): {:>7.0} GOP/s (spread {:.1}%)",
+            r["loop"].as_str().unwrap_or(""),
+            r["threads"],
+            r["median_gops"].as_f64().unwrap_or(0.0),
+            r["spread"].as_f64().unwrap_or(0.0) * 100.0
+        )?;
+    }
+    if report["amx_int8_available"] != true {
+        writeln!(out, "  amx-int8: not available on this CPU/OS")?;
+    }
+    Ok(())
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{ACCUMULATORS, black_box};

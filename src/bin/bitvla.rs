@@ -317,24 +317,7 @@ fn main() -> anyhow::Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                println!(
-                    "{} MB image stream of {}x{} rgb8 frames, median of {} passes (warm cache):",
-                    report.image_stream_mb.round(),
-                    report.width,
-                    report.height,
-                    report.reps
-                );
-                for v in &report.variants {
-                    println!(
-                        "  {:>4} chunks: file {:.0} MB; write {:.0} MB/s; read {:.0} MB/s; read + decode to RGB {:.0} MB/s; chunk data held at most {:.1} MB",
-                        v.chunks,
-                        v.file_mb,
-                        v.write_mb_per_s,
-                        v.read_mb_per_s,
-                        v.read_decode_mb_per_s,
-                        v.peak_buffered_mb
-                    );
-                }
+                report.print(&mut std::io::stdout().lock())?;
             }
             Ok(())
         }
@@ -571,105 +554,26 @@ fn thread_counts(requested: &[usize]) -> anyhow::Result<Vec<usize>> {
 fn bench_attention(args: AttentionArgs) -> anyhow::Result<()> {
     let threads = thread_counts(&args.threads)?;
     let rows = bitvla_ros::bench::attention::run(&threads, args.reps.max(1), args.calib_seconds)?;
-    if !args.json {
-        println!(
-            "{}; medians of {} interleaved calls",
-            bitvla_ros::bench::machine::cpu_model(),
-            args.reps.max(1)
-        );
-    }
-    for row in rows {
-        if args.json {
+    if args.json {
+        for row in rows {
             println!("{row}");
-            continue;
         }
-        for r in row["results"].as_array().into_iter().flatten() {
-            println!(
-                "{:<7} L={:<4} {:>2}x{:<3} thr {}  {:<7} {:>8.2} ms {:>6.0} GFLOP/s  eff {:.2}  time vs gemm {:.3}",
-                row["shape"].as_str().unwrap_or(""),
-                row["tokens"],
-                row["heads"],
-                row["head_dim"],
-                row["threads"],
-                r["impl"].as_str().unwrap_or(""),
-                r["ms"].as_f64().unwrap_or(f64::NAN),
-                r["gflops"].as_f64().unwrap_or(f64::NAN),
-                r["efficiency"].as_f64().unwrap_or(f64::NAN),
-                r["time_vs_gemm"].as_f64().unwrap_or(f64::NAN),
-            );
-        }
+    } else {
+        bitvla_ros::bench::attention::print_rows(
+            &mut std::io::stdout().lock(),
+            &rows,
+            args.reps.max(1),
+        )?;
     }
     Ok(())
 }
 
 fn bench_peaks(args: PeaksArgs) -> anyhow::Result<()> {
-    use bitvla_ros::bench::kernels::median;
-    use bitvla_ros::bench::peak::{PeakLoop, amx_int8_available, calibrate};
-    let kernel = bitvla_ros::kernels::KernelKind::best();
-    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut loops: Vec<(&str, PeakLoop)> = Vec::new();
-    if let Some(l) = PeakLoop::for_kernel(kernel) {
-        loops.push(("int8 (GEMM kernel's loop)", l));
-    }
-    loops.push(("f32 fma", PeakLoop::F32Fma));
-    if amx_int8_available() {
-        loops.push(("amx-int8 tdpbusd", PeakLoop::AmxInt8));
-        loops.push((
-            "amx-int8 tdpbusd, 2x2 tiles loaded from L1 each step",
-            PeakLoop::AmxInt8Streaming,
-        ));
-    }
-    let mut results = Vec::new();
-    for threads in [1, all] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()?;
-        let mut samples = vec![Vec::new(); loops.len()];
-        for _ in 0..args.reps {
-            for (i, (_, l)) in loops.iter().enumerate() {
-                if let Some(g) = calibrate(*l, &pool, args.seconds) {
-                    samples[i].push(g);
-                }
-            }
-        }
-        for ((name, _), mut s) in loops.iter().zip(samples) {
-            if !s.is_empty() {
-                let spread = (s.iter().copied().fold(f64::MIN, f64::max)
-                    - s.iter().copied().fold(f64::MAX, f64::min))
-                    / median(&mut s.clone());
-                results.push(serde_json::json!({
-                    "loop": name, "threads": threads, "median_gops": median(&mut s), "spread": spread,
-                }));
-            }
-        }
-    }
-    let report = serde_json::json!({
-        "bench": "peaks",
-        "cpu": bitvla_ros::bench::machine::cpu_model(),
-        "kernel": format!("{kernel:?}"),
-        "amx_int8_available": amx_int8_available(),
-        "reps": args.reps,
-        "results": results,
-    });
+    let report = bitvla_ros::bench::peak::report(args.reps, args.seconds)?;
     if args.json {
         println!("{report}");
     } else {
-        println!(
-            "{} (GEMM kernel {kernel:?}), medians of {} interleaved reps:",
-            report["cpu"], args.reps
-        );
-        for r in &results {
-            println!(
-                "  {:<28} {} thread(s): {:>7.0} GOP/s (spread {:.1}%)",
-                r["loop"].as_str().unwrap_or(""),
-                r["threads"],
-                r["median_gops"].as_f64().unwrap_or(0.0),
-                r["spread"].as_f64().unwrap_or(0.0) * 100.0
-            );
-        }
-        if !amx_int8_available() {
-            println!("  amx-int8: not available on this CPU/OS");
-        }
+        bitvla_ros::bench::peak::print_report(&mut std::io::stdout().lock(), &report)?;
     }
     Ok(())
 }
@@ -689,66 +593,7 @@ fn bench_forward(args: ForwardArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        let s = &report.stages_median_ms;
-        println!(
-            "{} ({} threads, kernel {}, {} tokens)",
-            report.model, report.threads, report.kernel, report.tokens
-        );
-        println!(
-            "  first call after load {:.1} ms ({:.2}x the warm median)",
-            report.first_call_ms, report.first_call_vs_median
-        );
-        println!(
-            "  forward median {:.1} ms: preprocess {:.1}, vision {:.1}, projector {:.1}, llm {:.1}, head {:.1}",
-            report.median_ms,
-            s.preprocess_ms,
-            s.vision_ms,
-            s.projector_ms,
-            s.llm_ms,
-            s.action_head_ms
-        );
-        println!(
-            "  ternary work {:.0} GOP -> {:.1} GOP/s; peak {} GOP/s; efficiency {}",
-            report.ternary_gops,
-            report.achieved_gops,
-            report.peak_gops.map_or("?".into(), |p| format!("{p:.1}")),
-            report.efficiency.map_or("?".into(), |e| format!("{e:.3}"))
-        );
-        if report.vector_peak_gops != report.peak_gops {
-            println!(
-                "  vector int8 peak {} GOP/s; efficiency against it {}",
-                report
-                    .vector_peak_gops
-                    .map_or("?".into(), |p| format!("{p:.1}")),
-                report
-                    .efficiency_vs_vector_peak
-                    .map_or("?".into(), |e| format!("{e:.3}"))
-            );
-        }
-        println!(
-            "  attention {:.0} GFLOP f32 (f32 peak {} GFLOP/s); efficiency counting it {}",
-            report.attention_gflop,
-            report
-                .f32_peak_gflops
-                .map_or("?".into(), |p| format!("{p:.0}")),
-            report
-                .efficiency_with_attention
-                .map_or("?".into(), |e| format!("{e:.3}"))
-        );
-        println!(
-            "  load {:.2} s; weights {:.0} MB; peak RSS {}",
-            report.load_s,
-            report.weight_bytes as f64 / 1e6,
-            report
-                .peak_rss_bytes
-                .map_or("?".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
-        );
-        if let (Some(f), Some(r)) = (report.f32_median_ms, report.time_ratio_vs_f32) {
-            println!(
-                "  f32-GEMM path {:.1} ms: ternary takes {:.3}x its time (max |action diff| {:?})",
-                f, r, report.max_abs_action_diff_vs_f32
-            );
-        }
+        report.print(&mut std::io::stdout().lock())?;
     }
     Ok(())
 }
@@ -870,7 +715,7 @@ fn bench_kernels(args: KernelsArgs) -> anyhow::Result<()> {
         let res = if json {
             writeln!(out, "{line}")
         } else {
-            print_human(&mut out, line)
+            kbench::print_human(&mut out, line)
         };
         if let Err(e) = res {
             failed.get_or_insert(e);
@@ -881,92 +726,4 @@ fn bench_kernels(args: KernelsArgs) -> anyhow::Result<()> {
         return Err(e).context("writing benchmark output");
     }
     Ok(())
-}
-
-fn print_human(out: &mut impl Write, line: &serde_json::Value) -> std::io::Result<()> {
-    let f = |k: &str| line.get(k).and_then(|v| v.as_f64());
-    match line.get("kind").and_then(|v| v.as_str()) {
-        Some("header") => {
-            writeln!(out, "cpu: {}", line["cpu"].as_str().unwrap_or("?"))?;
-            writeln!(out, "features: {}", line["features"])?;
-            writeln!(
-                out,
-                "kernel: {}   commit: {}   load average: {}",
-                line["kernel"].as_str().unwrap_or("?"),
-                line["commit"].as_str().unwrap_or("?"),
-                line["loadavg_1m"]
-            )?;
-            writeln!(
-                out,
-                "{:<24} {:>16} {:>3} {:>9} {:>6} {:>6} {:>8} {:>9} {:>6} {:>7} {:>8} {:>9} {:>8}  noisy",
-                "layer",
-                "MxKxN",
-                "thr",
-                "ms",
-                "quant",
-                "q/warm",
-                "GOP/s",
-                "peak",
-                "eff",
-                "vec eff",
-                "gemm eff",
-                "f32 GF/s",
-                "speedup"
-            )
-        }
-        Some("result") => writeln!(
-            out,
-            "{:<24} {:>16} {:>3} {:>9.2} {:>5.1}% {:>6.2} {:>8.1} {:>9.1} {:>6.3} {:>7.3} {:>8.3} {:>9.1} {:>7.2}x  {}",
-            line["layer"].as_str().unwrap_or("?"),
-            line["shape"].as_str().unwrap_or("?"),
-            line["threads"],
-            f("median_ms").unwrap_or(f64::NAN),
-            100.0 * f("quantize_median_ms").unwrap_or(f64::NAN)
-                / f("median_ms").unwrap_or(f64::NAN),
-            // The timed quantization against the same one with its input in the cache.
-            f("quantize_median_ms").unwrap_or(f64::NAN)
-                / f("quantize_warm_median_ms").unwrap_or(f64::NAN),
-            f("gops").unwrap_or(f64::NAN),
-            f("peak_gops").unwrap_or(f64::NAN),
-            f("efficiency").unwrap_or(f64::NAN),
-            f("efficiency_vs_vector_peak").unwrap_or(f64::NAN),
-            f("gemm_only_efficiency").unwrap_or(f64::NAN),
-            f("f32_gflops").unwrap_or(f64::NAN),
-            f("speedup_vs_f32").unwrap_or(f64::NAN),
-            if line["noisy"].as_bool() == Some(true) {
-                line["noise_reasons"].to_string()
-            } else {
-                String::new()
-            },
-        ),
-        Some("summary") => writeln!(
-            out,
-            "threads {}: median efficiency {:.3} (min {:.3}); against the vector int8 peak {:.3} (min {:.3}); GEMM alone {:.3}; tile loop alone {}; median speedup vs f32 {:.2}x (min {:.2}x){}{}{}",
-            line["threads"],
-            f("median_efficiency").unwrap_or(f64::NAN),
-            f("min_efficiency").unwrap_or(f64::NAN),
-            f("median_efficiency_vs_vector_peak").unwrap_or(f64::NAN),
-            f("min_efficiency_vs_vector_peak").unwrap_or(f64::NAN),
-            f("median_gemm_only_efficiency").unwrap_or(f64::NAN),
-            f("median_tile_loop_efficiency").map_or("n/a".to_string(), |e| format!("{e:.3}")),
-            f("median_speedup_vs_f32").unwrap_or(f64::NAN),
-            f("min_speedup_vs_f32").unwrap_or(f64::NAN),
-            match (f("median_speedup_vs_versus"), f("min_speedup_vs_versus")) {
-                (Some(med), Some(min)) =>
-                    format!("; vs the other kernel {med:.2}x (min {min:.2}x)"),
-                _ => String::new(),
-            },
-            match line["time_ratio_vs_1_thread"].as_array() {
-                Some(r) if !r.is_empty() =>
-                    format!(", time vs 1 thread {}", line["time_ratio_vs_1_thread"]),
-                _ => String::new(),
-            },
-            if line["any_noisy"].as_bool() == Some(true) {
-                "  [NOISY]"
-            } else {
-                ""
-            },
-        ),
-        _ => writeln!(out, "{line}"),
-    }
 }
