@@ -10,8 +10,7 @@ use super::{ModelError, Result};
 use crate::kernels::QuantizedActivations;
 use crate::kernels::ops::gelu_erf;
 
-pub const PROPRIO_PREFIX: &str = "proprio_projector";
-pub const ACTION_HEAD_PREFIX: &str = "action_head";
+use super::files::{ACTION_HEAD_PREFIX, PROPRIO_PREFIX};
 
 /// fc1 → exact GELU → fc2: one token embedding from the normalized proprio vector.
 pub struct ProprioProjector {

@@ -7,6 +7,7 @@
 
 pub mod buffers;
 pub mod config;
+pub mod files;
 pub mod heads;
 pub mod language;
 pub mod linear;

@@ -10,9 +10,8 @@
 //! converting a 6 GB bf16 checkpoint never holds more than one tensor in memory.
 
 use super::config::{BitVlaConfig, VisionPrecision};
-use super::heads::{ACTION_HEAD_PREFIX, PROPRIO_PREFIX};
+use super::files::{ACTION_HEAD_PREFIX, CheckpointFiles, PROPRIO_PREFIX};
 use super::pickle::read_state_dict;
-use super::policy::CheckpointFiles;
 use super::store::{DType, TensorStore};
 use super::{KernelContext, ModelError, Result};
 use crate::kernels::TernaryMatrix;

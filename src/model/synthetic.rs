@@ -171,7 +171,7 @@ pub fn make_synthetic(out: &Path, seed: u64) -> Result<u64> {
         );
         add(format!("{name}{SCALE_SUFFIX}"), DType::F32, vec![1]);
     }
-    let pp = super::heads::PROPRIO_PREFIX;
+    let pp = super::files::PROPRIO_PREFIX;
     add(
         format!("{pp}.fc1.weight"),
         DType::F32,
@@ -180,7 +180,7 @@ pub fn make_synthetic(out: &Path, seed: u64) -> Result<u64> {
     add(format!("{pp}.fc1.bias"), DType::F32, vec![h]);
     add(format!("{pp}.fc2.weight"), DType::F32, vec![h, h]);
     add(format!("{pp}.fc2.bias"), DType::F32, vec![h]);
-    let a = format!("{}.model", super::heads::ACTION_HEAD_PREFIX);
+    let a = format!("{}.model", super::files::ACTION_HEAD_PREFIX);
     let width = shape.action_dim * h;
     for (name, dims) in [
         ("layer_norm1.weight", vec![width]),
