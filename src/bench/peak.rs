@@ -331,31 +331,26 @@ mod x86 {
         black_box(acc);
     }
 
-    #[target_feature(enable = "avxvnni")]
-    pub(super) unsafe fn vnni_ymm_vex(iters: u64) {
-        let a = black_box(_mm256_set1_epi8(1));
-        let b = black_box(_mm256_set1_epi8(-1));
-        let mut acc = [_mm256_setzero_si256(); ACCUMULATORS];
-        for _ in 0..iters {
-            for r in acc.iter_mut() {
-                *r = _mm256_dpbusd_avx_epi32(*r, a, b);
+    /// `vpdpbusd ymm` in one encoding: the same loop for VEX (AVX-VNNI) and EVEX (AVX-512
+    /// VNNI + VL), as the kernel's body is compiled for both.
+    macro_rules! vnni_ymm_loop {
+        ($name:ident, $features:literal, $dpbusd:ident) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(iters: u64) {
+                let a = black_box(_mm256_set1_epi8(1));
+                let b = black_box(_mm256_set1_epi8(-1));
+                let mut acc = [_mm256_setzero_si256(); ACCUMULATORS];
+                for _ in 0..iters {
+                    for r in acc.iter_mut() {
+                        *r = $dpbusd(*r, a, b);
+                    }
+                }
+                black_box(acc);
             }
-        }
-        black_box(acc);
+        };
     }
-
-    #[target_feature(enable = "avx512vnni,avx512vl")]
-    pub(super) unsafe fn vnni_ymm_evex(iters: u64) {
-        let a = black_box(_mm256_set1_epi8(1));
-        let b = black_box(_mm256_set1_epi8(-1));
-        let mut acc = [_mm256_setzero_si256(); ACCUMULATORS];
-        for _ in 0..iters {
-            for r in acc.iter_mut() {
-                *r = _mm256_dpbusd_epi32(*r, a, b);
-            }
-        }
-        black_box(acc);
-    }
+    vnni_ymm_loop!(vnni_ymm_vex, "avxvnni", _mm256_dpbusd_avx_epi32);
+    vnni_ymm_loop!(vnni_ymm_evex, "avx512vnni,avx512vl", _mm256_dpbusd_epi32);
 
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn avx2(iters: u64) {
