@@ -106,6 +106,16 @@ class Peer:
         self.node.create_subscription(PoseStamped, "/ee_pose", self.poses.append, 10)
         self.instruction = self.node.create_publisher(String, "/instruction", 10)
 
+    def instruct(self, publish=None):
+        """Publishes the instruction until the node's status shows it (a message sent the moment
+        discovery first matches can miss a subscription still being set up on the other side)."""
+        self.status.clear()
+        for _ in range(30):
+            self.instruction.publish(String(data=INSTRUCTION))
+            if self.spin(1.0, lambda: self.status and self.status[-1].instruction == INSTRUCTION, publish):
+                return
+        raise AssertionError("the node never took the instruction")
+
     def spin(self, seconds, until=lambda: False, publish=None):
         end = time.monotonic() + seconds
         while time.monotonic() < end and not until():
@@ -161,11 +171,12 @@ def main():
             ready = peer.spin(120, lambda: peer.instruction.get_subscription_count() > 0 and peer.poses
                               and peer.status and peer.status[-1].camera_age_s >= 0)
             assert ready, f"sim or node did not come up:\n{launch.output()[-3000:]}"
-            names = {n for n, _ in peer.node.get_node_names_and_namespaces()}
-            assert {"sim_arm", "bitvla_node"} <= names, names
+            # Node names reach the graph separately from topics: wait for both.
+            names = lambda: {n for n, _ in peer.node.get_node_names_and_namespaces()}
+            assert peer.spin(30, lambda: {"sim_arm", "bitvla_node"} <= names()), names()
             peer.spin(1.0)
             start = peer.poses[-1].pose.position
-            peer.instruction.publish(String(data=INSTRUCTION))
+            peer.instruct()
 
             def moved():
                 p = peer.poses[-1].pose.position
@@ -203,7 +214,7 @@ def main():
                 up = peer.spin(60, lambda: peer.instruction.get_subscription_count() > 0)
                 assert up, f"{config}: the node did not come up:\n{launch.output()[-3000:]}"
                 peer.spin(0.5, publish=send)
-                peer.instruction.publish(String(data=INSTRUCTION))
+                peer.instruct(publish=send)
                 got = peer.spin(60, lambda: len(dry) >= 5, publish=send)
                 assert got, f"{config}: no dry-run commands:\n{launch.output()[-3000:]}"
                 assert not real, f"{config}: a dry run published on {real_topic}"
