@@ -311,16 +311,22 @@ pub fn run(
     opts: &Options,
     mut emit: impl FnMut(&serde_json::Value),
 ) -> anyhow::Result<Vec<Record>> {
-    anyhow::ensure!(
-        opts.kernel.is_supported(),
-        "kernel {} is not supported by this CPU",
-        opts.kernel
-    );
-    if let Some(v) = opts.versus {
-        anyhow::ensure!(
-            v.is_supported(),
-            "kernel {v} (--versus) is not supported by this CPU"
-        );
+    let supported = || {
+        KernelKind::supported()
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (kernel, flag) in [(Some(opts.kernel), "--kernel"), (opts.versus, "--versus")] {
+        if let Some(k) = kernel {
+            anyhow::ensure!(
+                k.is_supported(),
+                "kernel {k} ({flag}) is not supported by this CPU (it would stop on an illegal \
+                 instruction); this CPU runs: {}",
+                supported()
+            );
+        }
     }
     anyhow::ensure!(opts.reps >= 1, "--reps must be at least 1");
     let head = header(opts.kernel);
