@@ -225,15 +225,6 @@ impl CameraTransport {
         }
     }
 
-    /// The message type this transport subscribes with (None for `auto`).
-    pub fn type_name(self) -> Option<&'static str> {
-        match self {
-            Self::Raw => Some(IMAGE_TYPE),
-            Self::Compressed => Some(COMPRESSED_IMAGE_TYPE),
-            Self::Auto => None,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Self::Raw => "raw",

@@ -81,18 +81,18 @@ fn messages_out_of_order_inside_a_chunk_come_in_time_order() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `n` messages of /a every 10 ns stored first, then `n` of /b over the same times (5 ns
+/// later): with large messages, chunks that overlap in time.
+fn one_topic_after_the_other(n: u64) -> Vec<(&'static str, u64)> {
+    let a = (0..n).map(|i| ("/a", i * 10));
+    a.chain((0..n).map(|i| ("/b", i * 10 + 5))).collect()
+}
+
 #[test]
 fn chunks_overlapping_in_time_are_merged() {
     let dir = tmp("overlap");
-    // One topic's 2 MB first, then another's over the same times: each topic spans several
-    // chunks, and every chunk of the second overlaps chunks of the first.
-    let mut events = Vec::new();
-    for i in 0..200u64 {
-        events.push(("/a", i * 10));
-    }
-    for i in 0..200u64 {
-        events.push(("/b", i * 10 + 5));
-    }
+    // Each topic's 2 MB spans several chunks, and every chunk of /b overlaps chunks of /a.
+    let events = one_topic_after_the_other(200);
     let path = dir.join("b.mcap");
     write_mcap(&path, &events, 10_000, false);
     let (seen, summary) = read_all(&path);
@@ -253,13 +253,7 @@ fn memory_holds_the_overlapping_chunks_not_the_bag() {
 #[test]
 fn a_file_cut_inside_overlapping_chunks_keeps_what_precedes_the_cut() {
     let dir = tmp("cut");
-    let mut events = Vec::new();
-    for i in 0..300u64 {
-        events.push(("/a", i * 10));
-    }
-    for i in 0..300u64 {
-        events.push(("/b", i * 10 + 5));
-    }
+    let events = one_topic_after_the_other(300);
     let path = dir.join("full.mcap");
     write_mcap(&path, &events, 10_000, true);
     let bytes = std::fs::read(&path).unwrap();

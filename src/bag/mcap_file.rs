@@ -72,8 +72,7 @@ pub(super) struct McapFile {
     pub path: PathBuf,
     map: memmap2::Mmap,
     pub spans: Vec<Span>,
-    schemas: HashMap<u16, String>,
-    channels: HashMap<u16, Arc<Connection>>,
+    registry: Registry,
     /// Damage found while opening (the walk, the channel scan).
     pub warnings: Vec<String>,
     /// Largest decompressed chunk accepted [bytes].
@@ -313,6 +312,31 @@ fn walk(map: &[u8]) -> Walked {
     w
 }
 
+/// The schema and channel records seen so far: channel id → the bag's connection.
+#[derive(Default)]
+struct Registry {
+    schemas: HashMap<u16, String>,
+    channels: HashMap<u16, Arc<Connection>>,
+}
+
+impl Registry {
+    /// A schema or channel record, registered (other records are ignored).
+    fn register(&mut self, opcode: u8, body: &[u8], intern: &mut Intern<'_>) -> Result<(), String> {
+        match mcap::parse_record(opcode, body).map_err(|e| e.to_string())? {
+            mcap::records::Record::Schema { header, .. } => {
+                self.schemas.insert(header.id, header.name);
+            }
+            mcap::records::Record::Channel(c) => {
+                let ty = self.schemas.get(&c.schema_id).map_or("", String::as_str);
+                self.channels
+                    .insert(c.id, intern(&c.topic, ty, &c.message_encoding));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 impl McapFile {
     /// Maps the file and indexes its data section (see the module doc).
     pub fn open(path: &Path, intern: &mut Intern<'_>) -> Result<Self, BagError> {
@@ -328,8 +352,7 @@ impl McapFile {
             limit: record_limit(map.len()),
             map,
             spans: Vec::new(),
-            schemas: HashMap::new(),
-            channels: HashMap::new(),
+            registry: Registry::default(),
             warnings: Vec::new(),
         };
         let _ = file.map.advise(memmap2::Advice::Sequential);
@@ -356,8 +379,7 @@ impl McapFile {
         let walked = walk(&self.map);
         self.spans = walked.spans;
         for (at, opcode, body) in walked.registrations {
-            let body = self.map[body].to_vec();
-            if let Err(e) = self.register(opcode, &body, intern) {
+            if let Err(e) = self.registry.register(opcode, &self.map[body], intern) {
                 let w = self.damaged(at, &e);
                 self.warnings.push(w);
             }
@@ -377,22 +399,6 @@ impl McapFile {
         false
     }
 
-    /// A schema or channel record, registered.
-    fn register(&mut self, opcode: u8, body: &[u8], intern: &mut Intern<'_>) -> Result<(), String> {
-        match mcap::parse_record(opcode, body).map_err(|e| e.to_string())? {
-            mcap::records::Record::Schema { header, .. } => {
-                self.schemas.insert(header.id, header.name);
-            }
-            mcap::records::Record::Channel(c) => {
-                let ty = self.schemas.get(&c.schema_id).map_or("", String::as_str);
-                self.channels
-                    .insert(c.id, intern(&c.topic, ty, &c.message_encoding));
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
     /// Channels from the summary section; false when it cannot be read or names none.
     fn summary_channels(&mut self, intern: &mut Intern<'_>) -> bool {
         let Ok(Some(summary)) = mcap::Summary::read(&self.map) else {
@@ -400,7 +406,8 @@ impl McapFile {
         };
         for (id, c) in &summary.channels {
             let ty = c.schema.as_ref().map_or("", |s| s.name.as_str());
-            self.channels
+            self.registry
+                .channels
                 .insert(*id, intern(&c.topic, ty, &c.message_encoding));
         }
         !summary.channels.is_empty() || self.spans.is_empty()
@@ -418,10 +425,10 @@ impl McapFile {
                 .par_iter()
                 .map(|&i| self.decompress(&self.spans[i]))
                 .collect();
-            for bytes in decoded.into_iter().flat_map(|d| d.bytes) {
-                for (_, opcode, body) in records(&bytes).map_while(Result::ok) {
+            for d in decoded {
+                for (_, opcode, body) in records(&d.bytes).map_while(Result::ok) {
                     if matches!(opcode, op::SCHEMA | op::CHANNEL) {
-                        let _ = self.register(opcode, body, intern);
+                        let _ = self.registry.register(opcode, body, intern);
                     }
                 }
             }
@@ -441,20 +448,17 @@ impl McapFile {
         else {
             return Decompressed::default();
         };
-        let mut buf = Vec::new();
+        let mut bytes = Vec::new();
         let error = decompress_chunk(
             compression,
             *uncompressed_size,
             &self.map[data.clone()],
             self.limit,
             *truncated,
-            &mut buf,
+            &mut bytes,
         )
         .err();
-        Decompressed {
-            bytes: Some(buf),
-            error,
-        }
+        Decompressed { bytes, error }
     }
 
     /// The bytes a loaded span's messages point into.
@@ -492,11 +496,14 @@ impl McapFile {
             ));
             return (Vec::new(), Vec::new());
         }
-        let owned = decompressed.bytes.unwrap_or_default();
+        let owned = decompressed.bytes;
         let mut messages = Vec::new();
-        let mut registrations = Vec::new();
         {
-            let bytes = self.span_bytes(span, &owned);
+            // Not `span_bytes`: the registry below is borrowed apart from the map.
+            let bytes = match &span.kind {
+                SpanKind::Chunk { .. } => &owned[..],
+                SpanKind::Loose { records } => &self.map[records.clone()],
+            };
             for item in records(bytes) {
                 let (at, opcode, body) = match item {
                     Ok(r) => r,
@@ -529,13 +536,12 @@ impl McapFile {
                             data: data_at..at + 9 + body.len(),
                         });
                     }
-                    op::SCHEMA | op::CHANNEL => registrations.push((opcode, body.to_vec())),
+                    op::SCHEMA | op::CHANNEL => {
+                        let _ = self.registry.register(opcode, body, intern);
+                    }
                     _ => {}
                 }
             }
-        }
-        for (opcode, body) in registrations {
-            let _ = self.register(opcode, &body, intern);
         }
         // Stable: equal log times keep their order in the file.
         messages.sort_by_key(|m| m.log_time);
@@ -564,21 +570,16 @@ impl McapFile {
     }
 
     pub fn channel(&self, id: u16) -> Option<&Arc<Connection>> {
-        self.channels.get(&id)
+        self.registry.channels.get(&id)
     }
 }
 
-/// A chunk's decompressed records, and why decompression stopped early (if it did).
+/// A chunk's decompressed records (empty for loose records, read from the map), and why
+/// decompression stopped early (if it did).
 #[derive(Default)]
 pub(super) struct Decompressed {
-    pub bytes: Option<Vec<u8>>,
+    pub bytes: Vec<u8>,
     pub error: Option<String>,
-}
-
-impl Decompressed {
-    pub fn len(&self) -> usize {
-        self.bytes.as_ref().map_or(0, Vec::len)
-    }
 }
 
 /// A chunk's records, decompressed in one call (the `mcap` crate's streaming decompressor reads

@@ -331,6 +331,10 @@ enum SqlItem {
     Damaged(String),
 }
 
+/// A rosbag2 sqlite3 file's messages in log-time order (ties in insertion order).
+const MESSAGES_IN_TIME_ORDER: &str =
+    "SELECT topic_id, timestamp, data FROM messages ORDER BY timestamp, id";
+
 /// Rows in flight from a file's reader thread (a few frames at most).
 const SQL_QUEUE: usize = 16;
 
@@ -353,8 +357,7 @@ impl SqliteFile {
             }
         }
         // The query is prepared here so that a file without a messages table is an error now.
-        db.prepare("SELECT topic_id, timestamp, data FROM messages ORDER BY timestamp, id")
-            .map_err(bad)?;
+        db.prepare(MESSAGES_IN_TIME_ORDER).map_err(bad)?;
         Ok(Self {
             path: path.to_owned(),
             db,
@@ -369,9 +372,8 @@ impl SqliteFile {
         let Self { path, db, topics } = self;
         let display = path.display().to_string();
         scope.spawn(move || {
-            let sql = "SELECT topic_id, timestamp, data FROM messages ORDER BY timestamp, id";
             let result = (|| -> Result<(), (u64, rusqlite::Error)> {
-                let mut stmt = db.prepare(sql).map_err(|e| (0, e))?;
+                let mut stmt = db.prepare(MESSAGES_IN_TIME_ORDER).map_err(|e| (0, e))?;
                 let mut rows = stmt.query([]).map_err(|e| (0, e))?;
                 let mut count = 0u64;
                 while let Some(row) = rows.next().map_err(|e| (count, e))? {
@@ -622,7 +624,10 @@ impl Merge {
             }));
         } else if let Some(done) = self.loaded.remove(&(f, s)) {
             self.buffered -= done.bytes.len();
-            file.release(&file.spans[s]);
+            let span = &file.spans[s];
+            if !span.compressed() {
+                file.release(span); // loose records are read from the map until now
+            }
         }
         flow
     }
@@ -645,13 +650,13 @@ impl Merge {
                 .map(|&(g, t)| files[g].1.decompress(&files[g].1.spans[t]))
                 .collect();
             for (key, d) in ahead.into_iter().zip(decoded) {
-                self.buffered += d.len();
+                self.buffered += d.bytes.len();
                 self.ready.insert(key, d);
             }
             summary.peak_buffered_bytes = summary.peak_buffered_bytes.max(self.buffered as u64);
         }
         let decompressed = self.ready.remove(&(f, s)).unwrap_or_default();
-        let held = decompressed.len();
+        let held = decompressed.bytes.len();
         let (rank, file) = &mut self.files[f];
         let span = file.spans[s].clone();
         let (bytes, messages) = file.load(&span, decompressed, intern, &mut summary.warnings);
