@@ -901,20 +901,24 @@ impl<'a> Replayer<'a> {
 
     /// The report of a finished (or interrupted) replay.
     fn finish(mut self, read: ReadSummary, stop: &AtomicBool) -> ReplayOutcome {
-        let end = self.last_time;
         for w in read.warnings {
             self.warn("bag", "", None, w);
         }
+        if let Some(topic) = &self.opts.recorded_topic {
+            self.compare_recorded(topic);
+        }
         let stats = self.core.stats().clone();
-        let mut report = std::mem::take(&mut self.report);
+        let ms = |v: Option<f64>| v.map(|s| (s * 1e3 * 1000.0).round() / 1000.0);
+        let latencies = &self.latencies_s;
+        let report = &mut self.report;
         report.interrupted = stop.load(Ordering::Relaxed);
         report.bag_messages = read.messages;
         report.bag_bytes = read.bytes;
-        report.bag_duration_s = self.first_ns.map_or(0.0, |f| (end - f) as f64 * 1e-9);
+        report.bag_duration_s = self
+            .first_ns
+            .map_or(0.0, |f| (self.last_time - f) as f64 * 1e-9);
         report.inferences = stats.requests;
         report.failed_inferences = stats.failed_calls;
-        let ms = |v: Option<f64>| v.map(|s| (s * 1e3 * 1000.0).round() / 1000.0);
-        let latencies = &self.latencies_s;
         report.latency = LatencySummary {
             p50_ms: ms(percentile(latencies, 0.5)),
             p95_ms: ms(percentile(latencies, 0.95)),
@@ -934,31 +938,6 @@ impl<'a> Replayer<'a> {
             .collect();
         report.frames_received = stats.frames_received;
         report.frames_rejected = stats.frames_rejected;
-        self.report = report;
-        if let Some(topic) = &self.opts.recorded_topic {
-            let (l1, sq, pairs) = &self.sums;
-            let n = (*pairs).max(1) as f64;
-            self.report.recorded_vs_predicted = Some(ActionComparison {
-                topic: topic.clone(),
-                type_name: self.recorded_type.clone(),
-                against: if self.recorded_type.ends_with("Stamped") {
-                    "command".into()
-                } else {
-                    "action".into()
-                },
-                pairs: *pairs,
-                l1: l1.iter().map(|s| s / n).collect(),
-                rmse: sq.iter().map(|s| (s / n).sqrt()).collect(),
-            });
-            if *pairs == 0 {
-                let message = format!(
-                    "recorded action topic {topic}: no recorded action within one control period \
-                     of an executed command; nothing compared"
-                );
-                self.warn("not_compared", topic, None, message);
-            }
-        }
-        let mut report = self.report;
         report.wall_s = self.wall_start.elapsed().as_secs_f64();
         report.overhead_fraction = if report.wall_s > 0.0 {
             ((report.wall_s - report.inference_s + report.preprocess_s) / report.wall_s)
@@ -967,9 +946,36 @@ impl<'a> Replayer<'a> {
             0.0
         };
         ReplayOutcome {
-            report,
+            report: self.report,
             command_topic: self.command_topic,
             commands: self.commands,
+        }
+    }
+
+    /// Predicted vs recorded actions on `topic`: the per-dimension means of the pairs summed
+    /// while ticking, and a warning when no pair was found.
+    fn compare_recorded(&mut self, topic: &str) {
+        let (l1, sq, pairs) = &self.sums;
+        let n = (*pairs).max(1) as f64;
+        let pairs = *pairs;
+        self.report.recorded_vs_predicted = Some(ActionComparison {
+            topic: topic.to_owned(),
+            type_name: self.recorded_type.clone(),
+            against: if self.recorded_type.ends_with("Stamped") {
+                "command".into()
+            } else {
+                "action".into()
+            },
+            pairs,
+            l1: l1.iter().map(|s| s / n).collect(),
+            rmse: sq.iter().map(|s| (s / n).sqrt()).collect(),
+        });
+        if pairs == 0 {
+            let message = format!(
+                "recorded action topic {topic}: no recorded action within one control period of \
+                 an executed command; nothing compared"
+            );
+            self.warn("not_compared", topic, None, message);
         }
     }
 }
