@@ -101,6 +101,11 @@ else
   prune target/aarch64-unknown-linux-gnu
 fi
 
+step "headless Chromium for the HTML report"
+if ! scripts/setup_browser.sh; then
+  skipped BITVLA_REQUIRE_BROWSER "the HTML report in a browser"
+fi
+
 step "bitvla replay against bags written and read by rosbags"
 if ! scripts/test_bags.sh 2>&1 | tee -a "$log"; then
   echo "error: the bag replay tests failed" >&2

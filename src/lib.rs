@@ -8,6 +8,8 @@
 //! - [`runtime`]: the dedicated inference thread (latest-observation mailbox, results channel).
 //! - [`control`]: chunk scheduling, the safety gate and command mapping, shared by the ROS node
 //!   and the offline replay.
+//! - [`replay`] and [`report`]: recorded episodes through the control core, offline, and the
+//!   HTML page of a replay.
 //! - [`bench`]: the benchmark harness behind `bitvla bench` (peak calibration, interleaving, JSON).
 
 pub mod bag;
@@ -19,6 +21,7 @@ pub mod obs;
 pub mod params;
 pub mod process;
 pub mod replay;
+pub mod report;
 #[cfg(feature = "ros")]
 pub mod ros;
 pub mod runtime;

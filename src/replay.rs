@@ -18,6 +18,8 @@ use crate::bag::{BagReader, BagWriter, Connection, ReadSummary};
 use crate::control::core::{Command, CommandMode, ControlCore, CoreConfig, TickOutput, percentile};
 use crate::model::Policy;
 use crate::params::{CameraTransport, NODE_NAME, NodeParams};
+use crate::report::Trace;
+use crate::report::trace::{EeFrame, TickPoint};
 use crate::runtime::{InferenceWorker, Request, call};
 use anyhow::Context;
 use std::collections::{BTreeMap, HashMap};
@@ -71,6 +73,8 @@ pub struct ReplayOptions {
     pub instruction: Option<String>,
     pub threads: usize,
     pub progress: bool,
+    /// Keep a [`Trace`] of every tick and call (for the HTML report).
+    pub trace: bool,
 }
 
 /// One instruction seen in the bag.
@@ -112,6 +116,9 @@ pub struct PublishedCommand {
 pub struct ReplayReport {
     pub bag: String,
     pub output: String,
+    /// The HTML report's path, when one was written.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub html: String,
     pub latency_model: String,
     pub realtime: bool,
     pub interrupted: bool,
@@ -240,6 +247,7 @@ struct Replayer<'a> {
     worker: Option<InferenceWorker>,
     wall_start: Instant,
     write_error: Option<anyhow::Error>,
+    trace: Option<Trace>,
 }
 
 impl Replayer<'_> {
@@ -273,6 +281,11 @@ impl Replayer<'_> {
             }
         }
         self.report.warnings.push(message);
+    }
+
+    /// Seconds after the bag's first message.
+    fn bag_time(&self, ns: u64) -> f64 {
+        ns.saturating_sub(self.first_ns.unwrap_or(ns)) as f64 * 1e-9
     }
 
     fn core_time(&self, ns: u64) -> f64 {
@@ -427,7 +440,14 @@ impl Replayer<'_> {
                 Err(e) => self.warn("undecodable", topic, Some(t_ns), bad(&e)),
             },
             Role::Recorded => match command_values(&self.recorded_type, data) {
-                Some(Ok(v)) => self.recorded = Some((t_ns, v)),
+                Some(Ok(v)) => {
+                    let t = self.bag_time(t_ns);
+                    if let Some(trace) = &mut self.trace {
+                        trace.recorded_type.clone_from(&self.recorded_type);
+                        trace.on_recorded(t, v.clone());
+                    }
+                    self.recorded = Some((t_ns, v));
+                }
                 Some(Err(e)) => self.warn("undecodable", topic, Some(t_ns), bad(&e)),
                 None => {}
             },
@@ -483,6 +503,10 @@ impl Replayer<'_> {
         }
         let out = self.core.tick(now);
         if let Some(request) = &out.request {
+            let t = self.bag_time(t_ns);
+            if let Some(trace) = &mut self.trace {
+                trace.on_call(request.id, t, &request.observation.images);
+            }
             self.run(request, now);
         }
         self.emit(t_ns, out);
@@ -517,8 +541,12 @@ impl Replayer<'_> {
     fn emit(&mut self, t_ns: u64, out: TickOutput) {
         let p = &self.opts.params;
         let header = Header::new(t_ns as i64, &p.frame_id);
+        let t_bag = self.bag_time(t_ns);
         for c in &out.chunks {
             self.latencies_s.push(c.latency_s);
+            if let Some(trace) = &mut self.trace {
+                trace.on_chunk(c.id, c.latency_s, c.chunk.step(0));
+            }
             self.report.preprocess_s += c.chunk.timings.preprocess_ms / 1e3;
             let stamp = self.base_ns as i128 + (c.observation_stamp * 1e9).round() as i128;
             let msg = c.message(stamp as i64, &p.frame_id);
@@ -526,6 +554,9 @@ impl Replayer<'_> {
             self.write(&topic, t_ns, &msg);
         }
         for (id, e) in &out.failures {
+            if let Some(trace) = &mut self.trace {
+                trace.on_failure(*id, e);
+            }
             let message = format!("policy call {id} failed: {e}");
             self.warn("policy_failed", "", Some(t_ns), message);
         }
@@ -611,10 +642,17 @@ impl Replayer<'_> {
                 *pairs += 1;
             }
         }
-        let status = self
-            .core
-            .status(self.core_time(t_ns))
-            .message(t_ns as i64, &p.frame_id);
+        let status = self.core.status(self.core_time(t_ns));
+        if let Some(trace) = &mut self.trace {
+            trace.on_tick(TickPoint {
+                t_s: t_bag,
+                action: out.action.clone(),
+                command: out.command.as_ref().map(Command::values),
+                hold: out.hold.as_ref().map(|h| h.kind()),
+                chunk: status.chunk.map(|(seq, _)| seq),
+            });
+        }
+        let status = status.message(t_ns as i64, &p.frame_id);
         self.write(&format!("/{NODE_NAME}/status"), t_ns, &status);
         if let Some(d) = out.diagnostics {
             let msg = DiagnosticArray {
@@ -654,6 +692,8 @@ pub fn foreign_definitions(bag: &BagReader) -> Vec<String> {
 /// The result of a replay: the report and the commands published (in order).
 pub struct ReplayOutcome {
     pub report: ReplayReport,
+    /// Every tick and call, when [`ReplayOptions::trace`] asked for it.
+    pub trace: Option<Trace>,
     /// The topic the commands went to (the node's command topic, or its dry-run topic).
     pub command_topic: String,
     pub commands: Vec<PublishedCommand>,
@@ -763,6 +803,51 @@ impl<'a> Replayer<'a> {
             CoreConfig::from_params(&core_params, policy.action_dim(), policy.proprio_dim())
                 .map_err(|e| anyhow::anyhow!("parameters: {e}"))?;
         let dt_ns = (1e9 / p.control_rate_hz).round().max(1.0) as u64;
+        let trace = opts.trace.then(|| {
+            let command_names: Vec<String> = match config.mode {
+                CommandMode::EeDeltaTwist => [
+                    "linear.x",
+                    "linear.y",
+                    "linear.z",
+                    "angular.x",
+                    "angular.y",
+                    "angular.z",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+                CommandMode::EePose => [
+                    "position.x",
+                    "position.y",
+                    "position.z",
+                    "orientation.x",
+                    "orientation.y",
+                    "orientation.z",
+                    "orientation.w",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+                CommandMode::JointTrajectory | CommandMode::JointPositions => {
+                    config.joints.names.clone()
+                }
+            };
+            let ee_frame = match config.mode {
+                CommandMode::EeDeltaTwist => Some(EeFrame::Integrated),
+                CommandMode::EePose => Some(EeFrame::Absolute),
+                _ => None,
+            };
+            let cameras = [&p.camera_topic, &p.wrist_camera_topic]
+                .into_iter()
+                .filter(|t| !t.is_empty())
+                .cloned()
+                .collect();
+            Trace::new(
+                msgs::dimension_names(policy.action_dim()),
+                command_names,
+                dt_ns as f64 * 1e-9,
+                cameras,
+                ee_frame,
+            )
+        });
         let (inline, worker) = if opts.realtime {
             let worker = InferenceWorker::spawn(policy, opts.threads)
                 .context("starting the inference thread")?;
@@ -782,6 +867,7 @@ impl<'a> Replayer<'a> {
             }
         };
         Ok(Self {
+            trace,
             opts,
             core: ControlCore::new(config),
             out,
@@ -947,6 +1033,7 @@ impl<'a> Replayer<'a> {
         };
         ReplayOutcome {
             report: self.report,
+            trace: self.trace,
             command_topic: self.command_topic,
             commands: self.commands,
         }

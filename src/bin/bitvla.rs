@@ -66,6 +66,9 @@ struct ReplayArgs {
     /// Write the report as JSON to this file.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Write the report as a self-contained HTML page (charts, camera thumbnails) to this file.
+    #[arg(long)]
+    html: Option<PathBuf>,
     /// Pace by the bag clock and run inference on the node's worker thread (measured latency).
     #[arg(long)]
     realtime: bool,
@@ -164,6 +167,9 @@ struct DemoArgs {
     /// Keep the replay's output bag here (default: a temporary directory, removed).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Where to write the HTML report.
+    #[arg(long, default_value = "bitvla-demo-report.html")]
+    html: PathBuf,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -423,6 +429,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 params: None,
                 out: Some(out),
                 report: None,
+                html: Some(args.html.clone()),
                 realtime: false,
                 latency: None,
                 expect: None,
@@ -433,6 +440,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 json: args.json,
             },
             params,
+            Some("embedded: config/replay_demo.yaml"),
         )
     })();
     std::fs::remove_dir_all(&scratch).ok();
@@ -444,10 +452,16 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         Some(path) => NodeParams::from_yaml_file(path)?,
         None => NodeParams::default(),
     };
-    replay_with(args, params)
+    let label = args.params.as_ref().map(|p| p.display().to_string());
+    replay_with(args, params, label.as_deref())
 }
 
-fn replay_with(args: ReplayArgs, params: NodeParams) -> anyhow::Result<()> {
+/// `params_file` names where `params` came from (None: the node's defaults).
+fn replay_with(
+    args: ReplayArgs,
+    params: NodeParams,
+    params_file: Option<&str>,
+) -> anyhow::Result<()> {
     use bitvla_ros::replay::{ReplayOptions, compare_with, replay, summary};
     let gripper: GripperMapping = params.gripper.parse().map_err(anyhow::Error::msg)?;
     let unnorm_key = (!params.unnorm_key.is_empty()).then(|| params.unnorm_key.clone());
@@ -495,7 +509,9 @@ fn replay_with(args: ReplayArgs, params: NodeParams) -> anyhow::Result<()> {
         instruction: args.instruction.clone(),
         threads,
         progress: !args.json,
+        trace: args.html.is_some(),
     };
+    let html_params = opts.params.clone();
     let stop = bitvla_ros::process::stop_flag();
     let outcome = replay(&bag, policy, &opts, writer.as_mut(), stop);
     // Whatever happened, a started output bag is closed into a valid file.
@@ -513,6 +529,18 @@ fn replay_with(args: ReplayArgs, params: NodeParams) -> anyhow::Result<()> {
     if let Some(path) = &written {
         outcome.report.output = path.display().to_string();
     }
+    if let (Some(path), Some(trace)) = (&args.html, &outcome.trace) {
+        let ctx = bitvla_ros::report::html::Context {
+            model: &args.model.display().to_string(),
+            params_file,
+            params: &html_params,
+        };
+        let page = bitvla_ros::report::html::render(&outcome.report, trace, &ctx)
+            .map_err(|e| anyhow::anyhow!("the HTML report: {e}"))?;
+        std::fs::write(path, page)
+            .with_context(|| format!("writing the HTML report {}", path.display()))?;
+        outcome.report.html = path.display().to_string();
+    }
     let report = &outcome.report;
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_string_pretty(report)? + "\n")
@@ -524,6 +552,9 @@ fn replay_with(args: ReplayArgs, params: NodeParams) -> anyhow::Result<()> {
         print!("{}", summary(report));
         if let Some(path) = &written {
             println!("output bag: {}", path.display());
+        }
+        if !report.html.is_empty() {
+            println!("HTML report: {}", report.html);
         }
     }
     if report.expect.as_ref().is_some_and(|e| !e.passed) {

@@ -27,6 +27,9 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "report"))
+import report_page  # noqa: E402
+
 BIN = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "bitvla"
 TS = get_typestore(Stores.ROS2_JAZZY)
 T = TS.types
@@ -536,6 +539,144 @@ def test_make_episode_bags_decode_with_rosbags(c):
     assert len(msgs["/expert/action"][0][2].data) == 7
     meta = (out / "metadata.yaml").read_text()
     assert "storage_identifier: mcap" in meta and "version: 9" in meta
+
+
+# The renderer's marker colours (src/report/html.rs); series colours are read from the page.
+CHUNK_MARK = "#B0B0B0"
+INSTRUCTION_MARK = "#9467BD"
+
+
+def runs(flags):
+    """Number of maximal runs of True."""
+    return sum(1 for i, f in enumerate(flags) if f and (i == 0 or not flags[i - 1]))
+
+
+def html_replay(c, bag, *extra, params=None, name):
+    """Replays with --html (and --report); returns (page, report, output bag dir, process)."""
+    out, html, report = c.tmp / f"{name}_out", c.tmp / f"{name}.html", c.tmp / f"{name}.json"
+    p = bitvla("replay", "--bag", bag, "--model", c.model, "--params", params or c.params, "--out", out,
+               "--report", report, "--html", html, *extra)
+    return report_page.parse(html), json.loads(report.read_text()), out, html
+
+
+def test_html_report_draws_what_the_output_bag_holds(c):
+    page, rep, out, html = html_replay(c, c.mcap, "--recorded-topic", "/expert/action", name="html")
+    msgs, _ = read_bag(out)
+    status = [m for _, _, m in msgs["/bitvla_node/status"]]
+    executing = [st.state == 3 for st in status]
+    chunk_seqs = {st.chunk_sequence for st in status if st.state == 3}
+    recorded = read_bag(c.mcap)[0]["/expert/action"]
+    assert sum(executing) > 20 and len(chunk_seqs) > 3
+    for dim in range(7):
+        chart = page["charts"][f"dim-{dim}"]
+        assert chart["svg"] == 1
+        action, rec = chart["series"]["action"], chart["series"]["recorded"]
+        # Every executed tick is one point, every recorded message one point, broken where held.
+        assert action["points"] == action["declared"] == sum(executing), (dim, action, sum(executing))
+        assert 1 <= action["polylines"] <= runs(executing), (action, runs(executing))
+        assert rec["points"] == rec["declared"] == len(recorded), (dim, rec, len(recorded))
+        assert len(report_page.polylines_of(chart, CHUNK_MARK)) == len(chunk_seqs)
+        assert len(report_page.polylines_of(chart, INSTRUCTION_MARK)) == 2
+    lat = page["charts"]["latency"]["series"]["latency"]
+    assert lat["points"] == lat["declared"] == len(msgs["/bitvla_node/action_chunk"])
+    path = page["charts"]["ee-top"]["series"]["path"]
+    assert path["points"] == len(msgs["/servo_node/delta_twist_cmds"]) == page["charts"]["ee-side"]["series"]["path"]["points"]
+    # One thumbnail per camera per call, decodable, at most 160x120.
+    assert page["strip_calls"] == rep["inferences"] and len(page["images"]) == 2 * rep["inferences"]
+    for src in page["images"][:4]:
+        assert src.startswith("data:image/jpeg;base64,")
+        img = PilImage.open(io.BytesIO(__import__("base64").b64decode(src.split(",", 1)[1])))
+        assert img.size[0] <= 160 and img.size[1] <= 120, img.size
+    # The header: what ran, on what, and what was said.
+    text = page["text"]
+    for needle in (str(c.mcap), str(c.model), str(c.params), FIRST, SECOND, "/expert/action",
+                   f"{rep['latency']['p50_ms']:.1f} ms"):
+        assert needle in text, needle
+    embedded = page["report"]
+    embedded.pop("html", None)
+    rep.pop("html", None)
+    assert embedded == rep
+    assert "no-recorded" not in page["ids"] and "no-actions" not in page["ids"]
+    report_page.check_in_browser(html, c.tmp / "html.png", 2 * rep["inferences"])
+
+
+def test_html_report_says_what_is_missing(c):
+    # A bag with one camera, replayed without a recorded topic.
+    one_cam = c.tmp / "one_cam"
+    bitvla("make-episode", "--out", one_cam, "--duration-s", "2", "--no-wrist")
+    params = c.tmp / "one_cam.yaml"
+    params.write_text((ROOT / "config" / "replay_demo.yaml").read_text().replace(
+        "wrist_camera_topic: /camera/wrist/image_raw/compressed", 'wrist_camera_topic: ""'))
+    page, rep, _, html = html_replay(c, one_cam, params=params, name="one_cam")
+    assert {"no-wrist", "no-recorded"} <= page["ids"], page["ids"]
+    assert rep["inferences"] > 2 and len(page["images"]) == rep["inferences"]
+    assert "recorded" not in page["charts"]["dim-0"]["series"]
+    report_page.check_in_browser(html, c.tmp / "one_cam.png", rep["inferences"])
+    # Every tick held: the instruction topic is not in the bag.
+    params = c.tmp / "held.yaml"
+    params.write_text(PARAMS.replace("instruction_topic: /task", "instruction_topic: /nobody"))
+    page, rep, _, html = html_replay(c, c.mcap, params=params, name="held")
+    assert rep["holds"] == {"no_instruction": rep["ticks"]} and rep["inferences"] == 0, rep["holds"]
+    assert {"no-actions", "no-instructions", "no-latency", "no-thumbnails"} <= page["ids"], page["ids"]
+    assert page["charts"]["dim-0"]["series"]["action"]["points"] == 0
+    assert page["text"].count("<rect") >= 7, "each action chart shades the hold"
+    report_page.check_in_browser(html, c.tmp / "held.png", 0)
+
+
+def test_html_report_of_an_interrupted_replay(c):
+    long = write_episode(c.tmp / "long_html", StoragePlugin.MCAP, seconds=20.0)
+    out, html = c.tmp / "partial_html", c.tmp / "partial.html"
+    proc = subprocess.Popen([str(BIN), "replay", "--bag", str(long), "--model", str(c.model), "--params",
+                             str(c.params), "--out", str(out), "--realtime", "--html", str(html)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "interrupted" in stderr, (proc.returncode, stderr)
+    page = report_page.parse(html)
+    assert "interrupted" in page["ids"] and page["report"]["interrupted"] is True
+    msgs, _ = read_bag(out)
+    executing = sum(1 for _, _, st in msgs["/bitvla_node/status"] if st.state == 3)
+    assert 10 < executing < 300, executing
+    assert page["charts"]["dim-0"]["series"]["action"]["points"] == executing
+    report_page.check_in_browser(html, c.tmp / "partial.png", len(page["images"]))
+
+
+def test_html_report_of_a_minute_at_20_hz_stays_small(c):
+    minute = c.tmp / "minute"
+    bitvla("make-episode", "--out", minute, "--duration-s", "60")
+    page, rep, _, html = html_replay(c, minute, "--recorded-topic", "/expert/action",
+                                     params=ROOT / "config" / "replay_demo.yaml", name="minute")
+    size = html.stat().st_size
+    print(f"  60 s at 20 Hz, two cameras, {rep['inferences']} calls: {size / 1e6:.2f} MB")
+    assert size <= 5_000_000, size
+    # Every call keeps its thumbnails (at most one per camera per call).
+    assert rep["ticks"] >= 1199 and page["strip_calls"] == rep["inferences"] > 100
+    assert page["charts"]["dim-0"]["series"]["recorded"]["points"] == rep["messages_per_topic"]["/expert/action"]
+
+
+def test_the_browser_check_catches_a_broken_page(c):
+    if report_page.chromium() is None:
+        report_page.check_in_browser(None, None, 0)  # fails under BITVLA_REQUIRE_BROWSER=1, else skips
+        return
+    bad = c.tmp / "bad.html"
+    good = (c.tmp / "html.html") if (c.tmp / "html.html").exists() else None
+    text = (good.read_text() if good else "<html><body></body></html>")
+    bad.write_text(text.replace("</body>", "<script>console.error('boom')</script></body>"))
+    try:
+        report_page.check_in_browser(bad, c.tmp / "bad.png", len(report_page.parse(bad)["images"]))
+    except AssertionError as e:
+        assert "boom" in str(e), e
+    else:
+        raise AssertionError("a console error went unnoticed")
+    broken = c.tmp / "broken.html"
+    broken.write_text(text.replace("data:image/jpeg;base64,", "data:image/jpeg;base64,AAAA", 1))
+    try:
+        report_page.check_in_browser(broken, c.tmp / "broken.png", len(report_page.parse(broken)["images"]))
+    except AssertionError as e:
+        assert "decoded" in str(e) or "console" in str(e), e
+    else:
+        raise AssertionError("an undecodable thumbnail went unnoticed")
 
 
 def main():
