@@ -4,10 +4,15 @@ wire): both cameras, the instruction, joint states, the end-effector pose and th
 actions, stamped with simulation time (/clock). The input `bitvla replay --recorded-topic
 /expert/action` was made for. Stops on SIGINT/SIGTERM or after --seconds of simulation time.
 
-    python3 sim/record.py --out EPISODE_DIR [--seconds 12]
+    python3 sim/record.py --out EPISODE_DIR [--seconds 12] [--extra TOPIC:TYPE ...]
+
+--extra records more topics of standard types too, e.g. the node's commands
+(`/servo_node/delta_twist_cmds:geometry_msgs/msg/TwistStamped`): `sim/demo.py` does, so its
+report can draw what the live node commanded next to the replay.
 """
 
 import argparse
+import importlib
 import signal
 import sys
 import time
@@ -36,7 +41,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seconds", type=float, default=12.0, help="simulation seconds to record")
+    ap.add_argument("--extra", action="append", default=[], metavar="TOPIC:TYPE",
+                    help="another topic to record, e.g. /gripper/command:std_msgs/msg/Float64MultiArray")
     args = ap.parse_args()
+    topics = list(TOPICS)
+    for spec in args.extra:
+        topic, _, msgtype = spec.partition(":")
+        try:
+            package, _, name = msgtype.split("/")
+            cls = getattr(importlib.import_module(f"{package}.msg"), name)
+        except (ValueError, ImportError, AttributeError) as e:
+            print(f"error: --extra {spec!r}: expected TOPIC:package/msg/Type of an installed message ({e})",
+                  file=sys.stderr)
+            return 2
+        topics.append((topic, cls, msgtype, 10))
     rclpy.init()
     node = rclpy.create_node("sim_recorder")
     store = get_typestore(Stores.ROS2_JAZZY)
@@ -62,7 +80,7 @@ def main():
             return 2
         rclpy.spin_once(node, timeout_sec=0.05)
     with Writer(args.out, version=9, storage_plugin=StoragePlugin.MCAP) as bag:
-        for topic, cls, msgtype, qos in TOPICS:
+        for topic, cls, msgtype, qos in topics:
             conn = bag.add_connection(topic, msgtype, typestore=store)
 
             def write(data, conn=conn, topic=topic):

@@ -164,7 +164,7 @@ struct DemoArgs {
     /// A checkpoint directory or packed file (default: the tiny random model).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Keep the replay's output bag here (default: a temporary directory, removed).
+    /// Write the replay's output bag here (default: none).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Where to write the HTML report.
@@ -421,13 +421,13 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         );
         let params = NodeParams::from_yaml_str(DEMO_PARAMS)
             .map_err(|e| anyhow::anyhow!("embedded demo parameters: {e}"))?;
-        let out = args.out.clone().unwrap_or_else(|| scratch.join("replayed"));
         replay_with(
             ReplayArgs {
                 bag,
                 model,
                 params: None,
-                out: Some(out),
+                // Without --out no output bag: it would be deleted with the scratch directory.
+                out: args.out.clone(),
                 report: None,
                 html: Some(args.html.clone()),
                 realtime: false,

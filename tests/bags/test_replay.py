@@ -655,6 +655,22 @@ def test_html_report_of_a_minute_at_20_hz_stays_small(c):
     assert page["charts"]["dim-0"]["series"]["recorded"]["points"] == rep["messages_per_topic"]["/expert/action"]
 
 
+def test_demo_writes_its_html_report(c):
+    cwd = c.tmp / "demo_cwd"
+    cwd.mkdir()
+    p = subprocess.run([str(BIN), "demo"], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "HTML report: bitvla-demo-report.html" in p.stdout, p.stdout
+    # Without --out there is no output bag, and no path to a deleted one is printed.
+    assert "output bag" not in p.stdout, p.stdout
+    html = cwd / "bitvla-demo-report.html"
+    page = report_page.parse(html)
+    rep = page["report"]
+    assert rep["inferences"] > 5 and len(page["images"]) == 2 * rep["inferences"]
+    assert page["charts"]["dim-6"]["series"]["recorded"]["points"] == rep["messages_per_topic"]["/expert/action"]
+    report_page.check_in_browser(html, c.tmp / "demo.png", 2 * rep["inferences"])
+
+
 def test_the_browser_check_catches_a_broken_page(c):
     if report_page.chromium() is None:
         report_page.check_in_browser(None, None, 0)  # fails under BITVLA_REQUIRE_BROWSER=1, else skips

@@ -28,6 +28,9 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from bitvla_ros.msg import PolicyStatus
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "report"))
+import report_page  # noqa: E402
+
 BIN = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
 SIM = ROOT / "sim" / "sim_arm.py"
 INSTRUCTION = "pick up the red cube and place it on the plate"
@@ -375,17 +378,51 @@ def main():
 
     def sim_demo_shows_cargo_and_rounds_the_latency():
         """scripts/sim_demo.sh as a newcomer runs it: cargo's progress is shown (not --quiet), the
-        report's latency is in milliseconds, and --json prints only the JSON report on stdout."""
+        report's latency is in milliseconds, and --json prints only the JSON report on stdout.
+        What it leaves: a GIF of the third-person camera, a PNG of the path, the episode and its
+        HTML replay report, which draws what the two bags hold and loads in Chromium."""
         import json
         import re
         # Its own ROS domain: the demo's node must not drive this test's simulated arm.
         env = dict(os.environ, ROS_DOMAIN_ID=str(int(os.environ.get("ROS_DOMAIN_ID", "0")) % 100 + 1))
         demo = lambda *a: subprocess.run([ROOT / "scripts/sim_demo.sh", "--seconds", "3", *a], capture_output=True,
                                          text=True, timeout=600, cwd=ROOT, env=env)
-        p = demo()
+        out = work / "sim_demo"
+        p = demo("--out", out)
         assert p.returncode == 0, p.stderr[-3000:]
         assert "Finished" in p.stderr, p.stderr[-2000:]
         assert re.search(r"mean latency \d+\.\d ms\n", p.stdout), p.stdout
+        for name in ("agentview.gif", "ee_path.png", "report.html"):
+            assert f"{out / name}" in p.stdout, (name, p.stdout)
+        from PIL import Image as PilImage, ImageStat
+        gif = PilImage.open(out / "agentview.gif")
+        # 3 s of a 20 Hz camera, every other frame, played at the sim's pace.
+        assert gif.size == (224, 224) and 15 <= gif.n_frames <= 40 and gif.info["duration"] == 100, \
+            (gif.size, gif.n_frames, gif.info)
+        gif.seek(gif.n_frames - 1)
+        assert ImageStat.Stat(gif.convert("L")).stddev[0] > 10, "the last GIF frame is blank"
+        png = PilImage.open(out / "ee_path.png")
+        assert png.size[0] > 700 and ImageStat.Stat(png.convert("L")).stddev[0] > 5, png.size
+        # The report draws the live node's commands (recorded in the episode) and the replay's
+        # (its output bag), point for point, with one thumbnail per camera per call.
+        from rosbags.rosbag2 import Reader
+        def count(bag, topic, keep=lambda raw: True):
+            with Reader(bag) as r:
+                conns = [c for c in r.connections if c.topic == topic]
+                return sum(1 for _, _, raw in r.messages(connections=conns) if keep(raw)) if conns else 0
+        page = report_page.parse(out / "report.html")
+        rep = page["report"]
+        live = count(out / "episode", "/servo_node/delta_twist_cmds")
+        replayed = count(out / "replayed", "/servo_node/delta_twist_cmds")
+        assert live > 20 and replayed == rep["commands"]["/servo_node/delta_twist_cmds"], (live, replayed)
+        held = sum(rep["holds"].values())
+        for dim in range(6):
+            series = page["charts"][f"dim-{dim}"]["series"]
+            assert series["recorded"]["points"] == series["recorded"]["declared"] == live, (dim, series, live)
+            assert series["command"]["points"] == rep["ticks"] - held > 10, (dim, series, rep["ticks"], held)
+        assert page["charts"]["ee-top"]["series"]["path"]["points"] == replayed
+        assert len(page["images"]) == 2 * rep["inferences"] > 0
+        report_page.check_in_browser(out / "report.html", work / "sim_report.png", 2 * rep["inferences"])
         p = demo("--json")
         assert p.returncode == 0, p.stderr[-3000:]
         report = json.loads(p.stdout)
