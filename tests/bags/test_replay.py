@@ -621,6 +621,12 @@ def test_html_report_says_what_is_missing(c):
     assert page["charts"]["dim-0"]["series"]["action"]["points"] == 0
     assert page["text"].count("<rect") >= 7, "each action chart shades the hold"
     report_page.check_in_browser(html, c.tmp / "held.png", 0)
+    # Damaged frames: the warnings, grouped, and every one listed.
+    damaged = write_episode(c.tmp / "damaged_html", StoragePlugin.MCAP, bad_step_at=(3, 5, 7))
+    page, rep, _, _ = html_replay(c, damaged, name="damaged")
+    assert rep["frames_rejected"] == 3 and "warnings" in page["ids"], rep["warning_summary"]
+    assert "<td>rejected_frame</td><td>/cam/image_raw</td><td>3</td>" in page["text"]
+    assert page["text"].count("<li>rejected frame: /cam/image_raw") == 3
 
 
 def test_html_report_of_an_interrupted_replay(c):
