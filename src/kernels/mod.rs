@@ -33,7 +33,7 @@ pub use dispatch::{
     KernelKind, ternary_matmul, ternary_matmul_i32, ternary_matmul_relu2_mul,
     ternary_matmul_relu2_mul_with, ternary_matmul_with,
 };
-pub use pack::TernaryMatrix;
+pub use pack::{RawWeights, TernaryMatrix};
 pub use quant::{
     ActLayout, QuantInput, QuantizedActivations, quantize_activations, quantize_activations_for,
     quantize_input, quantize_input_for,

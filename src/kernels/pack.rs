@@ -2,8 +2,10 @@
 //!
 //! # Quantization (as the reference `weight_quant`)
 //! γ = max(mean |W|, 1e-5) over the whole tensor; t = clamp(round_half_even(W · (1/γ)), -1, 1).
-//! The mean is accumulated in f64 and rounded once to f32 (PyTorch's fp32 reduction order is not
-//! reproducible; this is the exactly rounded value it approximates).
+//! Σ|W| is summed exactly ([`AbsSum`]: per binary exponent, the integer sum of the significands),
+//! so it does not depend on the order of summation: quantizing runs in parallel and gives the same
+//! γ for any thread count. The mean is then rounded to f32 (PyTorch's fp32 reduction order is not
+//! reproducible; this is the value it approximates).
 //!
 //! # Packed layout
 //! Weights are stored as codes `c = t + 1 ∈ {0, 1, 2}`, 2 bits each. The matrix (N outputs × K
@@ -45,8 +47,9 @@ pub struct TernaryMatrix {
     segments: Vec<(usize, f32)>,
 }
 
-/// The reference's per-tensor scale: max(mean |W|, 1e-5), mean accumulated in f64 (eight
-/// partial sums, so the loop pipelines; f64 keeps the sum exact to far below f32 rounding).
+/// The per-tensor scale the way earlier versions computed it: max(mean |W|, 1e-5), the mean
+/// accumulated sequentially in f64 (eight partial sums). Kept to show that [`AbsSum`] gives the
+/// same γ (tests).
 pub fn absmean_scale(values: impl Iterator<Item = f32>, count: usize) -> f32 {
     let mut lanes = [0f64; 8];
     for (i, v) in values.enumerate() {
@@ -56,41 +59,248 @@ pub fn absmean_scale(values: impl Iterator<Item = f32>, count: usize) -> f32 {
     ((sum / count as f64) as f32).max(1e-5)
 }
 
+/// Σ|v| of finite f32 values, exactly: for each of the 256 binary exponents the integer sum of
+/// the 24-bit significands of the values with that exponent. Sums merge by integer addition, so
+/// any split of a tensor (any thread count) gives the same total.
+#[derive(Clone)]
+pub struct AbsSum {
+    /// `buckets[e]`: Σ significand of the values whose biased exponent is `e` (a value is
+    /// `significand · 2^(max(e, 1) − 150)`).
+    buckets: [u128; 256],
+    /// Values that were NaN or ±∞.
+    non_finite: u64,
+}
+
+impl Default for AbsSum {
+    fn default() -> Self {
+        Self {
+            buckets: [0; 256],
+            non_finite: 0,
+        }
+    }
+}
+
+impl AbsSum {
+    /// Σ|v| of `values` (at most 2^40 of them).
+    pub fn of(values: impl Iterator<Item = f32>) -> Self {
+        // u64 buckets in the loop (2^40 values × 2^24 fit), widened once. Four sets, used in
+        // turn: neighbouring weights mostly share an exponent, and one set would chain every
+        // add through the same memory word.
+        let mut buckets = [[0u64; 256]; 4];
+        let mut non_finite = 0u64;
+        for (i, v) in values.enumerate() {
+            let bits = v.to_bits() & 0x7fff_ffff;
+            let e = (bits >> 23) as usize;
+            let implicit = if e == 0 { 0 } else { 0x80_0000 };
+            buckets[i & 3][e] += u64::from((bits & 0x7f_ffff) | implicit);
+            non_finite += u64::from(e == 255);
+        }
+        let mut out = Self {
+            non_finite,
+            ..Self::default()
+        };
+        for (e, o) in out.buckets.iter_mut().enumerate() {
+            *o = buckets.iter().map(|set| u128::from(set[e])).sum();
+        }
+        out.buckets[255] = 0;
+        out
+    }
+
+    pub fn merge(mut self, other: Self) -> Self {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+        self.non_finite += other.non_finite;
+        self
+    }
+
+    pub fn non_finite(&self) -> u64 {
+        self.non_finite
+    }
+
+    /// The sum as f64 (buckets added from the largest exponent down, in a fixed order).
+    pub fn total(&self) -> f64 {
+        let mut sum = 0.0f64;
+        for e in (0..255).rev() {
+            let b = self.buckets[e];
+            if b != 0 {
+                sum += b as f64 * 2f64.powi(e.max(1) as i32 - 150);
+            }
+        }
+        sum
+    }
+
+    /// γ = max(Σ|v| / count, 1e-5).
+    pub fn scale(&self, count: usize) -> f32 {
+        ((self.total() / count as f64) as f32).max(1e-5)
+    }
+}
+
+/// A stored floating-point type, decoded from its little-endian bytes.
+trait Element: 'static {
+    const SIZE: usize;
+    fn value(bytes: &[u8]) -> f32;
+}
+
+struct Bf16Bytes;
+struct F16Bytes;
+struct F32Bytes;
+
+impl Element for Bf16Bytes {
+    const SIZE: usize = 2;
+    #[inline]
+    fn value(b: &[u8]) -> f32 {
+        f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)
+    }
+}
+
+impl Element for F16Bytes {
+    const SIZE: usize = 2;
+    #[inline]
+    fn value(b: &[u8]) -> f32 {
+        half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+    }
+}
+
+impl Element for F32Bytes {
+    const SIZE: usize = 4;
+    #[inline]
+    fn value(b: &[u8]) -> f32 {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+/// Master weights as stored in a checkpoint: little-endian bytes of one floating-point type.
+#[derive(Debug, Clone, Copy)]
+pub enum RawWeights<'a> {
+    Bf16(&'a [u8]),
+    F16(&'a [u8]),
+    F32(&'a [u8]),
+}
+
 /// Ternary code of one weight given `inv_scale = 1/γ`: clamp(round_half_even(w · inv_scale), -1, 1).
-/// Rounding uses the magic-number trick on the value clamped to [−2, 2] (same result for every
-/// finite input): `f32::round_ties_even` is a libm call on baseline x86-64 and made quantizing a
-/// full model take 30 s.
+/// With x = w · inv_scale that is 1 for x > 0.5, −1 for x < −0.5 and 0 otherwise (±0.5 are ties
+/// that round to the even 0; everything beyond ±1.5 clamps to ±1): two comparisons, which
+/// vectorize (`f32::round_ties_even` is a libm call on baseline x86-64 and made quantizing a full
+/// model take 30 s).
 #[inline]
 pub fn ternary_code(w: f32, inv_scale: f32) -> i8 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-    let v = (w * inv_scale).clamp(-2.0, 2.0);
-    ((v + MAGIC) - MAGIC).clamp(-1.0, 1.0) as i8
+    let x = w * inv_scale;
+    i8::from(x > 0.5) - i8::from(x < -0.5)
 }
 
 impl TernaryMatrix {
     /// Quantizes f32 master weights (row-major, `n` rows of `k`). Rejects NaN/∞.
     pub fn from_f32(weights: &[f32], n: usize, k: usize) -> Result<Self> {
-        Self::quantize(weights.len(), n, k, |i| weights[i])
+        let raw: Vec<u8> = weights.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self::quantize::<F32Bytes>(&raw, n, k)
     }
 
     /// Quantizes bf16 master weights (row-major, `n` rows of `k`), as stored in the checkpoints.
     pub fn from_bf16(weights: &[bf16], n: usize, k: usize) -> Result<Self> {
-        Self::quantize(weights.len(), n, k, |i| weights[i].to_f32())
+        let raw: Vec<u8> = weights.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self::quantize::<Bf16Bytes>(&raw, n, k)
     }
 
-    fn quantize(len: usize, n: usize, k: usize, at: impl Fn(usize) -> f32 + Sync) -> Result<Self> {
+    /// Quantizes master weights straight from a checkpoint's bytes (row-major, `n` rows of `k`):
+    /// two parallel passes over them (Σ|W| and the finiteness check, then the codes panel by
+    /// panel), no decoded copy.
+    pub fn from_raw(weights: RawWeights<'_>, n: usize, k: usize) -> Result<Self> {
+        match weights {
+            RawWeights::Bf16(raw) => Self::quantize::<Bf16Bytes>(raw, n, k),
+            RawWeights::F16(raw) => Self::quantize::<F16Bytes>(raw, n, k),
+            RawWeights::F32(raw) => Self::quantize::<F32Bytes>(raw, n, k),
+        }
+    }
+
+    fn quantize<E: Element>(raw: &[u8], n: usize, k: usize) -> Result<Self> {
+        if !raw.len().is_multiple_of(E::SIZE) {
+            return Err(KernelError::Invalid(format!(
+                "ternary weight: {} bytes is not a whole number of {}-byte values",
+                raw.len(),
+                E::SIZE
+            )));
+        }
+        let len = raw.len() / E::SIZE;
         check_matrix("ternary weight", len, n, k)?;
-        if let Some(i) = (0..len).find(|&i| !at(i).is_finite()) {
+        fn values<E: Element>(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+            bytes.chunks_exact(E::SIZE).map(E::value)
+        }
+        // Pass 1, in parallel: Σ|W| (exact, so the split does not matter) and non-finite values.
+        const CHUNK: usize = 1 << 16;
+        let sum = raw
+            .par_chunks(CHUNK * E::SIZE)
+            .map(|chunk| AbsSum::of(values::<E>(chunk)))
+            .reduce(AbsSum::default, AbsSum::merge);
+        if sum.non_finite() > 0
+            && let Some((i, value)) = values::<E>(raw).enumerate().find(|(_, v)| !v.is_finite())
+        {
             return Err(KernelError::NonFinite {
                 what: "ternary weight",
                 row: i / k,
                 col: i % k,
-                value: at(i),
+                value,
             });
         }
-        let gamma = absmean_scale((0..len).map(&at), len);
+        let gamma = sum.scale(len);
         let inv = 1.0 / gamma;
-        Self::pack(n, k, gamma, |row, col| ternary_code(at(row * k + col), inv))
+        // Pass 2, in parallel: the codes, a row at a time into each panel.
+        let row_bytes = k * E::SIZE;
+        Self::pack_rows(n, k, gamma, |row, codes: &mut [u8]| {
+            let bytes = &raw[row * row_bytes..(row + 1) * row_bytes];
+            for (c, v) in codes.iter_mut().zip(values::<E>(bytes)) {
+                *c = (ternary_code(v, inv) + 1) as u8;
+            }
+        })
+    }
+
+    /// Packs a matrix whose row `row`'s codes `c = t + 1` (k of them) `row_codes` writes.
+    fn pack_rows(
+        n: usize,
+        k: usize,
+        gamma: f32,
+        row_codes: impl Fn(usize, &mut [u8]) + Sync,
+    ) -> Result<Self> {
+        let n_padded = n.div_ceil(PANEL_COLS) * PANEL_COLS;
+        let k_padded = k.div_ceil(K_BLOCK) * K_BLOCK;
+        let k_blocks = k_padded / K_BLOCK;
+        let mut packed = AlignedBytes::new(n_padded / PANEL_COLS * k_blocks * BLOCK_BYTES, 0);
+        let panel_bytes = k_blocks * BLOCK_BYTES;
+        packed
+            .as_mut_slice()
+            .par_chunks_mut(panel_bytes)
+            .enumerate()
+            .for_each_init(
+                || vec![1u8; k_padded],
+                |codes, (panel, bytes)| {
+                    for within in 0..PANEL_COLS {
+                        let row = panel * PANEL_COLS + within;
+                        if row < n {
+                            row_codes(row, &mut codes[..k]);
+                        } else {
+                            codes[..k].fill(1);
+                        }
+                        // codes[k..] stay 1 (t = 0): the K padding.
+                        let (half, j) = (within / 16, within % 16);
+                        for (kb, c) in codes.chunks_exact(K_BLOCK).enumerate() {
+                            // Byte e of word i is c[4i + e] (≤ 2), so the four words shifted by
+                            // 0, 2, 4, 6 and or-ed give byte e = Σ_i c[4i + e] << 2i at once.
+                            let word = |i: usize| {
+                                u32::from_le_bytes([
+                                    c[4 * i],
+                                    c[4 * i + 1],
+                                    c[4 * i + 2],
+                                    c[4 * i + 3],
+                                ])
+                            };
+                            let packed = word(0) | word(1) << 2 | word(2) << 4 | word(3) << 6;
+                            let at = (kb * 2 + half) * 64 + 4 * j;
+                            bytes[at..at + 4].copy_from_slice(&packed.to_le_bytes());
+                        }
+                    }
+                },
+            );
+        Ok(Self::single(n, k, packed, gamma))
     }
 
     /// Packs already-ternary codes `t ∈ {-1, 0, 1}` (row-major `n × k`) with scale `gamma`.
@@ -341,6 +551,12 @@ mod tests {
             f32::MAX,
             f32::MIN,
             -0.0,
+            0.5f32.next_up(),
+            0.5f32.next_down(),
+            (-0.5f32).next_up(),
+            (-0.5f32).next_down(),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
         ]);
         values.extend(crate::kernels::pseudo_random(100_000, 9, 3.0));
         for inv in [1.0f32, 0.37, 19.3, 1e5] {
@@ -396,6 +612,123 @@ mod tests {
         let b = TernaryMatrix::from_bf16(&wb, 3, 32).unwrap();
         assert_eq!(a.unpack_codes(), b.unpack_codes());
         assert_eq!(a.segments(), b.segments());
+    }
+
+    /// Deterministic pseudo-normal values with a spread of magnitudes (xorshift, Box-Muller-free:
+    /// the sum of four uniforms, scaled).
+    fn weights(len: usize, scale: f32, seed: u32) -> Vec<f32> {
+        let mut state = seed.max(1);
+        let mut uniform = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as f32 / u32::MAX as f32
+        };
+        (0..len)
+            .map(|_| (uniform() + uniform() + uniform() + uniform() - 2.0) * scale)
+            .collect()
+    }
+
+    #[test]
+    fn the_exact_sum_gives_the_sequential_scale() {
+        for (len, scale, seed) in [(1000, 0.02, 1), (4096 * 3, 1.0, 2), (1 << 20, 0.003, 3)] {
+            let w = weights(len, scale, seed);
+            let b: Vec<f32> = w.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            for v in [&w, &b] {
+                let exact = AbsSum::of(v.iter().copied()).scale(v.len());
+                let sequential = absmean_scale(v.iter().copied(), v.len());
+                assert_eq!(
+                    exact.to_bits(),
+                    sequential.to_bits(),
+                    "len {len} scale {scale}"
+                );
+            }
+        }
+        // Split anywhere, the same sum, bit for bit.
+        let w = weights(10_007, 0.5, 9);
+        let whole = AbsSum::of(w.iter().copied()).total();
+        for cut in [1, 5000, 10_006] {
+            let parts =
+                AbsSum::of(w[..cut].iter().copied()).merge(AbsSum::of(w[cut..].iter().copied()));
+            assert_eq!(parts.total().to_bits(), whole.to_bits());
+        }
+        // Subnormals, zeros, the largest finite value, and non-finite values are counted apart.
+        let odd = [
+            0.0f32,
+            -0.0,
+            f32::MIN_POSITIVE / 4.0,
+            f32::MAX,
+            f32::NAN,
+            f32::NEG_INFINITY,
+        ];
+        let s = AbsSum::of(odd.iter().copied());
+        assert_eq!(s.non_finite(), 2);
+        assert_eq!(
+            s.total(),
+            f64::from(f32::MAX) + f64::from(f32::MIN_POSITIVE / 4.0)
+        );
+    }
+
+    #[test]
+    fn raw_bytes_quantize_like_decoded_values_on_any_thread_count() {
+        for &(n, k) in &[(1, 1), (33, 17), (70, 200), (256, 1024)] {
+            let w = weights(n * k, 0.05, (n * k) as u32);
+            let b16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let raw16: Vec<u8> = b16.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let raw32: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let h16: Vec<u8> = w
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect();
+            // The reference: sequential γ, codes one by one, the original packing loop.
+            let reference = |values: &[f32]| {
+                let gamma = absmean_scale(values.iter().copied(), values.len());
+                let codes: Vec<i8> = values
+                    .iter()
+                    .map(|&v| ternary_code(v, 1.0 / gamma))
+                    .collect();
+                TernaryMatrix::from_codes(&codes, n, k, gamma).unwrap()
+            };
+            let f16_values: Vec<f32> = w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+            let b16_values: Vec<f32> = b16.iter().map(|v| v.to_f32()).collect();
+            for (raw, values) in [
+                (RawWeights::Bf16(&raw16), &b16_values),
+                (RawWeights::F16(&h16), &f16_values),
+                (RawWeights::F32(&raw32), &w),
+            ] {
+                let expected = reference(values);
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let m = pool.install(|| TernaryMatrix::from_raw(raw, n, k)).unwrap();
+                    assert_eq!(
+                        m.packed(),
+                        expected.packed(),
+                        "{n}x{k} {raw:?}",
+                        raw = &raw_kind(raw)
+                    );
+                    assert_eq!(m.gamma().to_bits(), expected.gamma().to_bits());
+                }
+            }
+        }
+        fn raw_kind(r: RawWeights<'_>) -> &'static str {
+            match r {
+                RawWeights::Bf16(_) => "bf16",
+                RawWeights::F16(_) => "f16",
+                RawWeights::F32(_) => "f32",
+            }
+        }
+        // Non-finite values are named by position; a wrong byte count is an error.
+        let mut raw: Vec<u8> = [0.5f32; 12].iter().flat_map(|v| v.to_le_bytes()).collect();
+        raw[4 * 7..4 * 8].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        assert!(matches!(
+            TernaryMatrix::from_raw(RawWeights::F32(&raw), 3, 4),
+            Err(KernelError::NonFinite { row: 1, col: 3, .. })
+        ));
+        assert!(TernaryMatrix::from_raw(RawWeights::Bf16(&[0u8; 5]), 1, 2).is_err());
+        assert!(TernaryMatrix::from_raw(RawWeights::Bf16(&[0u8; 8]), 3, 2).is_err());
     }
 
     #[test]

@@ -81,15 +81,11 @@ impl Linear {
             let w = store.bf16(&weight_name, &[n, k])?;
             return Self::with_bias(store, prefix, n, k, bias, Weights::DenseBf16(w));
         }
-        let w = store.f32(&weight_name, &[n, k])?;
         let weights = match kind {
-            LinearKind::Dense => Weights::Dense(w),
-            LinearKind::Ternary => {
-                Weights::Ternary(TernaryMatrix::from_f32(&w, n, k).stage(&weight_name)?)
-            }
+            LinearKind::Dense => Weights::Dense(store.f32(&weight_name, &[n, k])?),
+            LinearKind::Ternary => Weights::Ternary(store.ternary(&weight_name, n, k)?),
             LinearKind::TernaryWeightsOnly => {
-                let t = TernaryMatrix::from_f32(&w, n, k).stage(&weight_name)?;
-                Weights::Dense(dequantize(&t))
+                Weights::Dense(dequantize(&store.ternary(&weight_name, n, k)?))
             }
         };
         Self::with_bias(store, prefix, n, k, bias, weights)

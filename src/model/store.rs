@@ -336,6 +336,28 @@ impl TensorStore {
         Ok(())
     }
 
+    /// A 2-D floating-point weight quantized to ternary codes straight from its stored bytes
+    /// (no decoded copy), its mapped pages released afterwards.
+    pub fn ternary(&self, name: &str, n: usize, k: usize) -> Result<crate::kernels::TernaryMatrix> {
+        use super::KernelContext;
+        use crate::kernels::RawWeights;
+        let (bytes, dtype) = self.raw(name, &[n, k])?;
+        let raw = match dtype {
+            DType::BF16 => RawWeights::Bf16(bytes),
+            DType::F16 => RawWeights::F16(bytes),
+            DType::F32 => RawWeights::F32(bytes),
+            DType::U8 => {
+                return Err(ModelError::tensor(
+                    name,
+                    "is U8, expected a floating-point weight to quantize",
+                ));
+            }
+        };
+        let m = crate::kernels::TernaryMatrix::from_raw(raw, n, k).stage(name);
+        self.release(name);
+        m
+    }
+
     /// A floating-point tensor as f32, checked for shape and finiteness.
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let mut values = Vec::with_capacity(shape.iter().product());
