@@ -15,6 +15,13 @@ pub struct NodeParams {
     pub unnorm_key: String,
     /// Inference threads (0 = all cores)
     pub threads: i64,
+    /// A checkpoint directory is converted into the packed-model cache on its first load and
+    /// mapped from there on later starts (about a second instead of quantizing every weight
+    /// again); false quantizes at every start
+    pub packed_cache: bool,
+    /// The packed-model cache directory; empty = $BITVLA_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/bitvla_ros/packed, else ~/.cache/bitvla_ros/packed
+    pub packed_cache_dir: String,
     /// Third-person camera topic
     pub camera_topic: String,
     /// auto (the topic's type: sensor_msgs/Image or sensor_msgs/CompressedImage, looked up in
@@ -142,6 +149,8 @@ impl Default for NodeParams {
             model_path: String::new(),
             unnorm_key: String::new(),
             threads: 0,
+            packed_cache: true,
+            packed_cache_dir: String::new(),
             camera_topic: "/camera/image_raw".into(),
             camera_transport: "auto".into(),
             wrist_camera_topic: String::new(),
@@ -178,6 +187,21 @@ impl Default for NodeParams {
             gripper: "raw".into(),
             use_sim_time: false,
             fixed_latency_s: 0.0,
+        }
+    }
+}
+
+impl NodeParams {
+    /// The packed-model cache to load through (`packed_cache`, `packed_cache_dir`), None when
+    /// it is off or no default directory can be named (no $HOME).
+    pub fn cache_dir(&self) -> Option<std::path::PathBuf> {
+        if !self.packed_cache {
+            return None;
+        }
+        if self.packed_cache_dir.is_empty() {
+            crate::model::cache::default_dir()
+        } else {
+            Some(self.packed_cache_dir.clone().into())
         }
     }
 }

@@ -17,6 +17,8 @@ pub struct Options {
     /// Interleaved f32-path repetitions (0: skip the f32 comparison).
     pub f32_reps: usize,
     pub calib_seconds: f64,
+    /// The packed-model cache a checkpoint directory loads through (None: quantized at load).
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,7 +106,11 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         .num_threads(opts.threads)
         .build()?;
     let t = Instant::now();
-    let policy = pool.install(|| Policy::load(&opts.model, PolicyOptions::default()))?;
+    let options = PolicyOptions {
+        cache_dir: opts.cache_dir.clone(),
+        ..Default::default()
+    };
+    let policy = pool.install(|| Policy::load(&opts.model, options))?;
     let load_s = t.elapsed().as_secs_f64();
     let rss_after_load_bytes = proc_status_bytes("VmRSS:");
     let hwm_after_load_bytes = proc_status_bytes("VmHWM:");

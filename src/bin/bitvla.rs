@@ -90,9 +90,36 @@ struct ReplayArgs {
     /// Inference threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    cache: CacheArgs,
     /// Print the report as JSON instead of the summary.
     #[arg(long)]
     json: bool,
+}
+
+/// The packed-model cache, for a checkpoint directory (a packed file is mapped as it is).
+#[derive(Args, Clone, Default)]
+struct CacheArgs {
+    /// Quantize the checkpoint directory at load instead of using the packed-model cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// The packed-model cache directory (default: the parameter file's packed_cache_dir, else
+    /// $BITVLA_CACHE_DIR, else ~/.cache/bitvla_ros/packed).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+impl CacheArgs {
+    /// The cache to load through, with `params`' settings under the flags.
+    fn dir(&self, params: &NodeParams) -> Option<PathBuf> {
+        if self.no_cache {
+            None
+        } else if let Some(d) = &self.cache_dir {
+            Some(d.clone())
+        } else {
+            params.cache_dir()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -154,6 +181,8 @@ struct RunArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    cache: CacheArgs,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -268,6 +297,10 @@ struct ForwardArgs {
     f32_reps: usize,
     #[arg(long, default_value_t = 0.1)]
     calib_seconds: f64,
+    /// Load a checkpoint directory through this packed-model cache (default: quantize it at
+    /// load, which is what `load_s` then measures); run twice to time a cached start.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -307,7 +340,15 @@ struct KernelsArgs {
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     bitvla_ros::process::tune_malloc();
-    match Cli::parse().command {
+    let result = dispatch(Cli::parse().command);
+    // A checkpoint directory converted into the packed-model cache by this run: in place
+    // before the process exits, or the next run converts it again.
+    bitvla_ros::model::cache::finish_pending();
+    result
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Bench(Bench::Kernels(args)) => bench_kernels(args),
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
@@ -437,6 +478,11 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 recorded_topic: Some(bitvla_ros::bag::episode::ACTION_TOPIC.into()),
                 instruction: None,
                 threads: None,
+                // The scratch tiny model is not worth a cache entry.
+                cache: CacheArgs {
+                    no_cache: args.model.is_none(),
+                    cache_dir: None,
+                },
                 json: args.json,
             },
             params,
@@ -475,6 +521,7 @@ fn replay_with(
             unnorm_key,
             gripper,
             image_options: vec![image_options; 2],
+            cache_dir: args.cache.dir(&params),
             ..Default::default()
         },
     )
@@ -619,6 +666,7 @@ fn bench_forward(args: ForwardArgs) -> anyhow::Result<()> {
         reps: args.reps,
         f32_reps: args.f32_reps,
         calib_seconds: args.calib_seconds,
+        cache_dir: args.cache_dir.clone(),
     })
     .with_context(|| format!("benchmarking {}", args.model.display()))?;
     if args.json {
@@ -656,6 +704,7 @@ fn run_on(args: RunArgs, images: Vec<image::RgbImage>) -> anyhow::Result<()> {
         unnorm_key: args.unnorm_key.clone(),
         gripper: args.gripper,
         image_options: vec![image_options; 2],
+        cache_dir: args.cache.dir(&NodeParams::default()),
         ..Default::default()
     };
     let pool = rayon::ThreadPoolBuilder::new()

@@ -6,6 +6,7 @@
 //! `shared/spec/bitvla-model.md`; section numbers (§) below refer to it.
 
 pub mod buffers;
+pub mod cache;
 pub mod config;
 pub mod files;
 pub mod heads;

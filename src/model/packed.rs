@@ -13,8 +13,7 @@ use super::config::{BitVlaConfig, VisionPrecision};
 use super::files::{ACTION_HEAD_PREFIX, CheckpointFiles, PROPRIO_PREFIX};
 use super::pickle::read_state_dict;
 use super::store::{DType, TensorStore};
-use super::{KernelContext, ModelError, Result};
-use crate::kernels::TernaryMatrix;
+use super::{ModelError, Result};
 use crate::kernels::pack::{K_BLOCK, PANEL_COLS};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -107,32 +106,40 @@ pub fn write_streaming(
     while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
-    let tmp = path.with_extension("partial");
+    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
     let io = |e: std::io::Error| ModelError::file(&tmp, e);
     let file = std::fs::File::create(&tmp).map_err(io)?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 22, file);
-    out.write_all(&(text.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    out.write_all(text.as_bytes()).map_err(io)?;
     let bar = progress(offset as u64, "writing");
-    for t in plan {
-        let mut sink = TensorSink {
-            out: &mut out,
-            written: 0,
-            bar: &bar,
-        };
-        produce(t, &mut sink)?;
-        if sink.written != t.bytes() {
-            return Err(ModelError::tensor(
-                &t.name,
-                format!("produced {} bytes, planned {}", sink.written, t.bytes()),
-            ));
+    let written = (|| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 22, file);
+        out.write_all(&(text.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        out.write_all(text.as_bytes()).map_err(io)?;
+        for t in plan {
+            let mut sink = TensorSink {
+                out: &mut out,
+                written: 0,
+                bar: &bar,
+            };
+            produce(t, &mut sink)?;
+            if sink.written != t.bytes() {
+                return Err(ModelError::tensor(
+                    &t.name,
+                    format!("produced {} bytes, planned {}", sink.written, t.bytes()),
+                ));
+            }
         }
-    }
-    out.flush().map_err(io)?;
-    drop(out);
+        // On disk before it gets its name: a crash leaves no renamed file with missing data.
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(|e| ModelError::file(path, e))
+    })();
     bar.finish_and_clear();
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::file(path, e))
+    if written.is_err() {
+        // A failed write (a bad tensor, a full disk) leaves nothing behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// The BitLinear layers of a model: (tensor prefix, N, K).
@@ -212,6 +219,11 @@ pub struct ConvertReport {
 /// `bitvla convert`: a published checkpoint directory → one packed file.
 pub fn convert(dir: &Path, out: &Path) -> Result<ConvertReport> {
     let files = CheckpointFiles::find(dir)?;
+    convert_files(dir, &files, out)
+}
+
+/// [`convert`] of the files already found in `dir`.
+pub fn convert_files(dir: &Path, files: &CheckpointFiles, out: &Path) -> Result<ConvertReport> {
     let config_text = read_text(&files.config)?;
     let config =
         BitVlaConfig::from_json(&config_text).map_err(|e| ModelError::file(&files.config, e))?;
@@ -220,7 +232,7 @@ pub fn convert(dir: &Path, out: &Path) -> Result<ConvertReport> {
         .map_err(|e| ModelError::file(&files.statistics, e))?;
     let tokenizer = read_text(&files.tokenizer)?;
     super::prompt::PromptTokenizer::from_json(&tokenizer, &files.tokenizer)?;
-    let store = open_directory(&files)?;
+    let store = open_directory(files)?;
 
     let layers = ternary_layers(&config);
     let ternary: BTreeMap<String, (usize, usize)> = layers
@@ -290,8 +302,7 @@ pub fn convert(dir: &Path, out: &Path) -> Result<ConvertReport> {
         let io = |e: std::io::Error| ModelError::file(out, e);
         if let Some(weight) = t.name.strip_suffix(CODES_SUFFIX) {
             let (n, k) = ternary[weight];
-            let w = store.f32(weight, &[n, k])?;
-            let m = TernaryMatrix::from_f32(&w, n, k).stage(weight)?;
+            let m = store.ternary(weight, n, k)?;
             last_gamma = Some((weight.to_owned(), m.gamma()));
             sink.write(m.packed()).map_err(io)
         } else if let Some(weight) = t.name.strip_suffix(SCALE_SUFFIX) {
@@ -305,8 +316,13 @@ pub fn convert(dir: &Path, out: &Path) -> Result<ConvertReport> {
             let (bytes, dtype) = store.raw(&t.name, &t.shape)?;
             for piece in bytes.chunks(32 << 20) {
                 if dtype != DType::U8 {
-                    let values = super::store::decode_f32(&t.name, piece, dtype)?;
-                    super::store::check_finite(&t.name, &values)?;
+                    // Checked in parallel, 1 MB at a time (whole values: 1 MB is a multiple
+                    // of every element size).
+                    use rayon::prelude::*;
+                    piece.par_chunks(1 << 20).try_for_each(|part| {
+                        let values = super::store::decode_f32(&t.name, part, dtype)?;
+                        super::store::check_finite(&t.name, &values)
+                    })?;
                 }
                 sink.write(piece).map_err(io)?;
             }

@@ -60,6 +60,10 @@ pub struct PolicyOptions {
     pub horizon: Option<usize>,
     /// Per camera (third-person first, then wrist); cameras beyond the list use the default.
     pub image_options: Vec<ImageOptions>,
+    /// A checkpoint directory is converted into this packed-model cache on its first load and
+    /// mapped from it afterwards ([`super::cache`]); None loads the directory every time. The
+    /// CLI and the node pass [`super::cache::default_dir`] unless told not to.
+    pub cache_dir: Option<std::path::PathBuf>,
     #[doc(hidden)]
     pub ablation: Ablation,
 }
@@ -149,8 +153,40 @@ impl Policy {
             return Self::from_parts(packed.config, packed.store, statistics, tokenizer, options);
         }
         let files = CheckpointFiles::find(path)?;
+        let mut bad_entry = None;
+        if let Some(dir) = options.cache_dir.clone() {
+            use super::cache::{CacheOutcome, prepare};
+            match prepare(&files, &dir)? {
+                CacheOutcome::Hit(entry) | CacheOutcome::Converted(entry) => {
+                    log::info!("{}: packed model {}", path.display(), entry.display());
+                    match Self::load(&entry, options.clone()) {
+                        Ok(policy) => return Ok(policy),
+                        // Damaged, or the checkpoint's own problem: the directory tells.
+                        Err(e) => {
+                            log::warn!("{e}");
+                            bad_entry = Some(entry);
+                        }
+                    }
+                }
+                CacheOutcome::Unusable(why) => log::warn!(
+                    "packed-model cache not used ({why}): loading {} from the directory, which \
+                     quantizes every weight again on every start",
+                    path.display()
+                ),
+            }
+        }
+        let policy = Self::load_directory(&files, options)?;
+        if let Some(entry) = bad_entry {
+            // The directory loads but its packed file did not: the entry was damaged.
+            super::cache::discard(&entry);
+        }
+        Ok(policy)
+    }
+
+    /// A checkpoint directory, quantized at load.
+    fn load_directory(files: &CheckpointFiles, options: PolicyOptions) -> Result<Self> {
         let config = BitVlaConfig::from_file(&files.config)?;
-        let store = super::packed::open_directory(&files)?;
+        let store = super::packed::open_directory(files)?;
         let statistics = Statistics::from_file(&files.statistics)?;
         let tokenizer = PromptTokenizer::from_file(&files.tokenizer)?;
         Self::from_parts(config, store, statistics, tokenizer, options)

@@ -55,6 +55,7 @@ pub fn run_node() -> anyhow::Result<()> {
             unnorm_key: (!p.unnorm_key.is_empty()).then(|| p.unnorm_key.clone()),
             gripper,
             image_options: vec![image_options; 2],
+            cache_dir: p.cache_dir(),
             ..Default::default()
         },
     )
