@@ -319,7 +319,11 @@ impl TernaryMatrix {
                 "ternary scale {gamma} is not finite"
             )));
         }
-        Self::pack(n, k, gamma, |row, col| codes[row * k + col])
+        Self::pack_rows(n, k, gamma, |row, out: &mut [u8]| {
+            for (o, &c) in out.iter_mut().zip(&codes[row * k..(row + 1) * k]) {
+                *o = (c + 1) as u8;
+            }
+        })
     }
 
     /// Adopts bytes already in the packed layout (a converted checkpoint), checking their length
@@ -367,49 +371,6 @@ impl TernaryMatrix {
     /// γ of an unfused matrix.
     pub fn gamma(&self) -> f32 {
         self.segments.first().map_or(0.0, |s| s.1)
-    }
-
-    fn pack(
-        n: usize,
-        k: usize,
-        gamma: f32,
-        code: impl Fn(usize, usize) -> i8 + Sync,
-    ) -> Result<Self> {
-        let n_padded = n.div_ceil(PANEL_COLS) * PANEL_COLS;
-        let k_padded = k.div_ceil(K_BLOCK) * K_BLOCK;
-        let k_blocks = k_padded / K_BLOCK;
-        let mut packed = AlignedBytes::new(n_padded / PANEL_COLS * k_blocks * BLOCK_BYTES, 0);
-        let panel_bytes = k_blocks * BLOCK_BYTES;
-        let pack_panel = |(panel, bytes): (usize, &mut [u8])| {
-            for kb in 0..k_blocks {
-                for half in 0..2 {
-                    let base = (kb * 2 + half) * 64;
-                    for j in 0..16 {
-                        let col = panel * PANEL_COLS + half * 16 + j;
-                        for e in 0..4 {
-                            let mut byte = 0u8;
-                            for i in 0..4 {
-                                let kk = kb * K_BLOCK + 4 * i + e;
-                                let c = if col < n && kk < k {
-                                    code(col, kk) + 1
-                                } else {
-                                    1
-                                };
-                                byte |= (c as u8) << (2 * i);
-                            }
-                            bytes[base + 4 * j + e] = byte;
-                        }
-                    }
-                }
-            }
-        };
-        // Panels are independent: packing a full-size model is parallel (and deterministic).
-        packed
-            .as_mut_slice()
-            .par_chunks_mut(panel_bytes)
-            .enumerate()
-            .for_each(pack_panel);
-        Ok(Self::single(n, k, packed, gamma))
     }
 
     /// Fuses matrices with the same K along N (e.g. q, k, v into one operand). Every part but the
