@@ -19,7 +19,7 @@ use crate::control::core::{Command, CommandMode, ControlCore, CoreConfig, TickOu
 use crate::model::Policy;
 use crate::params::{CameraTransport, NODE_NAME, NodeParams};
 use crate::report::Trace;
-use crate::report::trace::{EeFrame, TickPoint};
+use crate::report::trace::TickPoint;
 use crate::runtime::{InferenceWorker, Request, call};
 use anyhow::Context;
 use std::collections::{BTreeMap, HashMap};
@@ -182,6 +182,13 @@ pub struct ExpectResult {
     pub max_abs_diff: f64,
     pub differences: Vec<String>,
     pub passed: bool,
+}
+
+/// Whether a recorded action topic of this type carries commands (`TwistStamped`,
+/// `PoseStamped`: compared with the commands) rather than policy actions (multi-arrays, joint
+/// trajectories: compared with the actions). The report and its charts follow this choice.
+fn recorded_is_command(type_name: &str) -> bool {
+    type_name.ends_with("Stamped")
 }
 
 /// What a bag topic is to the node.
@@ -443,7 +450,6 @@ impl Replayer<'_> {
                 Some(Ok(v)) => {
                     let t = self.bag_time(t_ns);
                     if let Some(trace) = &mut self.trace {
-                        trace.recorded_type.clone_from(&self.recorded_type);
                         trace.on_recorded(t, v.clone());
                     }
                     self.recorded = Some((t_ns, v));
@@ -623,12 +629,10 @@ impl Replayer<'_> {
                 && let Some((t_rec, recorded)) = &self.recorded
                 && t_ns.saturating_sub(*t_rec) <= self.dt_ns
             {
-                let predicted: Vec<f64> = if self.recorded_type.ends_with("MultiArray")
-                    || self.recorded_type.ends_with("JointTrajectory")
-                {
-                    out.action.iter().flatten().map(|&v| f64::from(v)).collect()
-                } else {
+                let predicted: Vec<f64> = if recorded_is_command(&self.recorded_type) {
                     command.values()
+                } else {
+                    out.action.iter().flatten().map(|&v| f64::from(v)).collect()
                 };
                 let n = predicted.len().min(recorded.len());
                 let (l1, sq, pairs) = &mut self.sums;
@@ -804,49 +808,12 @@ impl<'a> Replayer<'a> {
                 .map_err(|e| anyhow::anyhow!("parameters: {e}"))?;
         let dt_ns = (1e9 / p.control_rate_hz).round().max(1.0) as u64;
         let trace = opts.trace.then(|| {
-            let command_names: Vec<String> = match config.mode {
-                CommandMode::EeDeltaTwist => [
-                    "linear.x",
-                    "linear.y",
-                    "linear.z",
-                    "angular.x",
-                    "angular.y",
-                    "angular.z",
-                ]
-                .map(str::to_owned)
-                .to_vec(),
-                CommandMode::EePose => [
-                    "position.x",
-                    "position.y",
-                    "position.z",
-                    "orientation.x",
-                    "orientation.y",
-                    "orientation.z",
-                    "orientation.w",
-                ]
-                .map(str::to_owned)
-                .to_vec(),
-                CommandMode::JointTrajectory | CommandMode::JointPositions => {
-                    config.joints.names.clone()
-                }
-            };
-            let ee_frame = match config.mode {
-                CommandMode::EeDeltaTwist => Some(EeFrame::Integrated),
-                CommandMode::EePose => Some(EeFrame::Absolute),
-                _ => None,
-            };
             let cameras = [&p.camera_topic, &p.wrist_camera_topic]
                 .into_iter()
                 .filter(|t| !t.is_empty())
                 .cloned()
                 .collect();
-            Trace::new(
-                msgs::dimension_names(policy.action_dim()),
-                command_names,
-                dt_ns as f64 * 1e-9,
-                cameras,
-                ee_frame,
-            )
+            Trace::for_core(&config, policy.action_dim(), cameras)
         });
         let (inline, worker) = if opts.realtime {
             let worker = InferenceWorker::spawn(policy, opts.threads)
@@ -1048,7 +1015,7 @@ impl<'a> Replayer<'a> {
         self.report.recorded_vs_predicted = Some(ActionComparison {
             topic: topic.to_owned(),
             type_name: self.recorded_type.clone(),
-            against: if self.recorded_type.ends_with("Stamped") {
+            against: if recorded_is_command(&self.recorded_type) {
                 "command".into()
             } else {
                 "action".into()

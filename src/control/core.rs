@@ -44,6 +44,33 @@ impl CommandMode {
             CommandMode::JointPositions => "std_msgs/msg/Float64MultiArray",
         }
     }
+
+    /// Names of [`Command::values`] in this mode (joint modes: the commanded joints).
+    pub fn value_names(self, joint_names: &[String]) -> Vec<String> {
+        let fields: &[&str] = match self {
+            CommandMode::EeDeltaTwist => &[
+                "linear.x",
+                "linear.y",
+                "linear.z",
+                "angular.x",
+                "angular.y",
+                "angular.z",
+            ],
+            CommandMode::EePose => &[
+                "position.x",
+                "position.y",
+                "position.z",
+                "orientation.x",
+                "orientation.y",
+                "orientation.z",
+                "orientation.w",
+            ],
+            CommandMode::JointTrajectory | CommandMode::JointPositions => {
+                return joint_names.to_vec();
+            }
+        };
+        fields.iter().map(|f| (*f).to_owned()).collect()
+    }
 }
 
 /// One command for the arm, in the command frame.

@@ -189,11 +189,16 @@ fn touch(path: &Path) {
     }
 }
 
-/// Writes `text` to `path` atomically (a temporary file of this process, renamed).
-fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+/// `<pid>-<n>`: a name part no other writer (process, or thread of this one) uses.
+fn writer_id() -> String {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
+    format!("{}-{n}", std::process::id())
+}
+
+/// Writes `text` to `path` atomically (a temporary file of this process, renamed).
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", writer_id()));
     let mut f = fs::File::create(&tmp)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
@@ -241,9 +246,7 @@ pub fn prepare_with(files: &CheckpointFiles, dir: &Path, needed: u64) -> Result<
     }
     // A pending file of our own (process, and a counter for threads): concurrent writers never
     // share one, and each entry appears by an atomic rename.
-    static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let pending = dir.join(format!("{stat}.{}-{n}.{PENDING_EXT}", std::process::id()));
+    let pending = dir.join(format!("{stat}.{}.{PENDING_EXT}", writer_id()));
     let dir_of = files
         .config
         .parent()

@@ -77,8 +77,12 @@ struct Basis<'a> {
     pick: fn(&TickPoint) -> Option<Vec<f64>>,
 }
 
-fn basis(trace: &Trace) -> Basis<'_> {
-    if trace.recorded_type.ends_with("Stamped") {
+fn basis<'a>(report: &ReplayReport, trace: &'a Trace) -> Basis<'a> {
+    let commands = report
+        .recorded_vs_predicted
+        .as_ref()
+        .is_some_and(|c| c.against == "command");
+    if commands {
         Basis {
             names: &trace.command_names,
             what: "command",
@@ -416,7 +420,7 @@ fn x_range(report: &ReplayReport, trace: &Trace) -> std::ops::Range<f64> {
 }
 
 fn action_charts(h: &mut String, report: &ReplayReport, trace: &Trace) -> Result<(), String> {
-    let b = basis(trace);
+    let b = basis(report, trace);
     let _ = writeln!(
         h,
         "<h2>Actions</h2>\n<p class=\"note\">Each {} dimension the node executed (bag time), \

@@ -1,6 +1,7 @@
 //! What a replay did, tick by tick and call by call, kept for the HTML report: bounded in memory
 //! (camera thumbnails are thinned as the replay goes, so an hour-long bag keeps a few hundred).
 
+use crate::control::core::{CommandMode, CoreConfig};
 use image::RgbImage;
 
 /// At most this many policy calls keep thumbnails; past it every other one is dropped and only
@@ -63,8 +64,6 @@ pub struct Trace {
     pub ticks: Vec<TickPoint>,
     /// The recorded actions (`--recorded-topic`): bag time and values.
     pub recorded: Vec<(f64, Vec<f64>)>,
-    /// The recorded topic's type, once its first message was read.
-    pub recorded_type: String,
     pub calls: Vec<CallPoint>,
     /// Thumbnails are kept for every `thumbnail_every`-th call.
     pub thumbnail_every: usize,
@@ -90,13 +89,28 @@ impl Trace {
             cameras,
             ticks: Vec::new(),
             recorded: Vec::new(),
-            recorded_type: String::new(),
             calls: Vec::new(),
             thumbnail_every: 1,
             ee_frame,
             ee_path: Vec::new(),
             thumbnail_error: None,
         }
+    }
+
+    /// The trace of a replay whose core runs `config`, for a policy with `action_dim` actions.
+    pub fn for_core(config: &CoreConfig, action_dim: usize, cameras: Vec<String>) -> Self {
+        let ee_frame = match config.mode {
+            CommandMode::EeDeltaTwist => Some(EeFrame::Integrated),
+            CommandMode::EePose => Some(EeFrame::Absolute),
+            CommandMode::JointTrajectory | CommandMode::JointPositions => None,
+        };
+        Self::new(
+            crate::bag::msgs::dimension_names(action_dim),
+            config.mode.value_names(&config.joints.names),
+            config.dt,
+            cameras,
+            ee_frame,
+        )
     }
 
     /// A policy call on `images` at bag time `t_s`.
