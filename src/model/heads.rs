@@ -42,7 +42,7 @@ impl ProprioProjector {
                 hidden,
                 dim,
                 true,
-                LinearKind::Dense,
+                LinearKind::DenseBf16,
             )?,
             fc2: Linear::load(
                 store,
@@ -50,7 +50,7 @@ impl ProprioProjector {
                 hidden,
                 hidden,
                 true,
-                LinearKind::Dense,
+                LinearKind::DenseBf16,
             )?,
         })
     }
