@@ -14,15 +14,14 @@ pub struct ForwardBuffers {
     pub qa: QuantizedActivations,
     /// The ViT's flattened patches.
     pub(crate) cols: Vec<f32>,
-    /// The q, k and v projections.
+    /// The q, k and v projections; q's buffer, free once the attention has run, then takes
+    /// the output of the layer's projections that feed a residual add (out_proj, o_proj, fc2,
+    /// down_proj).
     pub(crate) qkv: [Vec<f32>; 3],
     /// The attention output.
     pub(crate) attn: Vec<f32>,
     /// The MLP's hidden activations: the ViT's fc1 output, the LLM's relu(gate)² · up.
     pub(crate) hidden: Vec<f32>,
-    /// The output of a layer's last projection (out_proj, o_proj, fc2, down_proj), before the
-    /// residual add.
-    pub(crate) residual: Vec<f32>,
 }
 
 /// `buffer` resized to `len` values (none zeroed that it already holds: the caller overwrites

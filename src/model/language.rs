@@ -8,7 +8,7 @@ use super::store::TensorStore;
 use super::{KernelContext, Result};
 use crate::kernels::QuantInput;
 use crate::kernels::attention::{AttentionImpl, AttentionShape, attention_with};
-use crate::kernels::ops::{RopeTable, add_in_place, rms_norm};
+use crate::kernels::ops::{RopeTable, add_in_place, rms_norm_in_place};
 
 pub struct RmsNorm {
     pub weight: Vec<f32>,
@@ -25,10 +25,10 @@ impl RmsNorm {
         })
     }
 
-    pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let mut out = vec![0.0; x.len()];
-        rms_norm(x, &self.weight, self.eps, &mut out).stage(&self.name)?;
-        Ok(out)
+    /// Normalizes `x` in place (the final norm: no second tokens × hidden buffer at the
+    /// forward's memory peak).
+    pub fn apply(&self, x: &mut [f32]) -> Result<()> {
+        rms_norm_in_place(x, &self.weight, self.eps).stage(&self.name)
     }
 
     /// The norm of `x` as the input of linear layers: ternary layers quantize it row by row as
@@ -201,7 +201,6 @@ impl LanguageModel {
             qkv,
             attn,
             hidden: gated,
-            residual,
             ..
         } = buffers;
         let head_dim = self.hidden / self.heads;
@@ -217,7 +216,8 @@ impl LanguageModel {
         // after the first call nothing is allocated or zeroed. The four norms of a layer feed
         // only ternary layers, which normalize and quantize their input in one pass
         // (`RmsNorm::input`). `attn` holds the attention output, `gated` the FFN's
-        // relu(gate)² · up, `residual` the o_proj and down_proj outputs.
+        // relu(gate)² · up; q's buffer, free once the attention has run, takes the o_proj and
+        // down_proj outputs before their residual adds.
         let attn = sized(attn, tokens * self.hidden);
         let one = std::slice::from_mut;
         for layer in &self.layers {
@@ -247,9 +247,9 @@ impl LanguageModel {
                 a.attn_sub_norm.input(attn),
                 tokens,
                 qa,
-                one(residual),
+                one(&mut qkv[0]),
             )?;
-            add_in_place(&mut x, residual).stage("residual")?;
+            add_in_place(&mut x, &qkv[0]).stage("residual")?;
             let m = &layer.mlp;
             Linear::forward_relu2_gated_into(
                 &m.gate_proj,
@@ -264,10 +264,11 @@ impl LanguageModel {
                 m.ffn_sub_norm.input(gated),
                 tokens,
                 qa,
-                one(residual),
+                one(&mut qkv[0]),
             )?;
-            add_in_place(&mut x, residual).stage("residual")?;
+            add_in_place(&mut x, &qkv[0]).stage("residual")?;
         }
-        self.norm.forward(&x)
+        self.norm.apply(&mut x)?;
+        Ok(x)
     }
 }

@@ -185,7 +185,6 @@ impl VisionTower {
             qkv,
             attn,
             hidden,
-            residual,
         } = buffers;
         let (s, p, h) = (self.image_size, self.patch, self.hidden);
         let grid = s / p;
@@ -227,7 +226,8 @@ impl VisionTower {
         let mut scores = Vec::new();
         // Buffers reused by every layer and every call (see LanguageModel::forward); both layer
         // norms are fused into the quantization of the layers they feed (`LayerNorm::input`).
-        // The attention writes every value of `attn`.
+        // The attention writes every value of `attn`. q's buffer, free once the attention has
+        // run, takes the outputs of out_proj and fc2 before their residual adds.
         let attn = sized(attn, m * h);
         let one = std::slice::from_mut;
         for layer in &self.layers {
@@ -250,8 +250,9 @@ impl VisionTower {
                 )
                 .stage(format!("{} attention", layer.q_proj.name))?;
             }
-            Linear::forward_shared_into(&[&layer.out_proj], attn, m, qa, one(residual))?;
-            add_in_place(&mut x, residual).stage("vision residual")?;
+            let [q, ..] = qkv;
+            Linear::forward_shared_into(&[&layer.out_proj], attn, m, qa, one(q))?;
+            add_in_place(&mut x, q).stage("vision residual")?;
             Linear::forward_shared_input_into(
                 &[&layer.fc1],
                 layer.layer_norm2.input(&x),
@@ -260,8 +261,8 @@ impl VisionTower {
                 one(hidden),
             )?;
             gelu_tanh(hidden);
-            Linear::forward_shared_into(&[&layer.fc2], hidden, m, qa, one(residual))?;
-            add_in_place(&mut x, residual).stage("vision residual")?;
+            Linear::forward_shared_into(&[&layer.fc2], hidden, m, qa, one(q))?;
+            add_in_place(&mut x, q).stage("vision residual")?;
         }
         Ok(x)
     }
