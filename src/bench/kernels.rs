@@ -77,6 +77,10 @@ pub struct Header {
     pub commit: &'static str,
     pub threads_available: usize,
     pub loadavg_1m: Option<f64>,
+    /// The smallest L1 data cache of the machine's cores, and the K chunk the vector kernels
+    /// keep in it (16 · `dispatch::chunk_blocks()`).
+    pub l1d_bytes: Option<usize>,
+    pub k_chunk: usize,
 }
 
 /// One line of results: one shape at one thread count.
@@ -164,6 +168,8 @@ pub fn header(kernel: KernelKind) -> Header {
         commit: env!("BITVLA_GIT_COMMIT"),
         threads_available: std::thread::available_parallelism().map_or(1, |n| n.get()),
         loadavg_1m: loadavg_1m(),
+        l1d_bytes: crate::kernels::l1d_bytes(),
+        k_chunk: 16 * crate::kernels::dispatch::chunk_blocks(),
     }
 }
 
@@ -557,6 +563,11 @@ pub fn print_human(out: &mut impl std::io::Write, line: &serde_json::Value) -> s
                 line["kernel"].as_str().unwrap_or("?"),
                 line["commit"].as_str().unwrap_or("?"),
                 line["loadavg_1m"]
+            )?;
+            writeln!(
+                out,
+                "L1d: {} bytes   K chunk of the vector kernels: {}",
+                line["l1d_bytes"], line["k_chunk"]
             )?;
             writeln!(
                 out,

@@ -317,11 +317,38 @@ unsafe fn epilogue_at(
     }
 }
 
-/// 16-k blocks per K chunk: 64 blocks = 1024 k, i.e. 32 KB of unpacked weights plus 12 KB of
-/// activations per tile, resident in L1 while every row block of the task passes over them.
-/// Measured with the tile alone (`tile_loop`), VNNI at 1 thread: 0.90 of the peak at 32
-/// blocks, 0.91–0.95 at 48 and 64, 0.86–0.90 at 72–160 (the codes no longer fit in L1).
-const CHUNK_BLOCKS: usize = 64;
+/// The most 16-k blocks per K chunk: 64 blocks = 1024 k, i.e. 32 KB of unpacked weights plus
+/// 12 KB of activations per tile, resident in a 48 KB L1 while every row block of the task
+/// passes over them. Measured with the tile alone (`tile_loop`), VNNI at 1 thread: 0.90 of the
+/// peak at 32 blocks, 0.91–0.95 at 48 and 64, 0.86–0.90 at 72–160 (the codes no longer fit in
+/// L1).
+const MAX_CHUNK_BLOCKS: usize = 64;
+
+/// Bytes of L1 a K chunk occupies per 16-k block: 512 of unpacked codes and 16 activation bytes
+/// for each of the block's 12 rows.
+const CHUNK_BYTES_PER_BLOCK: usize = UNPACKED_BLOCK_BYTES + 16 * ROWS_PER_BLOCK;
+
+/// 16-k blocks per K chunk on this machine: as many as fit, with 4 KB to spare (stack,
+/// accumulators, output lines), in the smallest L1 data cache of its cores, in multiples of 8,
+/// at most [`MAX_CHUNK_BLOCKS`]. A 48 KB L1 (Intel P-cores since Golden Cove, Sapphire Rapids)
+/// and the 64 KB of Arm's Cortex-A76/A78AE (Raspberry Pi 5, Jetson Orin) get 64 blocks; a 32 KB
+/// L1 (AMD Zen 4, Intel E-cores, which run the AVX-VNNI kernel next to the P-cores of a hybrid
+/// CPU) gets 40 (27.5 KB) instead of a chunk that spills to L2. Where the cache size cannot be read, 64. Results do not depend on it: the
+/// chunks' int32 sums are carried exactly.
+pub fn chunk_blocks() -> usize {
+    static BLOCKS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BLOCKS.get_or_init(|| blocks_for_l1(crate::kernels::l1d_bytes()))
+}
+
+fn blocks_for_l1(l1d: Option<usize>) -> usize {
+    match l1d {
+        Some(bytes) => {
+            let fit = bytes.saturating_sub(4096) / CHUNK_BYTES_PER_BLOCK / 8 * 8;
+            fit.clamp(8, MAX_CHUNK_BLOCKS)
+        }
+        None => MAX_CHUNK_BLOCKS,
+    }
+}
 
 /// Activation bytes of the row blocks a task sweeps across its panels at a time, so that they
 /// stay in L2 (2 MiB per core on the development machine) next to the output lines, carries
@@ -385,7 +412,7 @@ impl<'a> PanelPrefetch<'a> {
 /// Per-worker scratch, reused across calls.
 #[derive(Default)]
 struct Scratch {
-    /// One unpacked K chunk of a weight panel (`CHUNK_BLOCKS · 512` bytes).
+    /// One unpacked K chunk of a weight panel (`chunk_blocks() · 512` bytes).
     unpacked: Option<AlignedBytes>,
     /// Accumulators carried between K chunks, one per row block of the task.
     carry: Vec<Accumulators>,
@@ -490,11 +517,11 @@ fn run(
         run_amx(&a, w, bias, out);
         return Ok(());
     }
-    run_tiles(kind, &a, w, bias, out)
+    run_tiles(kind, &a, w, bias, out, chunk_blocks())
 }
 
 /// `kind`'s register tile alone, the same function the GEMM calls on a full K chunk
-/// ([`CHUNK_BLOCKS`]), on operands of its own that stay in L1: no quantization, unpacking,
+/// ([`chunk_blocks`]), on operands of its own that stay in L1: no quantization, unpacking,
 /// epilogue, output stores or cache misses. The returned runner makes `count` calls and returns
 /// their int8 ops. A diagnostic for `bench kernels` (`bench::peak::rate_on_pool` times it on
 /// every thread at once): against the register-only peak it is the ceiling of the kernel's inner
@@ -502,15 +529,16 @@ fn run(
 /// without a vector tile (AMX) or unsupported on this CPU.
 pub fn tile_loop(kind: KernelKind) -> Option<impl Fn(u64) -> f64 + Sync> {
     let tile_fn = kind.tile_fn()?;
+    let blocks = chunk_blocks();
     Some(move |count: u64| {
-        let act = vec![0x5au8; CHUNK_BLOCKS * 16 * ROWS_PER_BLOCK];
-        let weights = vec![1u8; CHUNK_BLOCKS * UNPACKED_BLOCK_BYTES];
+        let act = vec![0x5au8; blocks * 16 * ROWS_PER_BLOCK];
+        let weights = vec![1u8; blocks * UNPACKED_BLOCK_BYTES];
         let mut carry: Accumulators = [[0; PANEL_COLS]; ROWS_PER_BLOCK];
         for _ in 0..count {
             let tile = Tile {
                 act: act.as_ptr(),
                 weights: weights.as_ptr(),
-                k_blocks: CHUNK_BLOCKS,
+                k_blocks: blocks,
                 carry: &mut carry,
                 first: true,
                 last: false,
@@ -527,23 +555,24 @@ pub fn tile_loop(kind: KernelKind) -> Option<impl Fn(u64) -> f64 + Sync> {
                     cols: PANEL_COLS,
                 },
             };
-            // SAFETY: `act` and `weights` hold CHUNK_BLOCKS blocks, `carry` is this loop's
+            // SAFETY: `act` and `weights` hold `blocks` blocks, `carry` is this loop's
             // own; with `last` false the epilogue's pointers are never used; `tile_fn` is
             // supported on this CPU (`tile_fn()`).
             unsafe { tile_fn(&tile) };
             std::hint::black_box(&carry);
         }
-        (count * (2 * ROWS_PER_BLOCK * PANEL_COLS * 16 * CHUNK_BLOCKS) as u64) as f64
+        (count * (2 * ROWS_PER_BLOCK * PANEL_COLS * 16 * blocks) as u64) as f64
     })
 }
 
-/// The vector kernels: 12 × 32 tiles over K chunks.
+/// The vector kernels: 12 × 32 tiles over K chunks of `chunk_blocks` 16-k blocks.
 fn run_tiles(
     kind: KernelKind,
     a: &QuantizedActivations,
     w: &TernaryMatrix,
     bias: Option<&[f32]>,
     out: TileOutput,
+    chunk_blocks: usize,
 ) -> Result<()> {
     let tile_fn = kind.tile_fn().ok_or(KernelError::Unsupported(kind))?;
     let panels = w.panels();
@@ -554,7 +583,7 @@ fn run_tiles(
     let (act, weights) = (a.data(), w.packed());
     debug_assert_eq!(act.len(), m_blocks * act_block_bytes);
     debug_assert_eq!(weights.len(), panels * panel_bytes);
-    let chunks = k_blocks.div_ceil(CHUNK_BLOCKS);
+    let chunks = k_blocks.div_ceil(chunk_blocks.max(1));
 
     let tasks = Tasks::new(panels, m_blocks);
     let (panel_parts, m_parts) = (tasks.panel_parts, tasks.m_parts);
@@ -565,7 +594,7 @@ fn run_tiles(
             let unpacked = scratch
                 .unpacked
                 .get_or_insert_with(|| AlignedBytes::new(0, 0));
-            unpacked.ensure_len(CHUNK_BLOCKS * UNPACKED_BLOCK_BYTES);
+            unpacked.ensure_len(chunk_blocks * UNPACKED_BLOCK_BYTES);
             let unpacked = unpacked.as_mut_slice();
             scratch
                 .carry
@@ -737,6 +766,70 @@ fn run_amx(a: &QuantizedActivations, w: &TernaryMatrix, bias: Option<&[f32]>, ou
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn k_chunks_fit_the_l1_of_the_machine() {
+        // Zen 4 and Intel E-cores; Golden Cove P-cores and Sapphire Rapids; Cortex-A76/A78AE.
+        assert_eq!(blocks_for_l1(Some(32 << 10)), 40);
+        assert_eq!(blocks_for_l1(Some(48 << 10)), 64);
+        assert_eq!(blocks_for_l1(Some(64 << 10)), 64);
+        assert_eq!(blocks_for_l1(Some(16 << 10)), 16);
+        assert_eq!(blocks_for_l1(Some(1024)), 8);
+        assert_eq!(blocks_for_l1(None), MAX_CHUNK_BLOCKS);
+        for l1 in [32 << 10, 48 << 10] {
+            let blocks = blocks_for_l1(Some(l1));
+            assert!(
+                blocks * CHUNK_BYTES_PER_BLOCK + 4096 <= l1,
+                "{l1}: {blocks}"
+            );
+        }
+        assert!((8..=MAX_CHUNK_BLOCKS).contains(&chunk_blocks()));
+    }
+
+    #[test]
+    fn every_k_chunk_size_gives_the_exact_sums() {
+        // The chunk sizes of 32, 48 and 64 KB L1s and the smallest, on K that splits into
+        // uneven chunks (K = 2560: 160 blocks; 1152: 72; 208: 13), on every vector kernel this
+        // CPU runs.
+        for kind in KernelKind::ALL {
+            if kind == KernelKind::AmxInt8 || kind.tile_fn().is_none() {
+                eprintln!("{kind}: skipped (no vector tile on this CPU)");
+                continue;
+            }
+            for (m, k, n) in [(25, 2560, 64), (13, 1152, 96), (7, 208, 32)] {
+                let x = crate::kernels::pseudo_random(m * k, 7, 3.0);
+                let codes: Vec<i8> = crate::kernels::pseudo_random(n * k, 11, 1.5)
+                    .iter()
+                    .map(|v| v.round().clamp(-1.0, 1.0) as i8)
+                    .collect();
+                let w = TernaryMatrix::from_codes(&codes, n, k, 0.5).expect("codes");
+                let mut a = QuantizedActivations::default();
+                crate::kernels::quantize_activations_for(
+                    kind.act_layout(),
+                    &x,
+                    m,
+                    k,
+                    w.k_padded(),
+                    &mut a,
+                )
+                .expect("quantized");
+                let expected = crate::kernels::reference::matmul_i32(&a, &w);
+                for blocks in [8, 40, 64, 1000] {
+                    let mut out = vec![0i32; m * n];
+                    run_tiles(
+                        kind,
+                        &a,
+                        &w,
+                        None,
+                        TileOutput::I32(out.as_mut_ptr()),
+                        blocks,
+                    )
+                    .expect("GEMM");
+                    assert_eq!(out, expected, "{kind}, {m}x{k}x{n}, {blocks} blocks");
+                }
+            }
+        }
+    }
 
     #[test]
     fn row_block_groups_cover_the_task_in_order_and_fit_the_budget() {

@@ -75,6 +75,56 @@ pub enum KernelError {
 
 pub type Result<T> = std::result::Result<T, KernelError>;
 
+/// The smallest level-1 data cache among this machine's cores, in bytes (Linux sysfs), or None
+/// where it cannot be read. The smallest, because on a hybrid CPU a worker thread may run on
+/// either kind of core.
+pub fn l1d_bytes() -> Option<usize> {
+    let cpus = std::fs::read_dir("/sys/devices/system/cpu").ok()?;
+    let mut smallest: Option<usize> = None;
+    for cpu in cpus.flatten() {
+        let name = cpu.file_name();
+        let is_cpu = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("cpu"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        let Ok(caches) = std::fs::read_dir(cpu.path().join("cache")) else {
+            continue;
+        };
+        if !is_cpu {
+            continue;
+        }
+        for cache in caches.flatten() {
+            let read = |f: &str| std::fs::read_to_string(cache.path().join(f)).ok();
+            let (Some(level), Some(kind), Some(size)) = (read("level"), read("type"), read("size"))
+            else {
+                continue;
+            };
+            if level.trim() != "1" || !matches!(kind.trim(), "Data" | "Unified") {
+                continue;
+            }
+            if let Some(bytes) = parse_cache_size(size.trim()) {
+                smallest = Some(smallest.map_or(bytes, |s| s.min(bytes)));
+            }
+        }
+    }
+    smallest
+}
+
+/// sysfs cache sizes: "48K", "2048K", "1M".
+fn parse_cache_size(text: &str) -> Option<usize> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, ""),
+    };
+    let value: usize = digits.parse().ok()?;
+    match unit {
+        "" => Some(value),
+        "K" => Some(value << 10),
+        "M" => Some(value << 20),
+        _ => None,
+    }
+}
+
 /// Deterministic pseudo-random values uniform in [-amplitude, amplitude) (an LCG): test and
 /// benchmark inputs that are the same on every machine.
 pub fn pseudo_random(len: usize, seed: u64, amplitude: f32) -> Vec<f32> {
@@ -194,5 +244,17 @@ impl AlignedBytes {
 impl std::fmt::Debug for AlignedBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "AlignedBytes({} bytes)", self.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sysfs_cache_sizes_parse() {
+        assert_eq!(super::parse_cache_size("48K"), Some(48 << 10));
+        assert_eq!(super::parse_cache_size("1M"), Some(1 << 20));
+        assert_eq!(super::parse_cache_size("512"), Some(512));
+        assert_eq!(super::parse_cache_size("K"), None);
+        assert_eq!(super::parse_cache_size("48 KB"), None);
     }
 }
