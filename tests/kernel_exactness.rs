@@ -4,8 +4,8 @@
 
 use bitvla_ros::kernels::{
     ActLayout, KernelKind, QuantizedActivations, TernaryMatrix, ops, quantize_activations,
-    quantize_activations_for, reference, ternary_matmul, ternary_matmul_i32,
-    ternary_matmul_relu2_mul_with, ternary_matmul_with,
+    quantize_activations_for, reference, ternary_matmul, ternary_matmul_add_with,
+    ternary_matmul_i32, ternary_matmul_relu2_mul_with, ternary_matmul_with,
 };
 
 struct Rng(u64);
@@ -121,6 +121,9 @@ fn all_kernels_match_the_reference_on_random_shapes_with_tails() {
         let up: Vec<f32> = (0..m * n).map(|_| 4.0 * rng.uniform() - 2.0).collect();
         let mut expect_gated = expect_f32.clone();
         ops::relu_squared_mul(&mut expect_gated, &up).unwrap();
+        // The fused residual connection: the stream plus the output, as the separate add does.
+        let mut expect_residual = up.clone();
+        ops::add_in_place(&mut expect_residual, &expect_f32).unwrap();
         for &kind in &kernels {
             // Every third shape hands the kernel the other layout (converted by the driver).
             let q = c.act_for(kind, i % 3 != 2);
@@ -148,6 +151,12 @@ fn all_kernels_match_the_reference_on_random_shapes_with_tails() {
                     assert!(
                         bit_identical(&gated, &expect_gated),
                         "{kind} relu²·up, m={m} k={k} n={n} threads={threads}"
+                    );
+                    let mut stream = up.clone();
+                    ternary_matmul_add_with(kind, q, w, Some(bias), &mut stream).unwrap();
+                    assert!(
+                        bit_identical(&stream, &expect_residual),
+                        "{kind} residual add, m={m} k={k} n={n} threads={threads}"
                     );
                 });
             }

@@ -210,6 +210,29 @@ pub fn ternary_matmul_relu2_mul_with(
     run_f32(kind, a, gate, bias, up, TileOutput::Relu2Mul)
 }
 
+/// A residual connection fused into the GEMM: `x[m, n] += y[m, n]`, where `y` is
+/// [`ternary_matmul`]'s result — bit for bit what `ternary_matmul` followed by
+/// [`super::ops::add_in_place`] computes, without writing `y` or reading it back.
+pub fn ternary_matmul_add(
+    a: &QuantizedActivations,
+    w: &TernaryMatrix,
+    bias: Option<&[f32]>,
+    x: &mut [f32],
+) -> Result<()> {
+    ternary_matmul_add_with(KernelKind::selected(), a, w, bias, x)
+}
+
+/// [`ternary_matmul_add`] with an explicit kernel.
+pub fn ternary_matmul_add_with(
+    kind: KernelKind,
+    a: &QuantizedActivations,
+    w: &TernaryMatrix,
+    bias: Option<&[f32]>,
+    x: &mut [f32],
+) -> Result<()> {
+    run_f32(kind, a, w, bias, x, TileOutput::AddTo)
+}
+
 /// The f32-output GEMMs: checks, the bias padded to whole panels, then [`run`].
 fn run_f32(
     kind: KernelKind,

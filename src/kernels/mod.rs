@@ -30,8 +30,8 @@ mod amx;
 mod x86;
 
 pub use dispatch::{
-    KernelKind, ternary_matmul, ternary_matmul_i32, ternary_matmul_relu2_mul,
-    ternary_matmul_relu2_mul_with, ternary_matmul_with,
+    KernelKind, ternary_matmul, ternary_matmul_add, ternary_matmul_add_with, ternary_matmul_i32,
+    ternary_matmul_relu2_mul, ternary_matmul_relu2_mul_with, ternary_matmul_with,
 };
 pub use pack::{RawWeights, TernaryMatrix};
 pub use quant::{

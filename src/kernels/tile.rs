@@ -18,6 +18,10 @@ pub(crate) enum TileOutput {
     /// `relu(y) = if y > 0 { y } else { 0 }` — the operations of `ops::relu_squared_mul` in its
     /// order.
     Relu2Mul(*mut f32),
+    /// A residual connection fused into the epilogue: the f32 result `y` of [`TileOutput::F32`]
+    /// is added to what the output already holds (the residual stream), `out = out + y` — the
+    /// operation of `ops::add_in_place`.
+    AddTo(*mut f32),
 }
 
 // SAFETY: the driver gives each tile a disjoint rectangle of the output (see `dispatch::run`).
@@ -36,6 +40,7 @@ impl TileOutput {
                 TileOutput::F32(p) => TileOutput::F32(p.add(elements)),
                 TileOutput::I32(p) => TileOutput::I32(p.add(elements)),
                 TileOutput::Relu2Mul(p) => TileOutput::Relu2Mul(p.add(elements)),
+                TileOutput::AddTo(p) => TileOutput::AddTo(p.add(elements)),
             }
         }
     }
@@ -112,16 +117,20 @@ pub(crate) unsafe fn epilogue_scalar(acc: &Accumulators, tile: &Tile) {
             let v = raw - sum;
             match tile.out {
                 TileOutput::I32(out) => unsafe { *out.add(r * tile.ldo + c) = v },
-                TileOutput::F32(out) | TileOutput::Relu2Mul(out) => {
+                TileOutput::F32(out) | TileOutput::Relu2Mul(out) | TileOutput::AddTo(out) => {
                     let factor = unsafe { *tile.col_scales.add(c) } * dequant;
                     let mut y = v as f32 * factor;
                     if !tile.bias.is_null() {
                         y += unsafe { *tile.bias.add(c) };
                     }
                     let dst = unsafe { out.add(r * tile.ldo + c) };
-                    if let TileOutput::Relu2Mul(_) = tile.out {
-                        let relu = if y > 0.0 { y } else { 0.0 };
-                        y = relu * relu * unsafe { *dst };
+                    match tile.out {
+                        TileOutput::Relu2Mul(_) => {
+                            let relu = if y > 0.0 { y } else { 0.0 };
+                            y = relu * relu * unsafe { *dst };
+                        }
+                        TileOutput::AddTo(_) => y += unsafe { *dst },
+                        _ => {}
                     }
                     unsafe { *dst = y };
                 }

@@ -192,18 +192,25 @@ pub(crate) unsafe fn epilogue_avx512(acc: &[i32], e: &Epilogue) {
                 let at = r * e.ldo + 16 * h;
                 match e.out {
                     TileOutput::I32(out) => _mm512_mask_storeu_epi32(out.add(at), masks[h], v),
-                    TileOutput::F32(out) | TileOutput::Relu2Mul(out) => {
+                    TileOutput::F32(out) | TileOutput::Relu2Mul(out) | TileOutput::AddTo(out) => {
                         let mut y =
                             _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(scales[h], dequant));
                         if let Some(b) = bias {
                             y = _mm512_add_ps(y, b[h]);
                         }
-                        if let TileOutput::Relu2Mul(_) = e.out {
-                            // max(y, 0) returns its second operand for NaN and for ±0, so it is
-                            // exactly `if y > 0 { y } else { 0 }`.
-                            let relu = _mm512_max_ps(y, _mm512_setzero_ps());
-                            let up = _mm512_maskz_loadu_ps(masks[h], out.add(at));
-                            y = _mm512_mul_ps(_mm512_mul_ps(relu, relu), up);
+                        match e.out {
+                            TileOutput::Relu2Mul(_) => {
+                                // max(y, 0) returns its second operand for NaN and for ±0, so it
+                                // is exactly `if y > 0 { y } else { 0 }`.
+                                let relu = _mm512_max_ps(y, _mm512_setzero_ps());
+                                let up = _mm512_maskz_loadu_ps(masks[h], out.add(at));
+                                y = _mm512_mul_ps(_mm512_mul_ps(relu, relu), up);
+                            }
+                            TileOutput::AddTo(_) => {
+                                let x = _mm512_maskz_loadu_ps(masks[h], out.add(at));
+                                y = _mm512_add_ps(y, x);
+                            }
+                            _ => {}
                         }
                         _mm512_mask_storeu_ps(out.add(at), masks[h], y);
                     }
@@ -410,19 +417,26 @@ pub(crate) unsafe fn epilogue_avx2(acc: &[i32], e: &Epilogue) {
                 let at = r * e.ldo + 8 * q;
                 match e.out {
                     TileOutput::I32(out) => _mm256_maskstore_epi32(out.add(at), mask, v),
-                    TileOutput::F32(out) | TileOutput::Relu2Mul(out) => {
+                    TileOutput::F32(out) | TileOutput::Relu2Mul(out) | TileOutput::AddTo(out) => {
                         let factor =
                             _mm256_mul_ps(_mm256_loadu_ps(e.col_scales.add(8 * q)), dequant);
                         let mut y = _mm256_mul_ps(_mm256_cvtepi32_ps(v), factor);
                         if !e.bias.is_null() {
                             y = _mm256_add_ps(y, _mm256_loadu_ps(e.bias.add(8 * q)));
                         }
-                        if let TileOutput::Relu2Mul(_) = e.out {
-                            // max(y, 0) returns its second operand for NaN and for ±0: exactly
-                            // `if y > 0 { y } else { 0 }`.
-                            let relu = _mm256_max_ps(y, _mm256_setzero_ps());
-                            let up = _mm256_maskload_ps(out.add(at), mask);
-                            y = _mm256_mul_ps(_mm256_mul_ps(relu, relu), up);
+                        match e.out {
+                            TileOutput::Relu2Mul(_) => {
+                                // max(y, 0) returns its second operand for NaN and for ±0:
+                                // exactly `if y > 0 { y } else { 0 }`.
+                                let relu = _mm256_max_ps(y, _mm256_setzero_ps());
+                                let up = _mm256_maskload_ps(out.add(at), mask);
+                                y = _mm256_mul_ps(_mm256_mul_ps(relu, relu), up);
+                            }
+                            TileOutput::AddTo(_) => {
+                                let x = _mm256_maskload_ps(out.add(at), mask);
+                                y = _mm256_add_ps(y, x);
+                            }
+                            _ => {}
                         }
                         _mm256_maskstore_ps(out.add(at), mask, y);
                     }

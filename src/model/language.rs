@@ -8,7 +8,7 @@ use super::store::TensorStore;
 use super::{KernelContext, Result};
 use crate::kernels::QuantInput;
 use crate::kernels::attention::{AttentionImpl, AttentionShape, attention_with};
-use crate::kernels::ops::{RopeTable, add_in_place, rms_norm_in_place};
+use crate::kernels::ops::{RopeTable, rms_norm_in_place};
 
 pub struct RmsNorm {
     pub weight: Vec<f32>,
@@ -216,10 +216,10 @@ impl LanguageModel {
         // after the first call nothing is allocated or zeroed. The four norms of a layer feed
         // only ternary layers, which normalize and quantize their input in one pass
         // (`RmsNorm::input`). `attn` holds the attention output, `gated` the FFN's
-        // relu(gate)² · up; q's buffer, free once the attention has run, takes the o_proj and
-        // down_proj outputs before their residual adds.
+        // relu(gate)² · up. o_proj and down_proj add their outputs to the residual stream `x`
+        // in their GEMMs' epilogues (on the f32 path through q's buffer, free once the attention
+        // has run).
         let attn = sized(attn, tokens * self.hidden);
-        let one = std::slice::from_mut;
         for layer in &self.layers {
             let a = &layer.self_attn;
             Linear::forward_shared_input_into(
@@ -242,14 +242,13 @@ impl LanguageModel {
                 &mut scores,
             )
             .stage(format!("{} attention", a.q_proj.name))?;
-            Linear::forward_shared_input_into(
-                &[&a.o_proj],
+            a.o_proj.forward_residual_into(
                 a.attn_sub_norm.input(attn),
                 tokens,
                 qa,
-                one(&mut qkv[0]),
+                &mut x,
+                &mut qkv[0],
             )?;
-            add_in_place(&mut x, &qkv[0]).stage("residual")?;
             let m = &layer.mlp;
             Linear::forward_relu2_gated_into(
                 &m.gate_proj,
@@ -259,14 +258,13 @@ impl LanguageModel {
                 qa,
                 gated,
             )?;
-            Linear::forward_shared_input_into(
-                &[&m.down_proj],
+            m.down_proj.forward_residual_into(
                 m.ffn_sub_norm.input(gated),
                 tokens,
                 qa,
-                one(&mut qkv[0]),
+                &mut x,
+                &mut qkv[0],
             )?;
-            add_in_place(&mut x, &qkv[0]).stage("residual")?;
         }
         self.norm.apply(&mut x)?;
         Ok(x)

@@ -6,10 +6,10 @@ use super::packed::{CODES_SUFFIX, SCALE_SUFFIX, packed_len};
 use super::store::{DType, TensorStore};
 use super::{KernelContext, ModelError, Result};
 use crate::kernels::f32_linear::{self, WeightRef};
-use crate::kernels::ops::relu_squared_mul;
+use crate::kernels::ops::{add_in_place, relu_squared_mul};
 use crate::kernels::{
     QuantInput, QuantizedActivations, TernaryMatrix, quantize_input, ternary_matmul,
-    ternary_matmul_relu2_mul,
+    ternary_matmul_add, ternary_matmul_relu2_mul,
 };
 
 pub enum Weights {
@@ -212,6 +212,52 @@ impl Linear {
             }
         }
         Ok(())
+    }
+
+    /// A residual connection, `x += layer(input)` (`x`: `m × n`). A ternary layer adds in its
+    /// GEMM's epilogue (its output is never written); a full-precision one (the engine's f32
+    /// path) computes into `scratch` and adds. Both give the same values bit for bit.
+    pub fn forward_residual_into(
+        &self,
+        input: QuantInput<'_>,
+        m: usize,
+        qa: &mut QuantizedActivations,
+        x: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) -> Result<()> {
+        if x.len() != m * self.n {
+            return Err(ModelError::Input(format!(
+                "{}: residual stream has {} values, expected {m} × {}",
+                self.name,
+                x.len(),
+                self.n
+            )));
+        }
+        match &self.weights {
+            Weights::Ternary(t) => {
+                if input.raw().len() != m * self.k {
+                    return Err(ModelError::Input(format!(
+                        "{}: input has {} values, expected {m} × {}",
+                        self.name,
+                        input.raw().len(),
+                        self.k
+                    )));
+                }
+                quantize_input(input, m, self.k, t.k_padded(), qa)
+                    .stage(format!("{} input", self.name))?;
+                ternary_matmul_add(qa, t, self.bias.as_deref(), x).stage(&self.name)
+            }
+            _ => {
+                Self::forward_shared_input_into(
+                    &[self],
+                    input,
+                    m,
+                    qa,
+                    std::slice::from_mut(scratch),
+                )?;
+                add_in_place(x, scratch).stage(format!("{} residual", self.name))
+            }
+        }
     }
 
     /// The gated FFN activation `relu(gate(x))² · up(x)` (BitNet's `relu2` MLP) into `out`,

@@ -226,8 +226,9 @@ impl VisionTower {
         let mut scores = Vec::new();
         // Buffers reused by every layer and every call (see LanguageModel::forward); both layer
         // norms are fused into the quantization of the layers they feed (`LayerNorm::input`).
-        // The attention writes every value of `attn`. q's buffer, free once the attention has
-        // run, takes the outputs of out_proj and fc2 before their residual adds.
+        // The attention writes every value of `attn`. out_proj and fc2 add their outputs to the
+        // residual stream `x` in their GEMMs' epilogues (on the f32 path through q's buffer, free
+        // once the attention has run).
         let attn = sized(attn, m * h);
         let one = std::slice::from_mut;
         for layer in &self.layers {
@@ -250,9 +251,13 @@ impl VisionTower {
                 )
                 .stage(format!("{} attention", layer.q_proj.name))?;
             }
-            let [q, ..] = qkv;
-            Linear::forward_shared_into(&[&layer.out_proj], attn, m, qa, one(q))?;
-            add_in_place(&mut x, q).stage("vision residual")?;
+            layer.out_proj.forward_residual_into(
+                QuantInput::Plain(attn),
+                m,
+                qa,
+                &mut x,
+                &mut qkv[0],
+            )?;
             Linear::forward_shared_input_into(
                 &[&layer.fc1],
                 layer.layer_norm2.input(&x),
@@ -261,8 +266,13 @@ impl VisionTower {
                 one(hidden),
             )?;
             gelu_tanh(hidden);
-            Linear::forward_shared_into(&[&layer.fc2], hidden, m, qa, one(q))?;
-            add_in_place(&mut x, q).stage("vision residual")?;
+            layer.fc2.forward_residual_into(
+                QuantInput::Plain(hidden),
+                m,
+                qa,
+                &mut x,
+                &mut qkv[0],
+            )?;
         }
         Ok(x)
     }
