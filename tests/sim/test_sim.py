@@ -396,9 +396,20 @@ def main():
             assert f"{out / name}" in p.stdout, (name, p.stdout)
         from PIL import Image as PilImage, ImageStat
         gif = PilImage.open(out / "agentview.gif")
-        # 3 s of a 20 Hz camera, every other frame, played at the sim's pace.
-        assert gif.size == (224, 224) and 15 <= gif.n_frames <= 40 and gif.info["duration"] == 100, \
-            (gif.size, gif.n_frames, gif.info)
+        # 3 s of a 20 Hz camera, every other frame, played at the sim's pace. Pillow stores a
+        # frame identical to the one before (the arm at rest) by lengthening that one, so the
+        # frames last multiples of 100 ms and add up to 100 ms per frame taken.
+        taken = re.search(r"camera GIF: .* \((\d+) frames\)", p.stdout)
+        assert taken, p.stdout
+        taken = int(taken[1])
+        durations = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            durations.append(gif.info["duration"])
+        assert gif.size == (224, 224) and 15 <= taken <= 40 and gif.n_frames >= 2, \
+            (gif.size, taken, gif.n_frames)
+        assert all(d > 0 and d % 100 == 0 for d in durations) and sum(durations) == 100 * taken, \
+            (taken, durations)
         gif.seek(gif.n_frames - 1)
         assert ImageStat.Stat(gif.convert("L")).stddev[0] > 10, "the last GIF frame is blank"
         png = PilImage.open(out / "ee_path.png")
