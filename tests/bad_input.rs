@@ -80,6 +80,33 @@ fn missing_and_extra_files() {
 }
 
 #[test]
+fn broken_tokenizer() {
+    // Parsed on a thread of its own while the weights load: its errors still name the file.
+    let s = Scratch::new("tokenizer-json");
+    let path = s.path("tokenizer.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+    assert_mentions(
+        &load_err(&s.0),
+        &["tokenizer.json", "cannot load the tokenizer"],
+    );
+
+    let s = Scratch::new("tokenizer-ids");
+    let path = s.path("tokenizer.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("<|image_pad|>"));
+    std::fs::write(&path, text.replace("<|image_pad|>", "<|image_pad_x|>")).unwrap();
+    assert_mentions(&load_err(&s.0), &["tokenizer.json", "<|image_pad|>"]);
+
+    // Together with a broken weight: one error, no panic.
+    let s = Scratch::new("tokenizer-and-shard");
+    std::fs::write(s.path("tokenizer.json"), "{").unwrap();
+    std::fs::write(s.path(SHARD2), b"not a safetensors file").unwrap();
+    let err = load_err(&s.0);
+    assert!(!err.is_empty());
+}
+
+#[test]
 fn config_with_wrong_types_or_shapes() {
     let s = Scratch::new("config");
     let path = s.path("config.json");

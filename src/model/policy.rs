@@ -149,7 +149,8 @@ impl Policy {
             let packed = super::packed::open_packed(path)?;
             let statistics = Statistics::from_json(&packed.statistics)
                 .map_err(|e| ModelError::file(path, format!("dataset statistics: {e}")))?;
-            let tokenizer = PromptTokenizer::from_json(&packed.tokenizer, path)?;
+            let text = packed.tokenizer;
+            let tokenizer = move || PromptTokenizer::from_json(&text, path);
             return Self::from_parts(packed.config, packed.store, statistics, tokenizer, options);
         }
         let files = CheckpointFiles::find(path)?;
@@ -188,15 +189,44 @@ impl Policy {
         let config = BitVlaConfig::from_file(&files.config)?;
         let store = super::packed::open_directory(files)?;
         let statistics = Statistics::from_file(&files.statistics)?;
-        let tokenizer = PromptTokenizer::from_file(&files.tokenizer)?;
+        let tokenizer = || PromptTokenizer::from_file(&files.tokenizer);
         Self::from_parts(config, store, statistics, tokenizer, options)
     }
 
+    /// The model from its parts; `tokenizer` (parsing `tokenizer.json`: about 0.3 s for the
+    /// LLaMA-3 one) runs on a thread of its own while the weights load.
     fn from_parts(
         config: BitVlaConfig,
         store: TensorStore,
         statistics: Statistics,
-        tokenizer: PromptTokenizer,
+        tokenizer: impl FnOnce() -> Result<PromptTokenizer> + Send,
+        options: PolicyOptions,
+    ) -> Result<Self> {
+        std::thread::scope(|scope| {
+            // A panic becomes an error here, so the thread never panics (a scope whose thread
+            // panicked unjoined would panic itself when a weight fails to load first).
+            let parsing = scope.spawn(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(tokenizer)).unwrap_or_else(
+                    |_| Err(ModelError::Input("the tokenizer's parser panicked".into())),
+                )
+            });
+            let joined = || {
+                parsing.join().unwrap_or_else(|_| {
+                    Err(ModelError::Input(
+                        "the tokenizer's loading thread panicked".into(),
+                    ))
+                })
+            };
+            Self::from_loaded_parts(config, store, statistics, joined, options)
+        })
+        .inspect(|_| crate::process::release_free_heap())
+    }
+
+    fn from_loaded_parts(
+        config: BitVlaConfig,
+        store: TensorStore,
+        statistics: Statistics,
+        tokenizer: impl FnOnce() -> Result<PromptTokenizer>,
         options: PolicyOptions,
     ) -> Result<Self> {
         let vision = VisionTower::load(&store, &config)?;
@@ -223,6 +253,7 @@ impl Policy {
                 log::info!("checkpoint tensor {name} is not used on the OFT action path");
             }
         }
+        let tokenizer = tokenizer()?;
         Ok(Self {
             config,
             store,
