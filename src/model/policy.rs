@@ -243,6 +243,7 @@ impl Policy {
         // The sidecars' decoded tensors now live in the heads.
         let mut store = store;
         store.drop_owned();
+        store.release_mapped();
         let (unnorm_key, statistics) = statistics.select(
             options.unnorm_key.as_deref(),
             head.action_dim,

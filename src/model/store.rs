@@ -47,15 +47,35 @@ impl DType {
 }
 
 enum Buffer {
-    Mapped(Mmap),
+    /// A file mapped whole from offset 0, and the file, for reads that bypass the mapping.
+    Mapped(Mmap, std::fs::File),
     Owned(Vec<u8>),
 }
 
 impl Buffer {
     fn bytes(&self) -> &[u8] {
         match self {
-            Buffer::Mapped(m) => m,
+            Buffer::Mapped(m, _) => m,
             Buffer::Owned(v) => v,
+        }
+    }
+
+    /// `out.len()` bytes from `offset` of the buffer. A mapped file is read with `pread`, which
+    /// copies from the page cache without mapping anything: reading a 5 KB row through the
+    /// mapping maps whatever the page cache holds around it, up to a whole 2 MB folio.
+    fn read_at(&self, offset: usize, out: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Buffer::Mapped(_, file) => {
+                use std::os::unix::fs::FileExt;
+                file.read_exact_at(out, offset as u64)
+            }
+            Buffer::Owned(v) => {
+                let src = v.get(offset..offset + out.len()).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "past the buffer")
+                })?;
+                out.copy_from_slice(src);
+                Ok(())
+            }
         }
     }
 }
@@ -150,7 +170,8 @@ impl TensorStore {
             self.metadata
                 .extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
-        self.buffers.push((path.to_path_buf(), Buffer::Mapped(map)));
+        self.buffers
+            .push((path.to_path_buf(), Buffer::Mapped(map, file)));
         Ok(())
     }
 
@@ -231,6 +252,28 @@ impl TensorStore {
         }
     }
 
+    /// Drops every mapped page from this process's resident set (they stay in the page cache).
+    /// After loading, the model holds its own copies of what it computes with; only the
+    /// embedding rows are read again, a few per call. A tensor's own release may leave pages
+    /// at its edges mapped, and a freshly written file (a new cache entry) sits in the page
+    /// cache in 2 MB folios that a touch maps whole: 85 MB of a packed file stayed resident
+    /// after a load, against 28 MB for the same bytes copied by `cp`.
+    pub fn release_mapped(&self) {
+        for (path, buffer) in &self.buffers {
+            if let Buffer::Mapped(map, _) = buffer
+                && !map.is_empty()
+            {
+                // SAFETY: as in `release_bytes`: clean pages of a read-only file mapping.
+                let dropped = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, map.len())
+                };
+                if let Err(err) = dropped {
+                    log::debug!("madvise(DONTNEED) on {}: {err}", path.display());
+                }
+            }
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
@@ -302,7 +345,7 @@ impl TensorStore {
     }
 
     fn release_bytes(&self, name: &str, e: &Entry, start: usize, end: usize) {
-        if let Buffer::Mapped(map) = &self.buffers[e.buffer].1
+        if let Buffer::Mapped(map, _) = &self.buffers[e.buffer].1
             && end > start
         {
             // SAFETY: a read-only, file-backed private mapping: MADV_DONTNEED only drops clean
@@ -401,7 +444,8 @@ impl TensorStore {
             ));
         }
         let row_bytes = cols * e.dtype.size();
-        let bytes = &self.buffers[e.buffer].1.bytes()[e.start..e.end];
+        let (path, buffer) = &self.buffers[e.buffer];
+        let mut raw = vec![0u8; row_bytes];
         let mut out = Vec::with_capacity(rows.len() * cols);
         for &r in rows {
             if r >= e.shape[0] {
@@ -410,7 +454,10 @@ impl TensorStore {
                     format!("row {r} requested, the tensor has {} rows", e.shape[0]),
                 ));
             }
-            let row = decode_f32(name, &bytes[r * row_bytes..(r + 1) * row_bytes], e.dtype)?;
+            buffer
+                .read_at(e.start + r * row_bytes, &mut raw)
+                .map_err(|err| ModelError::file(path, format!("{name} row {r}: {err}")))?;
+            let row = decode_f32(name, &raw, e.dtype)?;
             check_finite(&format!("{name} row {r}"), &row)?;
             out.extend_from_slice(&row);
         }
