@@ -183,14 +183,7 @@ impl Linear {
         let mut normalized: Option<Vec<f32>> = None;
         let mut quantized_for: Option<usize> = None;
         for (layer, out) in layers.iter().zip(outs.iter_mut()) {
-            if x.len() != m * layer.k {
-                return Err(ModelError::Input(format!(
-                    "{}: input has {} values, expected {m} × {}",
-                    layer.name,
-                    x.len(),
-                    layer.k
-                )));
-            }
+            layer.check_len("input", x.len(), m, layer.k)?;
             out.resize(m * layer.n, 0.0);
             match &layer.weights {
                 Weights::Ternary(t) => {
@@ -225,24 +218,10 @@ impl Linear {
         x: &mut [f32],
         scratch: &mut Vec<f32>,
     ) -> Result<()> {
-        if x.len() != m * self.n {
-            return Err(ModelError::Input(format!(
-                "{}: residual stream has {} values, expected {m} × {}",
-                self.name,
-                x.len(),
-                self.n
-            )));
-        }
+        self.check_len("residual stream", x.len(), m, self.n)?;
         match &self.weights {
             Weights::Ternary(t) => {
-                if input.raw().len() != m * self.k {
-                    return Err(ModelError::Input(format!(
-                        "{}: input has {} values, expected {m} × {}",
-                        self.name,
-                        input.raw().len(),
-                        self.k
-                    )));
-                }
+                self.check_len("input", input.raw().len(), m, self.k)?;
                 quantize_input(input, m, self.k, t.k_padded(), qa)
                     .stage(format!("{} input", self.name))?;
                 ternary_matmul_add(qa, t, self.bias.as_deref(), x).stage(&self.name)
@@ -258,6 +237,17 @@ impl Linear {
                 add_in_place(x, scratch).stage(format!("{} residual", self.name))
             }
         }
+    }
+
+    /// An error naming the layer unless `len` = `m × width`.
+    fn check_len(&self, what: &str, len: usize, m: usize, width: usize) -> Result<()> {
+        if len == m * width {
+            return Ok(());
+        }
+        Err(ModelError::Input(format!(
+            "{}: {what} has {len} values, expected {m} × {width}",
+            self.name
+        )))
     }
 
     /// The gated FFN activation `relu(gate(x))² · up(x)` (BitNet's `relu2` MLP) into `out`,
