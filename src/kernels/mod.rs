@@ -87,12 +87,12 @@ pub fn l1d_bytes() -> Option<usize> {
             .to_str()
             .and_then(|n| n.strip_prefix("cpu"))
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        let Ok(caches) = std::fs::read_dir(cpu.path().join("cache")) else {
-            continue;
-        };
         if !is_cpu {
             continue;
         }
+        let Ok(caches) = std::fs::read_dir(cpu.path().join("cache")) else {
+            continue;
+        };
         for cache in caches.flatten() {
             let read = |f: &str| std::fs::read_to_string(cache.path().join(f)).ok();
             let (Some(level), Some(kind), Some(size)) = (read("level"), read("type"), read("size"))

@@ -188,8 +188,7 @@ impl Linear {
             match &layer.weights {
                 Weights::Ternary(t) => {
                     if quantized_for != Some(t.k_padded()) {
-                        quantize_input(input, m, layer.k, t.k_padded(), qa)
-                            .stage(format!("{} input", layer.name))?;
+                        layer.quantize(t, input, m, qa)?;
                         quantized_for = Some(t.k_padded());
                     }
                     ternary_matmul(qa, t, layer.bias.as_deref(), out).stage(&layer.name)?;
@@ -222,8 +221,7 @@ impl Linear {
         match &self.weights {
             Weights::Ternary(t) => {
                 self.check_len("input", input.raw().len(), m, self.k)?;
-                quantize_input(input, m, self.k, t.k_padded(), qa)
-                    .stage(format!("{} input", self.name))?;
+                self.quantize(t, input, m, qa)?;
                 ternary_matmul_add(qa, t, self.bias.as_deref(), x).stage(&self.name)
             }
             _ => {
@@ -237,6 +235,17 @@ impl Linear {
                 add_in_place(x, scratch).stage(format!("{} residual", self.name))
             }
         }
+    }
+
+    /// The int8 activations of this ternary layer's input, into `qa`.
+    fn quantize(
+        &self,
+        t: &TernaryMatrix,
+        input: QuantInput<'_>,
+        m: usize,
+        qa: &mut QuantizedActivations,
+    ) -> Result<()> {
+        quantize_input(input, m, self.k, t.k_padded(), qa).stage(format!("{} input", self.name))
     }
 
     /// An error naming the layer unless `len` = `m × width`.
